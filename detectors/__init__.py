@@ -1,0 +1,28 @@
+"""lossguard's detection core: event and alert contracts, metric aliases, detectors, config.
+
+Pure Python + numpy: no Kafka, no Faust, no I/O. The same detectors run inside the Faust worker and
+in-process.
+"""
+
+from . import loss, nonfinite  # noqa: F401  (register the built-in detectors)
+from .alerts import SEVERITIES, Alert, decode_alert, severity_rank
+from .aliases import canonical_metrics, canonical_name
+from .base import DETECTORS, Detector, register_detector
+from .config import ConfigError, build_config, default_config
+from .events import (
+    ControlEvent,
+    MetricEvent,
+    SchemaError,
+    decode_control_event,
+    decode_metric_event,
+)
+from .suite import DetectorSuite
+
+__all__ = [
+    "Alert", "SEVERITIES", "severity_rank", "decode_alert",
+    "canonical_name", "canonical_metrics",
+    "Detector", "DETECTORS", "register_detector",
+    "ConfigError", "build_config", "default_config",
+    "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_control_event",
+    "DetectorSuite",
+]

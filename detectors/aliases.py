@@ -1,0 +1,77 @@
+"""Metric-name aliases: framework names → lossguard's canonical names.
+
+>>> canonical_name("train/loss"), canonical_name("objective/kl"), canonical_name("lm loss")
+('loss', 'kl', 'loss')
+>>> canonical_metrics({"eval_loss": 1.5, "my_metric": 2.0})
+{'val_loss': 1.5, 'my_metric': 2.0}
+"""
+
+from __future__ import annotations
+
+__all__ = ["CANONICAL", "ALIASES", "canonical_name", "canonical_metrics"]
+
+CANONICAL = (
+    "loss", "val_loss", "grad_norm", "lr", "batch_size", "step_time", "throughput", "mem_allocated",
+    "mem_reserved", "perplexity", "reward_mean", "reward_std", "kl", "entropy", "response_length",
+    "clipfrac", "approx_kl", "value_loss", "ratio", "chosen_reward", "rejected_reward", "reward_margin",
+    "reward_accuracy", "loss_scale",
+)
+
+ALIASES: dict[str, str] = {
+    # Hugging Face Trainer
+    "train_loss": "loss", "train/loss": "loss", "training_loss": "loss", "train_loss_step": "loss",
+    "eval_loss": "val_loss", "eval/loss": "val_loss", "validation_loss": "val_loss", "valid_loss": "val_loss",
+    "val/loss": "val_loss", "val_loss_epoch": "val_loss",
+    "learning_rate": "lr", "train/learning_rate": "lr", "lr-SGD": "lr", "lr-Adam": "lr", "lr-AdamW": "lr",
+    "train/grad_norm": "grad_norm", "gradient_norm": "grad_norm", "grad_norm_total": "grad_norm",
+    "train_samples_per_second": "throughput", "samples_per_second": "throughput",
+    "train/samples_per_second": "throughput", "tokens_per_second": "throughput",
+    "eval_perplexity": "perplexity", "ppl": "perplexity",
+    # Megatron-LM
+    "lm loss": "loss", "lm-loss": "loss", "grad norm": "grad_norm", "grad-norm": "grad_norm",
+    "loss scale": "loss_scale", "loss-scale": "loss_scale", "learning rate": "lr", "learning-rate": "lr",
+    "batch size": "batch_size", "batch-size": "batch_size", "elapsed time per iteration (ms)": "step_time",
+    # Bedrock CSVs
+    "step_number": "step", "train_perplexity": "perplexity", "validation_perplexity": "val_perplexity",
+    # TRL (PPO, GRPO, RLOO, DPO)
+    "objective/kl": "kl", "objective/entropy": "entropy", "objective/scores": "reward_mean",
+    "objective/rlhf_reward": "reward_mean", "objective/non_score_reward": "non_score_reward",
+    "env/reward_mean": "reward_mean", "env/reward_std": "reward_std", "ppo/mean_scores": "reward_mean",
+    "ppo/std_scores": "reward_std", "reward": "reward_mean", "reward_std": "reward_std",
+    "rewards/mean": "reward_mean", "rewards/std": "reward_std",
+    "policy/clipfrac": "clipfrac", "policy/clipfrac_avg": "clipfrac", "clip_ratio": "clipfrac",
+    "clip_ratio/region_mean": "clipfrac", "policy/approxkl": "approx_kl", "policy/approxkl_avg": "approx_kl",
+    "policy/entropy": "entropy", "policy/entropy_avg": "entropy", "policy/ratio": "ratio",
+    "val/ratio": "ratio", "val/clipfrac": "clipfrac", "loss/value_loss": "value_loss",
+    "loss/value_avg": "value_loss", "ppo/loss/value": "value_loss", "ppo/policy/entropy": "entropy",
+    "ppo/mean_non_score_reward": "non_score_reward", "objective/kl_coef": "kl_coef",
+    "ppo/policy/clipfrac": "clipfrac", "ppo/policy/approxkl": "approx_kl", "ppo/val/clipfrac": "clipfrac",
+    "ppo/mean_kl": "kl", "kl_div": "kl",
+    "completions/mean_length": "response_length", "completion_length": "response_length",
+    "tokens/responses_len_mean": "response_length", "env/response_length": "response_length",
+    "response_length_mean": "response_length",
+    "rewards/chosen": "chosen_reward", "rewards/rejected": "rejected_reward",
+    "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+    # Lightning conventions
+    "train_loss_epoch": "loss", "loss_step": "loss", "val_loss_step": "val_loss",
+    # step timing / memory
+    "iteration_time": "step_time", "step_time_s": "step_time", "time_per_step": "step_time",
+    "memory_allocated": "mem_allocated", "memory_reserved": "mem_reserved",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The canonical name for a metric; unknown names come back unchanged (generic detectors still see them)."""
+    if name in ALIASES:
+        return ALIASES[name]
+    return ALIASES.get(name.strip().lower(), name)
+
+
+def canonical_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Rename a metrics mapping onto canonical names; an explicit canonical name wins over an alias."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        canon = canonical_name(name)
+        if canon == name or canon not in out:
+            out[canon] = value
+    return out

@@ -1,0 +1,108 @@
+"""The detector protocol, its registry, and the alert-episode bookkeeping every detector shares.
+
+A detector is a small object with one verb, ``update(event) -> list[Alert]``, whose per-run state is a
+handful of plain attributes named in ``state_fields``; ``state_dict()`` / ``load_state_dict()`` turn that
+state into JSON-able data and back, so the same detector runs in-process and inside a Faust table.
+
+One problem gives one alert: ``_report`` opens an *episode* when a condition first holds (a ``firing``
+alert), re-fires only when the severity rises (escalation), and closes the episode with a ``resolved``
+alert once the condition has been clear for ``resolve_after`` consecutive observations.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from .alerts import Alert, severity_rank
+from .events import MetricEvent
+
+__all__ = ["Detector", "DETECTORS", "register_detector"]
+
+#: name → detector class; the stream app and the in-process API build detectors from here.
+DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register_detector(cls: type[Detector]) -> type[Detector]:
+    """Class decorator: make a detector available by its ``name`` (also for users' own detectors)."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute 'name'")
+    DETECTORS[cls.name] = cls
+    return cls
+
+
+class Detector:
+    #: registry key, and the ``detector`` field of its alerts
+    name: ClassVar[str] = ""
+    #: the alert category (gradients, learning_rate, loss, ...)
+    category: ClassVar[str] = ""
+    #: the config section its parameters live in
+    section: ClassVar[str] = ""
+    #: parameter name → default; the config file may override each under ``[section]``
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: attributes that make up the per-run state
+    state_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any):
+        unknown = set(params) - set(self.defaults) - {"resolve_after"}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown parameter(s) {sorted(unknown)}")
+        for key, default in self.defaults.items():
+            setattr(self, key, params.get(key, default))
+        self.resolve_after = int(params.get("resolve_after", self.defaults.get("resolve_after", 20)))
+        self.episodes: dict[str, dict[str, Any]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Set the initial per-run state (the attributes named in ``state_fields``)."""
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        raise NotImplementedError
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: copy.deepcopy(getattr(self, name)) for name in self.state_fields}
+        state["episodes"] = copy.deepcopy(self.episodes)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reset()
+        for name in self.state_fields:
+            if name in state:
+                setattr(self, name, copy.deepcopy(state[name]))
+        self.episodes = copy.deepcopy(state.get("episodes", {}))
+
+    # -- alert episodes ----------------------------------------------------------------------------------
+    def _report(self, event: MetricEvent, alert_type: str, active: bool, *, severity: str = "high",
+                message: str = "", value: float | None = None, threshold: float | None = None,
+                metadata: dict[str, Any] | None = None, resolved_message: str | None = None) -> list[Alert]:
+        """Turn a per-step condition into episode alerts: fire once, escalate, resolve when clear."""
+        episode = self.episodes.get(alert_type)
+        if active:
+            if episode is None:
+                self.episodes[alert_type] = {"start": event.step, "severity": severity, "clear": 0,
+                                             "message": message, "value": value, "threshold": threshold}
+                return [self._alert(event, alert_type, severity, message, value, threshold, metadata,
+                                    event.step)]
+            episode["clear"] = 0
+            if severity_rank(severity) > severity_rank(episode["severity"]):
+                episode["severity"] = severity
+                meta = dict(metadata or {}, escalated=True)
+                return [self._alert(event, alert_type, severity, message, value, threshold, meta,
+                                    episode["start"])]
+            return []
+        if episode is not None:
+            episode["clear"] += 1
+            if episode["clear"] >= self.resolve_after:
+                del self.episodes[alert_type]
+                fired = self._alert(event, alert_type, episode["severity"], episode["message"],
+                                    episode["value"], episode["threshold"], None, episode["start"])
+                text = resolved_message or f"{alert_type} cleared after {event.step - episode['start']} steps"
+                return [fired.resolved(event.step, text, ts=event.ts)]
+        return []
+
+    def _alert(self, event: MetricEvent, alert_type: str, severity: str, message: str, value: float | None,
+               threshold: float | None, metadata: dict[str, Any] | None, episode_step: int) -> Alert:
+        return Alert.new(run_id=event.run_id, step=event.step, ts=event.ts, detector=self.name,
+                         category=self.category, alert_type=alert_type, severity=severity, message=message,
+                         value=value, threshold=threshold, metadata=metadata, episode_step=episode_step)

@@ -1,0 +1,197 @@
+"""Metric and control events: the wire contract between producers, the stream app and the sinks.
+
+A metric event is one training step (or one poll of a managed job) of one run::
+
+    {"v": 1, "run_id": "r1", "step": 12, "ts": 1700000000.0, "source": "torch",
+     "metrics": {"loss": 2.31, "grad_norm": "NaN"}, "tags": {"model": "mlp"}}
+
+Non-finite numbers travel as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that a NaN
+loss survives every JSON library: a NaN is a signal to detect, never a parse error.
+
+>>> e = MetricEvent(run_id="r1", step=3, metrics={"loss": float("nan")}, ts=1.0)
+>>> e.to_json()
+b'{"v":1,"run_id":"r1","step":3,"ts":1.0,"source":"unknown","metrics":{"loss":"NaN"},"tags":{}}'
+>>> decode_metric_event(e.to_json()).metrics["loss"]
+nan
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SchemaError",
+    "MetricEvent",
+    "ControlEvent",
+    "encode_number",
+    "decode_number",
+    "decode_metric_event",
+    "decode_control_event",
+    "dumps",
+    "loads",
+]
+
+SCHEMA_VERSION = 1
+MAX_EVENT_BYTES = 1_000_000
+
+_NONFINITE_OUT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
+                 "nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+class SchemaError(ValueError):
+    """An event that does not match the contract. ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def encode_number(x: float) -> float | str:
+    """A float as JSON-safe value: finite numbers unchanged, NaN/±Inf as their string names."""
+    if x != x:
+        return "NaN"
+    return _NONFINITE_OUT.get(x, x)
+
+
+def decode_number(value: Any, field_name: str) -> float:
+    """Read a metric value from its JSON form; raise SchemaError naming ``field_name`` otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise SchemaError(field_name, f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value in _NONFINITE_IN:
+        return _NONFINITE_IN[value]
+    raise SchemaError(field_name, f"expected a number or 'NaN'/'Infinity'/'-Infinity', got {value!r}")
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes; refuses bare NaN tokens (encode them with :func:`encode_number` first)."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def loads(data: bytes | str) -> Any:
+    return json.loads(data)
+
+
+@dataclass(slots=True)
+class MetricEvent:
+    """One step of one run. ``metrics`` holds floats (NaN/Inf allowed); ``tags`` holds strings."""
+
+    run_id: str
+    step: int
+    metrics: dict[str, float]
+    ts: float = field(default_factory=time.time)
+    source: str = "unknown"
+    tags: dict[str, str] = field(default_factory=dict)
+    v: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": self.v,
+            "run_id": self.run_id,
+            "step": self.step,
+            "ts": self.ts,
+            "source": self.source,
+            "metrics": {k: encode_number(float(x)) for k, x in self.metrics.items()},
+            "tags": dict(self.tags),
+        }
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> MetricEvent:
+        if not isinstance(d, dict):
+            raise SchemaError("event", f"expected a JSON object, got {type(d).__name__}")
+        v = d.get("v", SCHEMA_VERSION)
+        if v != SCHEMA_VERSION:
+            raise SchemaError("v", f"unsupported schema version {v!r} (this reader knows {SCHEMA_VERSION})")
+        run_id = d.get("run_id")
+        if not isinstance(run_id, str) or not run_id:
+            raise SchemaError("run_id", f"expected a non-empty string, got {run_id!r}")
+        step = d.get("step")
+        if isinstance(step, bool) or not isinstance(step, int):
+            if isinstance(step, float) and step.is_integer():
+                step = int(step)
+            else:
+                raise SchemaError("step", f"expected an integer, got {step!r}")
+        ts = d.get("ts", None)
+        if ts is None:
+            ts = time.time()
+        elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+            raise SchemaError("ts", f"expected unix seconds as a number, got {ts!r}")
+        source = d.get("source", "unknown")
+        if not isinstance(source, str):
+            raise SchemaError("source", f"expected a string, got {source!r}")
+        raw_metrics = d.get("metrics")
+        if not isinstance(raw_metrics, dict):
+            raise SchemaError("metrics", f"expected an object of name → number, got {raw_metrics!r}")
+        metrics = {}
+        for name, value in raw_metrics.items():
+            metrics[name] = decode_number(value, f"metrics.{name}")
+        raw_tags = d.get("tags") or {}
+        if not isinstance(raw_tags, dict):
+            raise SchemaError("tags", f"expected an object of name → string, got {raw_tags!r}")
+        tags = {}
+        for name, value in raw_tags.items():
+            if not isinstance(value, str):
+                raise SchemaError(f"tags.{name}", f"expected a string, got {value!r}")
+            tags[name] = value
+        return cls(run_id=run_id, step=step, metrics=metrics, ts=float(ts), source=source, tags=tags, v=v)
+
+
+def _parse(data: bytes | str) -> Any:
+    if len(data) > MAX_EVENT_BYTES:
+        raise SchemaError("event", f"{len(data)} bytes is over the {MAX_EVENT_BYTES}-byte limit")
+    try:
+        return loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SchemaError("event", f"not valid JSON ({exc})") from None
+
+
+def decode_metric_event(data: bytes | str) -> MetricEvent:
+    """Parse and validate a metric event from its wire bytes."""
+    return MetricEvent.from_dict(_parse(data))
+
+
+@dataclass(slots=True)
+class ControlEvent:
+    """A request to a running job's producer, e.g. stop after an alert."""
+
+    run_id: str
+    action: str
+    reason: str = ""
+    alert_id: str = ""
+    v: int = SCHEMA_VERSION
+
+    ACTIONS = ("stop", "resume")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"v": self.v, "run_id": self.run_id, "action": self.action,
+                "reason": self.reason, "alert_id": self.alert_id}
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ControlEvent:
+        if not isinstance(d, dict):
+            raise SchemaError("event", f"expected a JSON object, got {type(d).__name__}")
+        for name in ("run_id", "action"):
+            if not isinstance(d.get(name), str) or not d.get(name):
+                raise SchemaError(name, f"expected a non-empty string, got {d.get(name)!r}")
+        if d["action"] not in cls.ACTIONS:
+            raise SchemaError("action", f"expected one of {cls.ACTIONS}, got {d['action']!r}")
+        return cls(run_id=d["run_id"], action=d["action"], reason=str(d.get("reason", "")),
+                   alert_id=str(d.get("alert_id", "")), v=d.get("v", SCHEMA_VERSION))
+
+
+def decode_control_event(data: bytes | str) -> ControlEvent:
+    return ControlEvent.from_dict(_parse(data))

@@ -1,0 +1,191 @@
+"""The one Kafka emitter every producer shares: a bounded queue drained by a background sender thread.
+
+The training thread only appends to a ``deque`` (drop-oldest when full, counted) and sets an event;
+everything that can block or fail — connecting, metadata, sending, reconnecting with backoff — happens
+on the sender thread, and no exception from it ever reaches the caller. After ``fork`` (DataLoader
+workers) the child's emitter is inert: only the process that created it sends.
+
+Values may be callables: they are called on the sender thread just before encoding, which is how the
+torch reporter defers ``tensor.item()`` (a host sync on CUDA) off the training thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Emitter", "EmitterStats", "default_bootstrap", "topic_name"]
+
+log = logging.getLogger("lossguard.producer")
+
+_LIVE: weakref.WeakSet[Emitter] = weakref.WeakSet()
+
+
+def default_bootstrap() -> str:
+    return os.environ.get("LOSSGUARD_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def topic_name(kind: str, prefix: str | None = None) -> str:
+    """``lossguard.metrics`` etc.; the prefix comes from ``LOSSGUARD_TOPIC_PREFIX``."""
+    return f"{prefix or os.environ.get('LOSSGUARD_TOPIC_PREFIX', 'lossguard')}.{kind}"
+
+
+class EmitterStats:
+    __slots__ = ("queued", "sent", "dropped", "errors")
+
+    def __init__(self) -> None:
+        self.queued = self.sent = self.dropped = self.errors = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Emitter:
+    """Non-blocking keyed sender to one topic.
+
+    Args:
+        topic: Kafka topic to write to.
+        bootstrap: ``host:port[,host:port]``; default ``LOSSGUARD_BOOTSTRAP`` or 127.0.0.1:9092.
+        max_queue: events held while the broker is slow or away; beyond it the oldest are dropped.
+        encode: turns a queued value into bytes on the sender thread.
+        producer_config: extra kafka-python ``KafkaProducer`` settings.
+    """
+
+    def __init__(self, topic: str, *, bootstrap: str | None = None, max_queue: int = 10_000,
+                 encode: Callable[[Any], bytes] | None = None, producer_config: dict[str, Any] | None = None,
+                 flush_timeout: float = 5.0):
+        self.topic = topic
+        self.bootstrap = bootstrap or default_bootstrap()
+        self.stats = EmitterStats()
+        self.flush_timeout = flush_timeout
+        self._encode = encode or (lambda v: v)
+        self._queue: deque[tuple[bytes | None, Any]] = deque(maxlen=max_queue)
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        self._pid = os.getpid()
+        self._producer_config = {"linger_ms": 5, "acks": 1, "max_block_ms": 2000, "retries": 3,
+                                 "request_timeout_ms": 5000, "reconnect_backoff_max_ms": 2000,
+                                 **(producer_config or {})}
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name=f"lossguard-emitter[{topic}]", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
+
+    # -- caller side: must stay cheap and never raise ------------------------------------------------
+    def emit(self, key: str | bytes | None, value: Any) -> None:
+        if self._closed or os.getpid() != self._pid:
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.stats.dropped += 1  # deque(maxlen) drops the oldest on append
+        self._queue.append((key.encode() if isinstance(key, str) else key, value))
+        self.stats.queued += 1
+        self._idle.clear()
+        self._wake.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued events are handed to Kafka; ``False`` if that did not happen in time."""
+        if os.getpid() != self._pid or not self._thread.is_alive():
+            return not self._queue
+        self._wake.set()
+        return self._idle.wait(self.flush_timeout if timeout is None else timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        if self._closed or os.getpid() != self._pid:
+            return
+        self.flush(timeout)
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=self.flush_timeout if timeout is None else timeout)
+
+    # -- sender thread ------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        producer = None
+        backoff = 0.2
+        while True:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if not self._queue:
+                self._idle.set()
+                if self._closed:
+                    break
+                continue
+            if producer is None:
+                producer = self._connect()
+                if producer is None:
+                    self._wake.wait(backoff)  # stay responsive to close() while backing off
+                    backoff = min(backoff * 2, 5.0)
+                    if self._closed:
+                        self._drop_all()
+                        break
+                    self._wake.set()
+                    continue
+                backoff = 0.2
+            try:
+                while self._queue:
+                    key, value = self._queue.popleft()
+                    try:
+                        payload = self._encode(value)
+                    except Exception:  # noqa: BLE001 — a bad value is dropped, never raised
+                        self.stats.errors += 1
+                        log.exception("lossguard: could not encode an event; dropped")
+                        continue
+                    producer.send(self.topic, key=key, value=payload).add_callback(self._sent).add_errback(
+                        self._failed)
+                producer.flush(timeout=self.flush_timeout)
+            except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
+                self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); retrying with backoff")
+                try:
+                    producer.close(timeout=0)
+                except Exception:  # noqa: BLE001
+                    pass
+                producer = None
+                self._wake.set()
+        if producer is not None:
+            try:
+                producer.close(timeout=1)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _connect(self):
+        try:
+            from kafka import KafkaProducer
+
+            return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **self._producer_config)
+        except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable and friends
+            self._warn(f"lossguard: no Kafka broker at {self.bootstrap} ({exc.__class__.__name__}); "
+                       "training continues, events are queued and the oldest dropped when full")
+            return None
+
+    def _drop_all(self) -> None:
+        self.stats.dropped += len(self._queue)
+        self._queue.clear()
+        self._idle.set()
+
+    def _sent(self, _metadata: Any) -> None:
+        self.stats.sent += 1
+
+    def _failed(self, exc: BaseException) -> None:
+        self.stats.dropped += 1
+        self._warn(f"lossguard: an event could not be delivered ({exc}); dropped")
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:  # log once; stats keep counting
+            self._warned = True
+            log.warning(message)
+
+
+@atexit.register
+def _flush_all_at_exit() -> None:
+    for emitter in list(_LIVE):
+        try:
+            emitter.close(timeout=emitter.flush_timeout)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,148 @@
+"""``lossguard`` — the command line. Each command group lives in its own module with ``add_parser``.
+
+    lossguard demo                 embedded broker + worker + three real training runs + alerts
+    lossguard broker               the embedded Kafka-compatible broker on 127.0.0.1
+    lossguard worker               the Faust worker (--broker / LOSSGUARD_BOOTSTRAP, else embedded)
+    lossguard alerts tail          follow the alert topic (filter by run and severity)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from detectors.config import ConfigError
+
+from .broker import BrokerError, EmbeddedBroker, ensure_topics, wait_for_broker
+from .settings import Settings, load_settings
+
+__all__ = ["main", "resolve_bootstrap"]
+
+#: modules that add their own sub-commands: ``add_parser(subparsers)`` → sets ``func``
+COMMAND_MODULES = ["stream_app.alerts_cli", "stream_app.demo"]
+
+EXIT_USAGE = 2
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None), bootstrap=getattr(args, "broker", None),
+                         topic_prefix=getattr(args, "prefix", None), partitions=getattr(args, "partitions", None))
+
+
+def resolve_bootstrap(settings: Settings, start_embedded: bool = True) -> tuple[str, EmbeddedBroker | None]:
+    """``--broker`` / ``LOSSGUARD_BOOTSTRAP`` if set; else the embedded broker (reused if already up)."""
+    if settings.bootstrap:
+        return settings.bootstrap, None
+    local = f"127.0.0.1:{settings.broker_port}"
+    try:
+        wait_for_broker(local, timeout=1.0)
+        return local, None
+    except BrokerError:
+        if not start_embedded:
+            raise
+    broker = EmbeddedBroker(port=settings.broker_port).start()
+    return broker.bootstrap, broker
+
+
+def _wait_for_signal() -> None:
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop:
+        time.sleep(0.2)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    broker = EmbeddedBroker(port=args.port or settings.broker_port).start()
+    try:
+        created = ensure_topics(broker.bootstrap, settings.topics.values(), settings.partitions)
+        print(f"lossguard broker listening on {broker.bootstrap} (memory storage); "
+              f"topics: {', '.join(settings.topics.values())} ({settings.partitions} partitions, "
+              f"{len(created)} created). Ctrl-C stops it.", flush=True)
+        _wait_for_signal()
+    finally:
+        broker.stop()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings_from(args)
+    bootstrap, broker = resolve_bootstrap(settings)
+    try:
+        ensure_topics(bootstrap, settings.topics.values(), settings.partitions)
+        os.environ["LOSSGUARD_BOOTSTRAP"] = bootstrap
+        if args.config:
+            os.environ["LOSSGUARD_CONFIG"] = args.config
+        if args.prefix:
+            os.environ["LOSSGUARD_TOPIC_PREFIX"] = args.prefix
+        if args.partitions:
+            os.environ["LOSSGUARD_PARTITIONS"] = str(args.partitions)
+        if args.web_port:
+            os.environ["LOSSGUARD_WEB_PORT"] = str(args.web_port)
+        if args.without_web:
+            os.environ["LOSSGUARD_WEB_ENABLED"] = "false"
+        if args.app_id:
+            os.environ["LOSSGUARD_APP_ID"] = args.app_id
+        from faust import Worker
+
+        from .app import app
+        from .app import settings as app_settings
+
+        print(f"lossguard worker {app_settings.app_id} on {bootstrap}: consuming "
+              f"{app_settings.topic('metrics')}, alerts to {app_settings.topic('alerts')}", flush=True)
+        worker = Worker(app, loglevel=args.loglevel or app_settings.log_level, quiet=True)
+        worker.execute_from_commandline()
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lossguard", description="Catch ML training runs that go wrong.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (default LOSSGUARD_CONFIG)")
+    common.add_argument("--prefix", help="topic prefix (default lossguard)")
+    common.add_argument("--partitions", type=int, help="partitions per topic (default 6)")
+
+    p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka-compatible broker")
+    p.add_argument("--port", type=int, help="listen port (default 9092 or LOSSGUARD_BROKER_PORT)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("worker", parents=[common], help="run the Faust stream worker")
+    p.add_argument("--broker", help="Kafka bootstrap servers (default LOSSGUARD_BOOTSTRAP, else embedded)")
+    p.add_argument("--web-port", type=int, help="this worker's web port (default 6066)")
+    p.add_argument("--without-web", action="store_true", help="do not start the web server")
+    p.add_argument("--app-id", help="Faust app id; workers with the same id share the partitions")
+    p.add_argument("--loglevel", help="worker log level (default warning)")
+    p.set_defaults(func=cmd_worker)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, BrokerError) as exc:
+        print(f"lossguard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

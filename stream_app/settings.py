@@ -1,0 +1,110 @@
+"""Stream-app settings: one TOML file plus ``LOSSGUARD_*`` environment variables, defaults that work.
+
+The TOML file holds the detector sections (``[gradient]``, ``[loss_spike]`` ...) and a ``[stream]``
+section for the settings below; an environment variable ``LOSSGUARD_<NAME>`` overrides each stream
+setting. Unknown keys and bad values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from detectors.config import ConfigError, build_config
+
+__all__ = ["Settings", "load_settings", "ConfigError"]
+
+
+@dataclass
+class Settings:
+    #: Kafka bootstrap servers; empty means "start/use the embedded broker"
+    bootstrap: str = ""
+    topic_prefix: str = "lossguard"
+    partitions: int = 6
+    app_id: str = "lossguard"
+    web_port: int = 6066
+    web_enabled: bool = True
+    data_dir: str = "lossguard-data"
+    #: ``memory`` (changelog recovery) or ``rocksdb`` (falls back to memory when rocksdict is missing)
+    store: str = "memory"
+    #: short group timeouts: a worker starts and resumes in seconds on every broker (STACK_NOTES.md)
+    session_timeout: float = 3.0
+    heartbeat_interval: float = 1.0
+    #: Faust hard-codes 1500 ms; a short fetch wait is what keeps alert latency in milliseconds
+    fetch_max_wait_ms: int = 10
+    #: embedded broker port
+    broker_port: int = 9092
+    log_level: str = "warning"
+    #: the parsed detector configuration (sections → keys)
+    detector_config: dict[str, Any] | None = None
+
+    def topic(self, kind: str) -> str:
+        return f"{self.topic_prefix}.{kind}"
+
+    @property
+    def topics(self) -> dict[str, str]:
+        return {kind: self.topic(kind) for kind in ("metrics", "alerts", "control", "dlq")}
+
+
+_STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name != "detector_config"}
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__
+        raise ConfigError(key, f"expected {kind}, got {value!r}") from None
+
+
+def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Settings from defaults ← TOML file (``LOSSGUARD_CONFIG``) ← environment ← keyword overrides."""
+    env = os.environ if env is None else env
+    path = config_path or env.get("LOSSGUARD_CONFIG")
+    doc: dict[str, Any] = {}
+    if path:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", f"file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML ({exc})") from None
+    stream = doc.pop("stream", {})
+    values: dict[str, Any] = {}
+    for key, value in stream.items():
+        if key not in _STREAM_KEYS:
+            raise ConfigError(f"stream.{key}", f"unknown key (known: {', '.join(sorted(_STREAM_KEYS))})")
+        values[key] = _coerce(f"stream.{key}", _STREAM_KEYS[key].default, value)
+    for key, f in _STREAM_KEYS.items():
+        var = f"LOSSGUARD_{key.upper()}"
+        if var in env:
+            values[key] = _coerce(var, f.default, env[var])
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _coerce(key, _STREAM_KEYS[key].default, value)
+    settings = Settings(**values, detector_config=build_config(doc))
+    if settings.store not in ("memory", "rocksdb"):
+        raise ConfigError("stream.store", f"expected 'memory' or 'rocksdb', got {settings.store!r}")
+    if settings.partitions < 1:
+        raise ConfigError("stream.partitions", f"expected at least 1, got {settings.partitions}")
+    return settings
