@@ -25,7 +25,8 @@ from .settings import Settings, load_settings
 __all__ = ["main", "resolve_bootstrap"]
 
 #: modules that add their own sub-commands: ``add_parser(subparsers)`` → sets ``func``
-COMMAND_MODULES = ["stream_app.alerts_cli", "stream_app.demo"]
+COMMAND_MODULES = ["stream_app.alerts_cli", "stream_app.demo", "stream_app.replay", "stream_app.runs_cli",
+                   "stream_app.control_cli", "stream_app.bedrock_cli"]
 
 EXIT_USAGE = 2
 
