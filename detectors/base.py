@@ -59,6 +59,10 @@ class Detector:
     def update(self, event: MetricEvent) -> list[Alert]:
         raise NotImplementedError
 
+    def tick(self, now: float) -> list[Alert]:
+        """Called periodically with the wall clock (unix seconds); only time-based detectors use it."""
+        return []
+
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {name: copy.deepcopy(getattr(self, name)) for name in self.state_fields}

@@ -5,8 +5,12 @@ by their median absolute deviation (MAD, a robust σ: 1.4826·MAD estimates σ f
 few outliers cannot inflate it the way they inflate a standard deviation). A step is a spike when it is
 more than ``threshold`` robust σ *and* ``min_rel_increase`` (relative) above the median. Spikes do not
 enter the window, so a burst cannot raise its own baseline. Severity grows with persistence and size: a
-lone hard-batch blip stays ``medium``; ``high`` after ``persist_high`` spiking steps in a row or a
-jump of ``ratio_high``×; ``critical`` after ``persist_critical`` steps or ``ratio_critical``× sustained.
+lone step stays ``medium`` however large (a hard batch on a healthy run); ``high`` after
+``persist_high`` spiking steps in a row; ``critical`` after ``persist_critical`` steps or a second step
+at ``ratio_critical``×.
+
+The convergence detectors below share the ``[convergence]`` section and smooth the loss with an EMA of
+span ``span`` first: a minibatch loss is a noisy sample, its trend is what converges or diverges.
 
 >>> import random
 >>> from detectors.events import MetricEvent
@@ -28,8 +32,10 @@ import numpy as np
 from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
+from .stats import ema, push
 
-__all__ = ["LossSpikeDetector"]
+__all__ = ["LossSpikeDetector", "LossDivergenceDetector", "LossPlateauDetector", "LossOscillationDetector",
+           "CONVERGENCE_DEFAULTS"]
 
 
 @register_detector
@@ -43,8 +49,7 @@ class LossSpikeDetector(Detector):
         "warmup": 20,
         "threshold": 6.0,
         "min_rel_increase": 0.25,
-        "ratio_high": 4.0,
-        "ratio_critical": 10.0,
+                "ratio_critical": 10.0,
         "persist_high": 2,
         "persist_critical": 3,
         "resolve_after": 20,
@@ -75,7 +80,8 @@ class LossSpikeDetector(Detector):
         ratio = x / median if median > 0 else math.inf
         if self.run_length >= self.persist_critical or (ratio >= self.ratio_critical and self.run_length > 1):
             severity = "critical"
-        elif self.run_length >= self.persist_high or ratio >= self.ratio_high * 2:
+        elif self.run_length >= self.persist_high:
+            # never on the first step, however large: one hard batch on a healthy run is a blip
             severity = "high"
         else:
             severity = "medium"
@@ -91,3 +97,205 @@ class LossSpikeDetector(Detector):
         self.history.append(x)
         if len(self.history) > self.window:
             del self.history[0]
+
+
+#: the ``[convergence]`` section (the first two keys are users' existing keys)
+CONVERGENCE_DEFAULTS = {
+    "plateau_threshold": 0.001,
+    "plateau_window": 50,
+    "metric": "loss",
+    "span": 10,
+    "warmup": 20,
+    "divergence_threshold": 0.5,
+    "divergence_steps": 10,
+    "stagnation_improvement": 0.01,
+    "oscillation_window": 20,
+    "oscillation_amplitude": 0.3,
+    "resolve_after": 20,
+}
+
+
+class _SmoothedLoss(Detector):
+    """An EMA of the loss and an EMA of its absolute deviation from it (a noise scale ≈ 0.8 σ)."""
+
+    category = "convergence"
+    section = "convergence"
+    defaults = CONVERGENCE_DEFAULTS
+    state_fields = ("smooth", "absdev", "seen")
+
+    def reset(self) -> None:
+        self.smooth: float | None = None
+        self.absdev = 0.0
+        self.seen = 0
+
+    def _observe(self, event: MetricEvent) -> float | None:
+        x = event.metrics.get(self.metric)
+        if x is None or not math.isfinite(x):
+            return None
+        alpha = 2.0 / (self.span + 1)
+        if self.smooth is not None:
+            self.absdev = ema(self.absdev, abs(x - self.smooth), alpha)
+        self.smooth = ema(self.smooth, x, alpha)
+        self.seen += 1
+        return x
+
+
+@register_detector
+class LossDivergenceDetector(_SmoothedLoss):
+    """Sustained divergence: the smoothed loss climbs well above the best it reached, and stays there.
+
+    Active when the smoothed loss is more than ``divergence_threshold`` (relative) above its running
+    minimum *and* that rise is over 2× the loss noise (so a noisy late-training loss near zero does not
+    trip a relative test). ``medium`` at once, ``high`` after ``divergence_steps`` steps in a row,
+    ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
+
+    >>> import random
+    >>> from detectors.events import MetricEvent
+    >>> rng = random.Random(0)
+    >>> d = LossDivergenceDetector()
+    >>> healthy = [2.3 * math.exp(-s / 60) + 0.3 + rng.gauss(0, 0.05) for s in range(300)]
+    >>> [a for s, x in enumerate(healthy) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+    []
+    >>> diverging = [0.35 * 1.03 ** s + rng.gauss(0, 0.05) for s in range(120)]
+    >>> [(a.severity, a.step) for s, x in enumerate(diverging, 300) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+    [('medium', 314), ('high', 323), ('critical', 373)]
+    """
+
+    name = "loss_divergence"
+    state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length")
+
+    def reset(self) -> None:
+        super().reset()
+        self.best: float | None = None
+        self.start: float | None = None
+        self.run_length = 0
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        if self._observe(event) is None:
+            return []
+        if self.seen == 1:
+            self.start = self.smooth
+        if self.seen < self.warmup:
+            return []
+        self.best = self.smooth if self.best is None else min(self.best, self.smooth)
+        rise = self.smooth - self.best
+        noise = 1.25 * self.absdev
+        active = rise > self.divergence_threshold * abs(self.best) and rise > 2 * noise
+        self.run_length = self.run_length + 1 if active else 0
+        if not active:
+            return self._report(event, "convergence_divergence", False)
+        if self.run_length >= self.divergence_steps and self.smooth > self.start:
+            severity = "critical"
+        elif self.run_length >= self.divergence_steps:
+            severity = "high"
+        else:
+            severity = "medium"
+        return self._report(
+            event, "convergence_divergence", True, severity=severity, value=self.smooth,
+            threshold=self.best * (1 + self.divergence_threshold),
+            message=(f"smoothed {self.metric} {self.smooth:.4g} is {rise / abs(self.best or 1):.0%} above its "
+                     f"best {self.best:.4g} for {self.run_length} step(s)"),
+            metadata={"best": self.best, "start": self.start, "consecutive": self.run_length})
+
+
+@register_detector
+class LossPlateauDetector(_SmoothedLoss):
+    """Plateau: no relative improvement above ``plateau_threshold`` in ``plateau_window`` observations.
+
+    A plateau at the end of a run is what convergence looks like, so a plateau is ``low`` (``medium`` after
+    4 windows). Stagnation is different: after 4 windows the best smoothed loss is within
+    ``stagnation_improvement`` of the loss after warm-up — the run has learned nothing (LR far too small,
+    frozen weights, a dead network) — and that is ``high``.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = LossPlateauDetector()
+    >>> out = [a for s in range(300) for a in d.update(MetricEvent("r", s, {"loss": 2.302 + 0.01 * math.sin(s)}))]
+    >>> [(a.severity, a.step, a.metadata["stagnation"]) for a in out]
+    [('low', 68, False), ('medium', 218, False), ('high', 219, True)]
+    """
+
+    name = "loss_plateau"
+    state_fields = _SmoothedLoss.state_fields + ("best", "since_best", "reference")
+
+    def reset(self) -> None:
+        super().reset()
+        self.best: float | None = None
+        self.since_best = 0
+        self.reference: float | None = None
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        if self._observe(event) is None:
+            return []
+        if self.seen < self.warmup:
+            return []
+        if self.reference is None:
+            self.reference = self.best = self.smooth
+        if self.smooth < self.best - self.plateau_threshold * abs(self.best):
+            self.best, self.since_best = self.smooth, 0
+        else:
+            self.since_best += 1
+        watched = self.seen - self.warmup
+        stagnant = (watched >= 4 * self.plateau_window
+                    and self.best > self.reference - self.stagnation_improvement * abs(self.reference))
+        active = self.since_best >= self.plateau_window
+        if not active:
+            return self._report(event, "convergence_plateau", False)
+        severity = "high" if stagnant else "medium" if self.since_best >= 4 * self.plateau_window else "low"
+        what = (f"has not improved {self.stagnation_improvement:.0%} since warm-up in {watched} steps"
+                if stagnant else f"has not improved by {self.plateau_threshold:.2%} in {self.since_best} steps")
+        return self._report(event, "convergence_plateau", True, severity=severity, value=self.smooth,
+                            threshold=self.plateau_threshold,
+                            message=f"smoothed {self.metric} {self.smooth:.4g} {what}",
+                            metadata={"best": self.best, "since_best": self.since_best, "stagnation": stagnant})
+
+
+@register_detector
+class LossOscillationDetector(Detector):
+    """Oscillation: the loss goes up, down, up, down with a large amplitude (an LR too high to settle).
+
+    Over the last ``oscillation_window`` steps, the fraction of consecutive differences that change sign
+    (2/3 for independent noise, 1 for a pure zig-zag) must reach 0.85, and the median step size must be
+    at least ``oscillation_amplitude`` of the median loss. ``medium``; ``high`` when it lasts a second
+    full window.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = LossOscillationDetector()
+    >>> zigzag = [1.0 if s % 2 else 2.5 for s in range(60)]
+    >>> [(a.severity, a.step) for s, x in enumerate(zigzag) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+    [('medium', 20), ('high', 40)]
+    """
+
+    name = "loss_oscillation"
+    category = "loss"
+    section = "convergence"
+    defaults = CONVERGENCE_DEFAULTS
+    state_fields = ("recent", "run_length")
+
+    def reset(self) -> None:
+        self.recent: list[float] = []
+        self.run_length = 0
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        x = event.metrics.get(self.metric)
+        if x is None or not math.isfinite(x):
+            return []
+        push(self.recent, x, self.oscillation_window + 1)
+        if len(self.recent) <= self.oscillation_window:
+            return []
+        values = np.asarray(self.recent)
+        diffs = np.diff(values)
+        signs = np.sign(diffs)
+        flips = float(np.mean(signs[1:] * signs[:-1] < 0))
+        level = float(np.median(np.abs(values)))
+        amplitude = float(np.median(np.abs(diffs))) / level if level > 0 else 0.0
+        active = flips >= 0.85 and amplitude >= self.oscillation_amplitude
+        self.run_length = self.run_length + 1 if active else 0
+        if not active:
+            return self._report(event, "loss_oscillation", False)
+        severity = "high" if self.run_length > self.oscillation_window else "medium"
+        return self._report(
+            event, "loss_oscillation", True, severity=severity, value=amplitude,
+            threshold=self.oscillation_amplitude,
+            message=(f"{self.metric} zig-zags: {flips:.0%} of the last {self.oscillation_window} steps reverse "
+                     f"direction, swinging {amplitude:.0%} of its level"),
+            metadata={"sign_flip_fraction": flips, "consecutive": self.run_length})

@@ -1,0 +1,223 @@
+"""Gradient detectors: explosion, vanishing and high variance of the gradient norm.
+
+All three read ``grad_norm``. Managed jobs (Bedrock, some CloudWatch sources) report no gradient norm;
+there the norm is *estimated* from the loss decrease and the learning rate — for a gradient step
+``Δloss ≈ -lr·‖g‖²``, so ``‖g‖ ≈ sqrt(|Δ smoothed loss| / lr)`` — and alerts carry
+``metadata.estimated = True``. An estimate is weak evidence, so its alerts stay at ``medium`` at most.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .alerts import Alert
+from .base import Detector, register_detector
+from .events import MetricEvent
+from .stats import compact, ema, ema_var
+
+__all__ = ["GradientExplosionDetector", "GradientVanishingDetector", "GradientVarianceDetector",
+           "GRADIENT_DEFAULTS"]
+
+#: the ``[gradient]`` section, shared by the three detectors (first three keys are users' existing keys)
+GRADIENT_DEFAULTS = {
+    "explosion_threshold": 10.0,
+    "vanishing_threshold": 1e-6,
+    "window_size": 100,
+    "zscore_threshold": 6.0,
+    "ema_decay": 0.97,
+    "warmup": 25,
+    "variance_threshold": 1.0,
+    "resolve_after": 20,
+}
+
+
+class _GradientNormReader(Detector):
+    """The gradient norm of an event: measured, or estimated from loss and learning rate."""
+
+    section = "gradient"
+    category = "gradients"
+    defaults = GRADIENT_DEFAULTS
+    state_fields = ("loss_ema", "prev_loss_ema")
+
+    def reset(self) -> None:
+        self.loss_ema: float | None = None
+        self.prev_loss_ema: float | None = None
+
+    def grad_norm(self, event: MetricEvent) -> tuple[float | None, bool]:
+        """``(norm, estimated)``; ``norm`` is None when neither measured nor estimable at this step."""
+        g = event.metrics.get("grad_norm")
+        if g is not None:
+            return (g if math.isfinite(g) else None), False
+        loss, lr = event.metrics.get("loss"), event.metrics.get("lr")
+        if loss is None or not math.isfinite(loss):
+            return None, True
+        # smoothing first: a raw minibatch loss difference is mostly batch noise, not the update
+        self.prev_loss_ema, self.loss_ema = self.loss_ema, ema(self.loss_ema, loss, 0.3)
+        if self.prev_loss_ema is None or lr is None or not math.isfinite(lr) or lr <= 0:
+            return None, True
+        return compact(math.sqrt(abs(self.loss_ema - self.prev_loss_ema) / lr)), True
+
+
+@register_detector
+class GradientExplosionDetector(_GradientNormReader):
+    """Gradient norm above an absolute ceiling, or far above its own recent behaviour.
+
+    Two tests: ``grad_norm > explosion_threshold`` and a z-score against an exponential moving mean and
+    variance of the norm (ZClip, Kumar et al. 2025, arXiv:2504.02507): ``z = (g - μ) / σ`` with outliers
+    entering the average only clipped to ``μ + zscore_threshold·σ``, so a burst cannot hide itself. One
+    step over either test is ``medium``; both tests, or a norm 10× the mean, ``high``; three steps, or two
+    at 100×, ``critical``.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = GradientExplosionDetector()
+    >>> norms = [2.0, 1.6, 1.4, 1.3, 1.25, 1.2, 1.3, 1.1, 1.2, 1.15] * 4
+    >>> [a for s, g in enumerate(norms) for a in d.update(MetricEvent("r", s, {"grad_norm": g}))]
+    []
+    >>> [(a.alert_type, a.severity) for s in (40, 41, 42) for a in d.update(MetricEvent("r", s, {"grad_norm": 180.0}))]
+    [('gradient_explosion', 'high'), ('gradient_explosion', 'critical')]
+    """
+
+    name = "gradient_explosion"
+    state_fields = _GradientNormReader.state_fields + ("mean", "var", "seen", "run_length")
+
+    def reset(self) -> None:
+        super().reset()
+        self.mean: float | None = None
+        self.var = 0.0
+        self.seen = 0
+        self.run_length = 0
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        g, estimated = self.grad_norm(event)
+        if g is None:
+            return []
+        alpha = 1.0 - self.ema_decay
+        if self.mean is None:
+            self.mean, self.seen = compact(g), 1
+            return []
+        sigma = math.sqrt(self.var)
+        z = (g - self.mean) / sigma if sigma > 0 else 0.0
+        ratio = g / self.mean if self.mean > 0 else math.inf
+        warm = self.seen >= self.warmup
+        # a z-score only counts with a material jump: a very steady norm has a tiny σ
+        z_hit = warm and z > self.zscore_threshold and ratio > 2.0
+        abs_hit = g > self.explosion_threshold and (not warm or ratio > 1.5)
+        if not (z_hit or abs_hit):
+            self.run_length = 0
+            self.mean, self.var = ema_var(self.mean, self.var, g, alpha)
+            self.seen += 1
+            return self._report(event, "gradient_explosion", False)
+        self.run_length += 1
+        clipped = self.mean + self.zscore_threshold * sigma if warm else g
+        self.mean, self.var = ema_var(self.mean, self.var, min(g, clipped), alpha)
+        self.seen += 1
+        # critical needs a second step: one extreme batch is not yet a diverged run
+        if self.run_length >= 2 and ((ratio >= 100 and warm) or g > 100 * self.explosion_threshold) or (
+                self.run_length >= 3 and z_hit and abs_hit):
+            severity = "critical"
+        elif (z_hit and abs_hit) or (warm and ratio >= 10) or (self.run_length >= 3 and z_hit):
+            severity = "high"
+        else:
+            severity = "medium"
+        if estimated:
+            severity = "medium"
+        return self._report(
+            event, "gradient_explosion", True, severity=severity, value=g,
+            threshold=self.explosion_threshold if abs_hit else clipped,
+            message=(f"{'estimated ' if estimated else ''}grad norm {g:.4g} is {ratio:.1f}x its moving mean "
+                     f"{self.mean:.4g} (z={z:.1f}) for {self.run_length} step(s)"),
+            metadata={"z": z, "ratio": ratio, "ema_mean": self.mean, "consecutive": self.run_length,
+                      "estimated": estimated})
+
+
+@register_detector
+class GradientVanishingDetector(_GradientNormReader):
+    """Gradient norm at or below ``vanishing_threshold``: the model has stopped receiving signal.
+
+    A measured norm under the threshold for one step is ``medium`` (an fp16 skipped step can report 0);
+    for 5 steps in a row ``high``, for ``window_size`` steps ``critical``. Estimated norms are not used:
+    a flat loss says "plateau", not "no gradient".
+
+    >>> from detectors.events import MetricEvent
+    >>> d = GradientVanishingDetector()
+    >>> sev = [a.severity for s in range(6) for a in d.update(MetricEvent("r", s, {"grad_norm": 3e-9}))]
+    >>> sev
+    ['medium', 'high']
+    """
+
+    name = "gradient_vanishing"
+    state_fields = _GradientNormReader.state_fields + ("run_length",)
+
+    def reset(self) -> None:
+        super().reset()
+        self.run_length = 0
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        g, estimated = self.grad_norm(event)
+        if g is None or estimated:
+            return []
+        if g > self.vanishing_threshold:
+            self.run_length = 0
+            return self._report(event, "gradient_vanishing", False)
+        self.run_length += 1
+        severity = ("critical" if self.run_length >= self.window_size else
+                    "high" if self.run_length >= 5 else "medium")
+        return self._report(event, "gradient_vanishing", True, severity=severity, value=g,
+                            threshold=self.vanishing_threshold,
+                            message=f"grad norm {g:.3g} ≤ {self.vanishing_threshold:g} for {self.run_length} step(s)",
+                            metadata={"consecutive": self.run_length, "estimated": False})
+
+
+@register_detector
+class GradientVarianceDetector(_GradientNormReader):
+    """Grad-norm coefficient of variation (σ/μ of ``log``-free raw norms) over ~``window_size`` steps.
+
+    An exponentially weighted mean and variance with span ``window_size`` give σ/μ; healthy SGD sits near
+    0.1–0.5, a run that lurches between tiny and huge updates goes above ``variance_threshold``. Variance
+    alone is weak evidence: ``medium``, ``high`` only when σ/μ stays above 1.5× the threshold for half a
+    window.
+
+    >>> import random
+    >>> from detectors.events import MetricEvent
+    >>> rng = random.Random(1)
+    >>> d = GradientVarianceDetector(window_size=20)
+    >>> [a for s in range(200) for a in d.update(MetricEvent("r", s, {"grad_norm": rng.uniform(0.8, 1.2)}))]
+    []
+    >>> out = [a for s in range(200, 260) for a in d.update(MetricEvent("r", s, {"grad_norm": rng.choice([0.05] * 4 + [30.0])}))]
+    >>> [a.severity for a in out]
+    ['medium', 'high']
+    """
+
+    name = "gradient_variance"
+    state_fields = _GradientNormReader.state_fields + ("mean", "var", "seen", "run_length")
+
+    def reset(self) -> None:
+        super().reset()
+        self.mean: float | None = None
+        self.var = 0.0
+        self.seen = 0
+        self.run_length = 0
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        g, estimated = self.grad_norm(event)
+        if g is None:
+            return []
+        alpha = 2.0 / (self.window_size + 1)
+        if self.mean is None:
+            self.mean = compact(g)
+        else:
+            self.mean, self.var = ema_var(self.mean, self.var, g, alpha)
+        self.seen += 1
+        if self.seen < self.window_size or self.mean <= 0:
+            return []
+        cv = math.sqrt(self.var) / self.mean
+        if cv <= self.variance_threshold:
+            self.run_length = 0
+            return self._report(event, "gradient_variance", False)
+        self.run_length = self.run_length + 1 if cv > 1.5 * self.variance_threshold else 0
+        severity = "high" if self.run_length >= self.window_size // 2 and not estimated else "medium"
+        return self._report(event, "gradient_variance", True, severity=severity, value=cv,
+                            threshold=self.variance_threshold,
+                            message=f"grad norm σ/μ = {cv:.2f} over ~{self.window_size} steps "
+                                    f"(threshold {self.variance_threshold:g})",
+                            metadata={"ema_mean": self.mean, "estimated": estimated})

@@ -1,0 +1,147 @@
+"""Learning-rate detectors: out of range, stuck at zero, and sudden changes the schedule does not explain.
+
+Both read ``lr`` (HF ``learning_rate``, Lightning ``lr-AdamW`` ... through the alias map) and share the
+``[learning_rate]`` section.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .alerts import Alert
+from .base import Detector, register_detector
+from .events import MetricEvent
+from .stats import compact, push
+
+__all__ = ["LearningRateRangeDetector", "LearningRateChangeDetector", "LEARNING_RATE_DEFAULTS"]
+
+LEARNING_RATE_DEFAULTS = {
+    "change_threshold": 0.3,
+    "min_lr": 1e-8,
+    "max_lr": 1.0,
+    "window": 20,
+    "explained_factor": 4.0,
+    "low_steps": 10,
+    "stuck_steps": 50,
+    "resolve_after": 20,
+}
+
+
+@register_detector
+class LearningRateRangeDetector(Detector):
+    """Learning rate outside ``[min_lr, max_lr]``: too high, too low, or stuck at zero.
+
+    Above ``max_lr`` is ``high`` at once (a learning rate is set, not measured: one step is proof), above
+    10× ``max_lr`` ``critical``. Below ``min_lr`` is ``medium`` after ``low_steps`` steps that are not
+    a warm-up climbing from zero; at or below ``min_lr`` for ``stuck_steps`` steps is ``lr_stuck_zero``,
+    ``high`` — a scheduler that never started, or a decay that ended the learning long before the run.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = LearningRateRangeDetector()
+    >>> [(a.alert_type, a.severity) for s in range(3) for a in d.update(MetricEvent("r", s, {"lr": 3.0}))]
+    [('lr_too_high', 'high')]
+    >>> d = LearningRateRangeDetector()
+    >>> [(a.alert_type, a.step) for s in range(0, 80) for a in d.update(MetricEvent("r", s, {"lr": 0.0}))]
+    [('lr_stuck_zero', 50)]
+    """
+
+    name = "lr_range"
+    category = "learning_rate"
+    section = "learning_rate"
+    defaults = LEARNING_RATE_DEFAULTS
+    state_fields = ("low_since", "low_seen", "prev_lr")
+
+    def reset(self) -> None:
+        self.low_since: int | None = None
+        self.low_seen = 0
+        self.prev_lr: float | None = None
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        lr = event.metrics.get("lr")
+        if lr is None or not math.isfinite(lr):
+            return []
+        alerts = self._report(
+            event, "lr_too_high", lr > self.max_lr,
+            severity="critical" if lr > 10 * self.max_lr else "high", value=lr, threshold=self.max_lr,
+            message=f"learning rate {lr:.4g} is above max_lr {self.max_lr:g}")
+        rising = self.prev_lr is not None and lr > self.prev_lr
+        self.prev_lr = compact(lr)
+        if lr > self.min_lr:
+            self.low_since, self.low_seen = None, 0
+        else:
+            if self.low_since is None:
+                self.low_since = event.step
+            self.low_seen += 1
+        low_for = -1 if self.low_since is None else event.step - self.low_since
+        too_low = 0 < lr <= self.min_lr and low_for >= self.low_steps and not rising
+        alerts += self._report(event, "lr_too_low", too_low, severity="medium", value=lr,
+                               threshold=self.min_lr,
+                               message=f"learning rate {lr:.3g} below min_lr {self.min_lr:g} for {low_for} steps")
+        stuck = low_for >= self.stuck_steps and self.low_seen >= 3
+        alerts += self._report(event, "lr_stuck_zero", stuck, severity="high", value=lr, threshold=self.min_lr,
+                               message=f"learning rate {lr:.3g} has been ≤ {self.min_lr:g} since step "
+                                       f"{self.low_since}: the model is not learning")
+        return alerts
+
+
+@register_detector
+class LearningRateChangeDetector(Detector):
+    """A step-to-step LR change much larger than the schedule's own recent changes.
+
+    The relative change ``|lr_t / lr_(t-1) - 1|`` is compared with the largest of the last 5 relative
+    changes (the end of a cosine decay speeds up in relative terms, so a median lags): warm-up and cosine/linear decay change the LR by a similar fraction every step, so
+    they explain themselves; a change above ``change_threshold`` *and* ``explained_factor``× the typical
+    one is not explained. Increases to above the run's peak LR are the dangerous kind (``high``, ``critical``
+    from 10×); a jump back to at most the peak (a warm restart) is ``low``, a drop (step decay,
+    ReduceLROnPlateau) ``low``, a drop of 100× ``medium``.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = LearningRateChangeDetector()
+    >>> warmup = [3e-4 * (s + 1) / 100 for s in range(100)]
+    >>> cosine = [3e-4 * 0.5 * (1 + math.cos(math.pi * s / 400)) for s in range(400)]
+    >>> [a for s, lr in enumerate(warmup + cosine) for a in d.update(MetricEvent("r", s, {"lr": lr}))]
+    []
+    >>> [(a.alert_type, a.severity) for a in d.update(MetricEvent("r", 500, {"lr": 3e-2}))]
+    [('lr_sudden_change', 'critical')]
+    """
+
+    name = "lr_change"
+    category = "learning_rate"
+    section = "learning_rate"
+    defaults = LEARNING_RATE_DEFAULTS
+    state_fields = ("prev_lr", "peak_lr", "changes")
+
+    def reset(self) -> None:
+        self.prev_lr: float | None = None
+        self.peak_lr = 0.0
+        self.changes: list[float] = []
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        lr = event.metrics.get("lr")
+        if lr is None or not math.isfinite(lr):
+            return []
+        prev, peak = self.prev_lr, self.peak_lr
+        self.prev_lr, self.peak_lr = compact(lr), compact(max(peak, lr))
+        if prev is None or prev <= 0 or lr <= 0:
+            return []  # a change from or to zero has no ratio; lr_range watches zero
+        change = abs(lr / prev - 1)
+        if len(self.changes) < 5:
+            push(self.changes, change, self.window)
+            return []
+        typical = max(self.changes[-5:])
+        if change <= self.change_threshold or change <= self.explained_factor * typical:
+            push(self.changes, change, self.window)
+            return self._report(event, "lr_sudden_change", False)
+        factor = lr / prev
+        if factor > 1 and lr > 1.2 * peak:
+            severity = "critical" if factor >= 10 else "high" if factor >= 2 else "medium"
+            kind = "jumped above the run's peak"
+        elif factor > 1:
+            severity, kind = "low", "rose back (a warm restart?)"
+        else:
+            severity, kind = ("medium" if factor <= 0.01 else "low"), "dropped"
+        return self._report(
+            event, "lr_sudden_change", True, severity=severity, value=lr, threshold=self.change_threshold,
+            message=(f"learning rate {kind}: {prev:.3g} → {lr:.3g} ({factor:.3g}x) where the schedule "
+                     f"changed it by {typical:.2%} per step"),
+            metadata={"previous": prev, "factor": factor, "typical_change": typical, "peak": peak})
