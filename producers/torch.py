@@ -2,15 +2,22 @@
 
 Then ``reporter.log(step, loss=loss)`` once per step. The reporter adds, with no more user code:
 
-* ``grad_norm`` — total L2 norm of the gradients, computed in one fused ``torch._foreach_norm`` pass
-  from an optimizer step pre-hook (so it works wherever ``log()`` sits in the loop). With gradient
-  clipping, pass the value ``clip_grad_norm_`` returns as ``grad_norm=`` to report the pre-clip norm.
+* ``grad_norm`` — total L2 norm of the gradients, in one fused ``torch._foreach_norm`` pass (no
+  per-parameter Python loop) from an optimizer step pre-hook, so it works wherever ``log()`` sits in
+  the loop. That hook runs after any clipping, so a loop that clips should let the reporter clip —
+  ``reporter.clip_grad_norm_(max_norm)`` clips like ``torch.nn.utils.clip_grad_norm_`` and reports the
+  norm *before* clipping — or pass ``grad_norm=torch.nn.utils.clip_grad_norm_(...)`` to ``log()``.
 * ``lr`` (first param group; ``lr/group{i}`` for the others), ``batch_size`` when given, ``step_time``
   (seconds per step between two logs), ``rss`` (process memory) and, on CUDA, ``mem_allocated`` /
   ``mem_reserved``.
+* with ``rewards=`` / ``predictions=`` (RLHF, reward models): summaries instead of the arrays —
+  ``reward_mean``, ``reward_std``, ``reward_min/max``, ``reward_p05 … reward_p95``; the same for
+  ``prediction_*``, plus ``calibration_bin0..9`` (share of predictions per tenth of [0, 1]) and, with
+  ``labels=``, ``ece`` (expected calibration error) and ``brier``.
 
-Tensors (the loss, the grad norm) are handed over as tensors and read on the background sender thread,
-so on CUDA ``log()`` adds no host sync. Nothing here raises into the training loop.
+Tensors (loss, grad norm, reward arrays) are handed over as tensors and read on the background sender
+thread, so on CUDA ``log()`` adds no host sync. Nothing here raises into the training loop — except
+:class:`TrainingStopped`, and only when asked for with ``raise_on_stop=True``.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from detectors.aliases import canonical_metrics
-from detectors.events import MetricEvent
+from detectors.events import ControlEvent, MetricEvent
 
+from .control import ControlListener
 from .emitter import Emitter, topic_name
 
-__all__ = ["Reporter", "watch"]
+__all__ = ["Reporter", "TrainingStopped", "watch"]
 
 log = logging.getLogger("lossguard.producer")
 
@@ -38,6 +46,17 @@ except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+_BINS = 10
+
+
+class TrainingStopped(RuntimeError):
+    """Raised by ``Reporter.log()`` after a stop request when the reporter has ``raise_on_stop=True``."""
+
+    def __init__(self, run_id: str, reason: str):
+        super().__init__(f"run {run_id} was asked to stop: {reason or 'no reason given'}")
+        self.run_id = run_id
+        self.reason = reason
 
 
 def _rss_bytes() -> float | None:
@@ -48,6 +67,63 @@ def _rss_bytes() -> float | None:
         return None
 
 
+class _Summary:
+    """An array reported as its summary statistics, computed on the sender thread."""
+
+    __slots__ = ("prefix", "values", "labels")
+
+    def __init__(self, prefix: str, values: Any, labels: Any = None):
+        self.prefix = prefix
+        self.values = _snapshot(values)
+        self.labels = None if labels is None else _snapshot(labels)
+
+    def metrics(self) -> dict[str, float]:
+        import numpy as np
+
+        x = _as_numpy(self.values).ravel()
+        if x.size == 0:
+            return {}
+        p = self.prefix
+        finite = x[np.isfinite(x)]
+        out = {f"{p}_mean": float(x.mean()), f"{p}_std": float(x.std())}  # NaN in → NaN out: a signal
+        if finite.size:
+            out[f"{p}_min"], out[f"{p}_max"] = float(finite.min()), float(finite.max())
+            for q, v in zip(_QUANTILES, np.quantile(finite, _QUANTILES), strict=True):
+                out[f"{p}_p{round(q * 100):02d}"] = float(v)
+        if p == "prediction":
+            clipped = np.clip(finite, 0.0, 1.0)
+            bins = np.minimum((clipped * _BINS).astype(int), _BINS - 1)
+            counts = np.bincount(bins, minlength=_BINS) / max(1, finite.size)
+            out.update({f"calibration_bin{i}": float(c) for i, c in enumerate(counts)})
+            if self.labels is not None:
+                y = _as_numpy(self.labels).ravel().astype(float)
+                if y.size == x.size:
+                    out["brier"] = float(np.mean((x - y) ** 2))
+                    all_bins = np.minimum((np.clip(x, 0, 1) * _BINS).astype(int), _BINS - 1)
+                    ece = 0.0
+                    for b in range(_BINS):
+                        mask = all_bins == b
+                        if mask.any():
+                            ece += mask.mean() * abs(x[mask].mean() - y[mask].mean())
+                    out["ece"] = float(ece)
+        return out
+
+
+def _snapshot(values: Any) -> Any:
+    """A copy the training loop can no longer change (tensors: an async device-side clone)."""
+    if torch is not None and isinstance(values, torch.Tensor):
+        return values.detach().clone()
+    import numpy as np
+
+    return np.array(values, dtype=float, copy=True)
+
+
+def _as_numpy(values: Any):
+    if torch is not None and isinstance(values, torch.Tensor):
+        return values.detach().double().cpu().numpy()
+    return values
+
+
 def _to_float(value: Any) -> float:
     if torch is not None and isinstance(value, torch.Tensor):
         return float(value.detach().float().item())  # runs on the sender thread
@@ -55,12 +131,16 @@ def _to_float(value: Any) -> float:
 
 
 def _encode(item: tuple[str, int, float, str, dict[str, Any], dict[str, str]]) -> bytes:
+    """Runs on the sender thread: reads deferred tensors, expands summaries, adds RSS."""
     run_id, step, ts, source, metrics, tags = item
-    values = {}
+    values: dict[str, float] = {}
     for name, value in metrics.items():
         try:
-            values[name] = _to_float(value)
-        except (TypeError, ValueError):
+            if isinstance(value, _Summary):
+                values.update(value.metrics())
+            else:
+                values[name] = _to_float(value)
+        except (TypeError, ValueError, RuntimeError):
             continue  # a value that is not a number is skipped, not fatal
     rss = _rss_bytes()
     if rss is not None:
@@ -69,7 +149,7 @@ def _encode(item: tuple[str, int, float, str, dict[str, Any], dict[str, str]]) -
 
 
 def _default_rank() -> int:
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -77,54 +157,110 @@ def _default_rank() -> int:
     return 0
 
 
+def _default_attempt() -> int | None:
+    # torchrun counts its own restarts; LOSSGUARD_ATTEMPT lets any launcher say which attempt this is.
+    for var in ("LOSSGUARD_ATTEMPT", "TORCHELASTIC_RESTART_COUNT"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
 class Reporter:
-    """Reports one run's steps. Build it with :func:`watch`."""
+    """Reports one run's steps and hears its stop requests. Build it with :func:`watch`.
+
+    ``should_stop`` turns true when a stop request for this run arrives on the control topic (from the
+    stream app's auto-stop sink or ``lossguard stop RUN``); ``stop_reason`` says why.
+    """
 
     def __init__(self, run_id: str, *, model: Any = None, optimizer: Any = None, every: int = 1,
-                 emitter: Emitter | None = None, tags: Mapping[str, str] | None = None, source: str = "torch"):
+                 emitter: Emitter | None = None, tags: Mapping[str, str] | None = None, source: str = "torch",
+                 grad_norm_hook: bool = True, raise_on_stop: bool = False):
         self.run_id = run_id
         self.every = max(1, int(every))
         self.tags = dict(tags or {})
         self.source = source
         self.emitter = emitter
+        self.raise_on_stop = raise_on_stop
         self.should_stop = False
         self.stop_reason = ""
+        self.control: ControlListener | None = None
+        self._pid = os.getpid()
+        self._stop_raised = False
         self._optimizer = optimizer
         self._params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        self._cuda = torch is not None and bool(self._params) and self._params[0].is_cuda
         self._grad_norm: Any = None
         self._hook = None
+        self._hook_calls = 0
         self._last_time: float | None = None
         self._last_step: int | None = None
-        if optimizer is not None and self._params and hasattr(optimizer, "register_step_pre_hook"):
-            self._hook = optimizer.register_step_pre_hook(self._capture_grad_norm)
+        if (grad_norm_hook and optimizer is not None and self._params
+                and hasattr(optimizer, "register_step_pre_hook")):
+            self._hook = optimizer.register_step_pre_hook(self._on_optimizer_step)
 
     @property
     def enabled(self) -> bool:
-        return self.emitter is not None
+        """Whether this process sends (false on ranks that do not report and in forked children)."""
+        return self.emitter is not None and os.getpid() == self._pid
 
-    def _capture_grad_norm(self, *_args: Any) -> None:
+    # -- grad norm ----------------------------------------------------------------------------------------
+    def _on_optimizer_step(self, *_args: Any) -> None:
+        calls, self._hook_calls = self._hook_calls, self._hook_calls + 1
+        if calls % self.every == 0 and self.enabled:  # skip the norm on steps that will not be reported
+            self.capture_grad_norm()
+
+    def capture_grad_norm(self) -> None:
+        """Take the total gradient norm now, for the next ``log()``; integrations call it before clipping."""
         try:
             self._grad_norm = self._grad_norm_now()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 — reporting never breaks training
             self._grad_norm = None
 
     def _grad_norm_now(self) -> Any:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return None
+        # one fused kernel per device/dtype group; the result stays a tensor (no host sync here)
         norms = torch._foreach_norm(grads, 2.0)
-        return torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        device = norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
 
-    def log(self, step: int, loss: Any = None, *, batch_size: int | None = None, **metrics: Any) -> None:
-        """Report one step. Values may be numbers or tensors; names may be any framework's."""
-        if self.emitter is None:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, **kwargs: Any) -> Any:
+        """Clip the watched parameters' gradients like ``torch.nn.utils.clip_grad_norm_`` and report
+        the total norm from *before* clipping at the next ``log()``. Returns that norm (a tensor)."""
+        total = torch.nn.utils.clip_grad_norm_(self._params, max_norm, norm_type, **kwargs)
+        self._grad_norm = total.detach()
+        return total
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def log(self, step: int, loss: Any = None, *, batch_size: int | None = None, rewards: Any = None,
+            predictions: Any = None, labels: Any = None, **metrics: Any) -> None:
+        """Report one step. Values may be numbers or tensors; names may be any framework's.
+
+        Args:
+            step: the global step (optimizer updates so far).
+            loss: the step's loss; a tensor is read later on the sender thread.
+            batch_size: samples in the step, when known.
+            rewards: per-sample rewards (RLHF); summarized as ``reward_*``, never sent whole.
+            predictions: per-sample predicted probabilities; summarized as ``prediction_*`` and
+                ``calibration_bin*``; with ``labels`` (0/1) also ``ece`` and ``brier``.
+            **metrics: anything else (``val_loss=...``, ``kl=...``, HF/TRL names are mapped).
+
+        Raises:
+            TrainingStopped: only with ``raise_on_stop=True``, once, at the first call after a stop request.
+        """
+        if self.should_stop and self.raise_on_stop and not self._stop_raised and os.getpid() == self._pid:
+            self._stop_raised = True
+            raise TrainingStopped(self.run_id, self.stop_reason)
+        if not self.enabled:
             return
         try:
-            self._log(step, loss, batch_size, metrics)
+            self._log(step, loss, batch_size, rewards, predictions, labels, metrics)
         except Exception:  # noqa: BLE001 — reporting never breaks training
             log.debug("lossguard: log() failed", exc_info=True)
 
-    def _log(self, step: int, loss: Any, batch_size: int | None, metrics: dict[str, Any]) -> None:
+    def _log(self, step: int, loss: Any, batch_size: int | None, rewards: Any, predictions: Any, labels: Any,
+             metrics: dict[str, Any]) -> None:
         now = time.perf_counter()
         if step % self.every:
             return
@@ -132,6 +268,7 @@ class Reporter:
         if loss is not None:
             values["loss"] = loss.detach() if hasattr(loss, "detach") else loss
         if "grad_norm" not in values:
+            # without a hook (no optimizer given) the grads of this step are read where log() stands
             grad_norm = self._grad_norm if self._grad_norm is not None else (
                 self._grad_norm_now() if self._params and self._hook is None else None)
             if grad_norm is not None:
@@ -139,29 +276,68 @@ class Reporter:
         self._grad_norm = None
         if self._optimizer is not None:
             for i, group in enumerate(self._optimizer.param_groups):
-                values["lr" if i == 0 else f"lr/group{i}"] = group["lr"]
+                values.setdefault("lr" if i == 0 else f"lr/group{i}", group["lr"])
         if batch_size is not None:
             values["batch_size"] = batch_size
         if self._last_time is not None and self._last_step is not None and step > self._last_step:
             values.setdefault("step_time", (now - self._last_time) / (step - self._last_step))
         self._last_time, self._last_step = now, step
-        if torch is not None and self._params and self._params[0].is_cuda:
+        if self._cuda:  # allocator counters: no sync, a few hundred ns
             values["mem_allocated"] = torch.cuda.memory_allocated()
             values["mem_reserved"] = torch.cuda.memory_reserved()
+        if rewards is not None:
+            values["__rewards"] = _Summary("reward", rewards)
+        if predictions is not None:
+            values["__predictions"] = _Summary("prediction", predictions, labels)
         self.emitter.emit(self.run_id, (self.run_id, step, time.time(), self.source, values, self.tags))
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Report only ``metrics`` at ``step`` (no grad norm, lr, timing): validation results, framework logs."""
+        if not self.enabled or not metrics:
+            return
+        try:
+            values = canonical_metrics({k: v.detach() if hasattr(v, "detach") else v for k, v in metrics.items()})
+            self.emitter.emit(self.run_id, (self.run_id, step, time.time(), self.source, values, self.tags))
+        except Exception:  # noqa: BLE001 — reporting never breaks training
+            log.debug("lossguard: log_metrics() failed", exc_info=True)
+
+    # -- control --------------------------------------------------------------------------------------------
+    def listen(self, *, bootstrap: str | None = None, topic: str | None = None) -> None:
+        """Start hearing stop requests for this run on the control topic (background thread)."""
+        if self.control is None:
+            self.control = ControlListener(self.run_id, self._on_control, bootstrap=bootstrap, topic=topic)
+
+    def _on_control(self, event: ControlEvent) -> None:
+        if event.action == "stop":
+            self.stop_reason = event.reason or f"stop requested (alert {event.alert_id or 'none'})"
+            self.should_stop = True
+            log.warning("lossguard: run %s was asked to stop: %s", self.run_id, self.stop_reason)
+        elif event.action == "resume":
+            self.should_stop = False
+            self.stop_reason = ""
+            self._stop_raised = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.emitter.stats.as_dict() if self.emitter else {}
 
     @property
     def dropped(self) -> int:
         return self.emitter.stats.dropped if self.emitter else 0
 
     def flush(self, timeout: float = 5.0) -> bool:
-        return self.emitter.flush(timeout) if self.emitter else True
+        return self.emitter.flush(timeout) if self.enabled else True
 
     def close(self, timeout: float = 5.0) -> None:
+        """Remove the hook, stop listening, and flush queued events for at most ``timeout`` seconds."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.emitter is not None:
+        if self.control is not None:
+            self.control.close(timeout=min(timeout, 2.0))
+            self.control = None
+        if self.enabled:
             self.emitter.close(timeout)
 
     def __enter__(self) -> Reporter:
@@ -174,27 +350,47 @@ class Reporter:
 def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *, every: int = 1,
           bootstrap: str | None = None, topic: str | None = None, tags: Mapping[str, str] | None = None,
           attempt: int | None = None, rank: int | None = None, report_rank: int | None = 0,
-          max_queue: int = 10_000, source: str = "torch") -> Reporter:
+          listen: bool = True, raise_on_stop: bool = False, max_queue: int = 10_000, source: str = "torch",
+          grad_norm_hook: bool = True) -> Reporter:
     """Start reporting a training run; returns a :class:`Reporter`.
 
     Args:
-        run_id: the run's id (the Kafka key); default ``LOSSGUARD_RUN_ID`` or a fresh one.
-        model / optimizer: watched for grad norm and learning rates.
-        every: report one step in ``every``.
-        bootstrap / topic: Kafka address and metrics topic (default ``LOSSGUARD_BOOTSTRAP``,
-            ``<LOSSGUARD_TOPIC_PREFIX>.metrics``).
-        tags: free-form labels (model, dataset ...); host, rank and attempt are added.
-        attempt: a resumed run keeps its run id and gets a new attempt number.
-        report_rank: only this distributed rank reports (``None``: every rank reports, tagged).
+        run_id: the run's id (the Kafka key); default ``LOSSGUARD_RUN_ID`` or a fresh one. A resumed run
+            keeps its id.
+        model: its trainable parameters are watched for the gradient norm (default ``None``: no norm).
+        optimizer: its param groups give ``lr``; its step pre-hook takes the norm (default ``None``).
+        every: report one step in ``every`` (default 1).
+        bootstrap: Kafka address (default ``LOSSGUARD_BOOTSTRAP`` or 127.0.0.1:9092).
+        topic: metrics topic (default ``<LOSSGUARD_TOPIC_PREFIX>.metrics``); the control topic is its
+            sibling ``<prefix>.control``.
+        tags: free-form labels (model, dataset ...); ``host``, ``rank`` and ``attempt`` are added.
+        attempt: which attempt of the run this is (default ``LOSSGUARD_ATTEMPT`` or
+            ``TORCHELASTIC_RESTART_COUNT``; untagged when neither is set).
+        rank: this process's distributed rank (default from ``RANK``/``SLURM_PROCID``/``LOCAL_RANK`` or
+            ``torch.distributed``).
+        report_rank: only this rank sends (default 0); ``None``: every rank sends, tagged with its rank.
+        listen: hear stop requests on the control topic (default ``True``; every rank listens, so all
+            ranks can stop together).
+        raise_on_stop: raise :class:`TrainingStopped` from the next ``log()`` after a stop request
+            (default ``False``: only ``reporter.should_stop`` turns true).
+        max_queue: events held while the broker is slow or away before the oldest are dropped (10,000).
+        source: the event's ``source`` field (default ``"torch"``).
+        grad_norm_hook: take the grad norm in an optimizer step pre-hook (default ``True``); integrations
+            that see gradients before clipping turn it off and call ``capture_grad_norm()`` themselves.
     """
     run_id = run_id or os.environ.get("LOSSGUARD_RUN_ID") or f"run-{uuid.uuid4().hex[:8]}"
     rank = _default_rank() if rank is None else rank
+    attempt = _default_attempt() if attempt is None else attempt
     all_tags = {"host": socket.gethostname(), "rank": str(rank), **{k: str(v) for k, v in (tags or {}).items()}}
     if attempt is not None:
         all_tags["attempt"] = str(attempt)
+    metrics_topic = topic or topic_name("metrics")
     emitter = None
     if report_rank is None or rank == report_rank:
-        emitter = Emitter(topic or topic_name("metrics"), bootstrap=bootstrap, max_queue=max_queue,
-                          encode=_encode)
-    return Reporter(run_id, model=model, optimizer=optimizer, every=every, emitter=emitter, tags=all_tags,
-                    source=source)
+        emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode=_encode)
+    reporter = Reporter(run_id, model=model, optimizer=optimizer, every=every, emitter=emitter, tags=all_tags,
+                        source=source, grad_norm_hook=grad_norm_hook, raise_on_stop=raise_on_stop)
+    if listen:
+        prefix = metrics_topic.rsplit(".", 1)[0] if "." in metrics_topic else None
+        reporter.listen(bootstrap=bootstrap, topic=topic_name("control", prefix))
+    return reporter
