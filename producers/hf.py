@@ -1,0 +1,216 @@
+"""Hugging Face ``Trainer`` (and TRL trainers, which log through it): one callback.
+
+    trainer = Trainer(..., callbacks=[LossguardCallback("exp-1")])
+
+Each optimizer step sends the *real* step loss — read from the model's output on the training thread
+as a tensor, not from HF's logs, where ``logging_nan_inf_filter`` (on by default) replaces a NaN/Inf
+loss by the running average so a diverging run looks healthy — plus ``lr``, ``step_time``, memory,
+and, when HF does not clip (``max_grad_norm=0``), the total gradient norm. HF's own logs (``on_log``:
+eval metrics, TRL's ``objective/kl``, ``rewards/margins`` …, and HF's pre-clip ``grad_norm``) are
+mapped onto canonical names and sent too, minus what the step event already carried.
+
+For trainers that compute the loss outside the model (custom ``compute_loss``, TRL's DPO/GRPO) or
+to get the pre-clip gradient norm at every step when HF clips, attach the callback to the trainer:
+``LossguardCallback("exp-1").attach(trainer)`` — it then also observes ``trainer.training_step`` and
+the accelerator's ``clip_grad_norm_`` (the values HF computes anyway; no extra work, no host sync).
+
+A stop request for the run (auto-stop sink, ``lossguard stop RUN``) sets
+``control.should_training_stop``: HF ends the epoch loop after the current step and runs its normal
+end-of-training (final save, ``on_train_end``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from detectors.aliases import canonical_name
+
+from .timing import Every
+from .torch import Reporter, watch
+
+__all__ = ["LossguardCallback"]
+
+# keys of HF logs that are bookkeeping, not signals
+_SKIP_LOG_KEYS = frozenset({"step", "total_flos", "train_runtime", "train_steps_per_second"})
+
+
+class LossguardCallback(TrainerCallback, ExportableState):
+    """Reports a ``Trainer`` run to lossguard and stops it on request.
+
+    Args:
+        run_id: the run's id (default ``LOSSGUARD_RUN_ID``, else ``args.run_name``, else a fresh one).
+            Kept across ``resume_from_checkpoint`` (saved with the trainer state), which counts a new attempt.
+        bootstrap: Kafka address (default ``LOSSGUARD_BOOTSTRAP`` or 127.0.0.1:9092).
+        topic: metrics topic (default ``<LOSSGUARD_TOPIC_PREFIX>.metrics``).
+        tags: extra labels; ``model`` (the config's model type), ``host``, ``rank``, ``attempt`` are added.
+        every: send one optimizer step in ``every`` (default 1).
+        report_rank: only this process index sends (default 0); ``None``: every process, tagged.
+        stop_on_request: turn a stop request into ``control.should_training_stop`` (default ``True``).
+        eval_every_seconds: also evaluate every this many seconds of wall-clock time (default ``None``:
+            only HF's step/epoch schedule); needs an ``eval_dataset``.
+        attempt: which attempt of the run this is (default: 0, or one more than the checkpoint's).
+    """
+
+    def __init__(self, run_id: str | None = None, *, bootstrap: str | None = None, topic: str | None = None,
+                 tags: Mapping[str, str] | None = None, every: int = 1, report_rank: int | None = 0,
+                 stop_on_request: bool = True, eval_every_seconds: float | None = None,
+                 attempt: int | None = None):
+        self.run_id = run_id
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.tags = dict(tags or {})
+        self.every = every
+        self.report_rank = report_rank
+        self.stop_on_request = stop_on_request
+        self.eval_every_seconds = eval_every_seconds
+        self.attempt = attempt
+        self.reporter: Reporter | None = None
+        self._eval_due: Every | None = None
+        self._attached = False
+        self._losses: list[Any] = []
+        self._grad_norm: Any = None
+        self._lr: float | None = None
+        self._sent_keys: tuple[int, frozenset[str]] = (-1, frozenset())
+        self._hook: Any = None
+
+    # -- optional: observe the trainer itself -------------------------------------------------------------
+    def attach(self, trainer: Any) -> LossguardCallback:
+        """Add this callback to ``trainer`` and observe its per-micro-batch loss and pre-clip grad norm."""
+        trainer.add_callback(self)
+        step_fn = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = step_fn(*args, **kwargs)
+            try:
+                self._losses.append(loss.detach())  # already scaled so that the micro-batches sum to the step
+            except Exception:  # noqa: BLE001 — never break training
+                pass
+            return loss
+
+        trainer.training_step = training_step
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None and hasattr(accelerator, "clip_grad_norm_"):
+            clip_fn = accelerator.clip_grad_norm_
+
+            def clip_grad_norm_(*args: Any, **kwargs: Any) -> Any:
+                norm = clip_fn(*args, **kwargs)  # the norm before clipping
+                self._grad_norm = norm.detach() if hasattr(norm, "detach") else norm
+                return norm
+
+            accelerator.clip_grad_norm_ = clip_grad_norm_
+        self._attached = True
+        return self
+
+    # -- Trainer events --------------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        self._restore(state)
+        tags = dict(self.tags)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type:
+            tags.setdefault("model", str(model_type))
+        if state.global_step:
+            tags["resumed_at_step"] = str(state.global_step)
+        self.run_id = self.run_id or os.environ.get("LOSSGUARD_RUN_ID") or getattr(args, "run_name", None) or None
+        self.reporter = watch(self.run_id, model=model, optimizer=optimizer, every=self.every,
+                              bootstrap=self.bootstrap, topic=self.topic, tags=tags, attempt=self.attempt,
+                              rank=args.process_index, report_rank=self.report_rank, source="hf",
+                              grad_norm_hook=False)
+        self.run_id = self.reporter.run_id
+        self._eval_due = Every(self.eval_every_seconds) if self.eval_every_seconds else None
+        self._losses.clear()
+        if not self._attached and model is not None and self.reporter.enabled:
+            # Trainer's default compute_loss takes the loss from the model's output: see it there.
+            self._hook = model.register_forward_hook(self._on_forward)
+
+    def _on_forward(self, module: Any, _inputs: Any, output: Any) -> None:
+        if not module.training:  # evaluation passes are not training steps
+            return
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if loss is not None and hasattr(loss, "detach") and loss.dim() == 0:
+            self._losses.append(loss.detach())
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
+        if self.reporter is None or not self.reporter.enabled:
+            return
+        if self._grad_norm is None and not args.max_grad_norm:
+            self.reporter.capture_grad_norm()  # no clipping: the grads HF will apply are the raw ones
+        if optimizer is not None:
+            self._lr = optimizer.param_groups[0]["lr"]  # the lr this update uses (the scheduler steps next)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        reporter = self.reporter
+        if reporter is None:
+            return
+        if reporter.enabled and state.global_step % self.every == 0:
+            metrics: dict[str, Any] = {}
+            if self._losses:
+                metrics["loss"] = self._step_loss()
+            if self._grad_norm is not None:
+                metrics["grad_norm"] = self._grad_norm
+            if self._lr is not None:
+                metrics["lr"] = self._lr
+            sent = set(metrics) | {"lr"}  # the reporter adds lr from the optimizer
+            if reporter._grad_norm is not None:
+                sent.add("grad_norm")
+            reporter.log(state.global_step, **metrics)
+            # these went out with the step event: on_log must not send HF's (filtered, averaged) copies
+            self._sent_keys = (state.global_step, frozenset(sent))
+        self._losses.clear()
+        self._grad_norm = None
+        if self._eval_due is not None and self._eval_due():
+            control.should_evaluate = True
+        if self.stop_on_request and reporter.should_stop:
+            control.should_training_stop = True
+
+    def _step_loss(self) -> Any:
+        if len(self._losses) == 1:
+            return self._losses[0]
+        import torch
+
+        stacked = torch.stack(self._losses)
+        # training_step returns micro-batch losses that sum to the step loss; model outputs are per batch
+        return stacked.sum() if self._attached else stacked.mean()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        if self.reporter is None or not logs:
+            return
+        step, sent = self._sent_keys
+        metrics = {}
+        for name, value in logs.items():
+            if name in _SKIP_LOG_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if step == state.global_step and canonical_name(name) in sent:
+                continue  # the step event carried the real value (HF's loss here may be NaN-filtered)
+            metrics[name] = value
+        self.reporter.log_metrics(state.global_step, metrics)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.reporter is not None:
+            self.reporter.close(timeout=5.0)
+
+    # -- run identity across resume ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Saved by HF with each checkpoint: a resumed run keeps its id and counts its attempts."""
+        return {"args": {"run_id": self.run_id}, "attributes": {"attempt": self.attempt or 0}}
+
+    def _restore(self, state: Any) -> None:
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0]
+        if not isinstance(saved, dict) or not state.global_step:
+            return
+        self.run_id = self.run_id or saved.get("args", {}).get("run_id")
+        if self.attempt is None:
+            self.attempt = int(saved.get("attributes", {}).get("attempt", 0)) + 1
+
