@@ -4,7 +4,7 @@ Pure Python + numpy: no Kafka, no Faust, no I/O. The same detectors run inside t
 in-process.
 """
 
-from . import gradient, loss, lr, nonfinite  # noqa: F401  (register the built-in detectors)
+from . import batch, gradient, loss, lr, nonfinite, resources, rlhf, validation  # noqa: F401  (register them)
 from .alerts import SEVERITIES, Alert, decode_alert, severity_rank
 from .aliases import canonical_metrics, canonical_name
 from .base import DETECTORS, Detector, register_detector

@@ -56,7 +56,19 @@ ALIASES: dict[str, str] = {
     "train_loss_epoch": "loss", "loss_step": "loss", "val_loss_step": "val_loss",
     # step timing / memory
     "iteration_time": "step_time", "step_time_s": "step_time", "time_per_step": "step_time",
-    "memory_allocated": "mem_allocated", "memory_reserved": "mem_reserved",
+    "memory_allocated": "mem_allocated", "memory_reserved": "mem_reserved", "rss_bytes": "rss",
+    "cuda_memory_allocated": "mem_allocated", "cuda_memory_reserved": "mem_reserved",
+    # Bedrock CSVs
+    "epoch_number": "epoch",
+    # reward-model calibration and more TRL names (GRPO, RLOO, KTO)
+    "calibration/ece": "ece", "eval_ece": "ece", "reward_model/ece": "ece",
+    "kl_coef": "kl_coef", "objective/kl_mean": "kl", "train/kl": "kl", "train/entropy": "entropy",
+    "completions/mean_length_mean": "response_length", "train/completion_length": "response_length",
+    "train/reward": "reward_mean", "train/reward_std": "reward_std", "rewards/chosen_mean": "chosen_reward",
+    "rewards/rejected_mean": "rejected_reward", "rewards/margins_mean": "reward_margin",
+    "train/rewards/margins": "reward_margin", "train/rewards/accuracies": "reward_accuracy",
+    "train/rewards/chosen": "chosen_reward", "train/rewards/rejected": "rejected_reward",
+    "policy/clipfrac_mean": "clipfrac", "clip_ratio/low_mean": "clipfrac",
 }
 
 

@@ -57,6 +57,16 @@ class DetectorSuite:
             alerts.extend(detector.update(event))
         return alerts
 
+    def tick(self, now: float) -> list[Alert]:
+        """Time-based checks (a run that went silent); the stream app calls this periodically."""
+        alerts: list[Alert] = []
+        for detector in self.detectors.values():
+            alerts.extend(detector.tick(now))
+        return alerts
+
+    #: the name the stream app's timer uses; same thing as :meth:`tick`
+    check_stalled = tick
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "last_step": self.last_step,

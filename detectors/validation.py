@@ -1,0 +1,99 @@
+"""Validation detectors: validation loss rising while the training loss falls, and overtraining.
+
+Evaluations are sparse (every N steps), so these detectors count *evaluations*, not steps, and keep an EMA
+of the training loss between evaluations to know which way training is going.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .alerts import Alert
+from .base import Detector, register_detector
+from .events import MetricEvent
+from .stats import compact, ema
+
+__all__ = ["ValTrainDivergenceDetector", "VALIDATION_DEFAULTS"]
+
+VALIDATION_DEFAULTS = {
+    "rise_threshold": 0.1,
+    "patience": 3,
+    "overtrain_evals": 8,
+    "train_span": 20,
+    "resolve_after": 3,
+}
+
+
+@register_detector
+class ValTrainDivergenceDetector(Detector):
+    """Validation loss rising above its best while the training loss keeps falling (overfitting).
+
+    At each evaluation the validation loss is compared with the best so far, and the smoothed training
+    loss with its value at that best evaluation. ``val_train_divergence`` is active when validation is more
+    than ``rise_threshold`` (relative) above its best while training is lower than it was then:
+    ``medium`` at once, ``high`` after ``patience`` evaluations in a row, ``critical`` at 3× the rise.
+    ``overtraining`` (``low``, ``medium`` when validation is also rising) says the best checkpoint is
+    ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = ValTrainDivergenceDetector()
+    >>> out = []
+    >>> for s in range(1, 801):
+    ...     m = {"loss": 2.0 * math.exp(-s / 150)}
+    ...     if s % 50 == 0:
+    ...         m["val_loss"] = 0.8 + 0.002 * (s - 300) ** 2 / 100
+    ...     out += d.update(MetricEvent("r", s, m))
+    >>> [(a.alert_type, a.severity, a.step) for a in out]
+    [('val_train_divergence', 'medium', 400), ('val_train_divergence', 'critical', 500), ('overtraining', 'medium', 700)]
+    """
+
+    name = "val_train_divergence"
+    category = "validation"
+    section = "validation"
+    defaults = VALIDATION_DEFAULTS
+    state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length")
+
+    def reset(self) -> None:
+        self.train: float | None = None
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.train_at_best: float | None = None
+        self.evals_since_best = 0
+        self.run_length = 0
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        loss = event.metrics.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self.train = ema(self.train, loss, 2.0 / (self.train_span + 1))
+        val = event.metrics.get("val_loss")
+        if val is None or not math.isfinite(val):
+            return []
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.best_step, self.train_at_best = compact(val), event.step, self.train
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        train_falling = (self.train is not None and self.train_at_best is not None
+                         and self.train < self.train_at_best)
+        rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
+        active = train_falling and rise > self.rise_threshold
+        self.run_length = self.run_length + 1 if active else 0
+        severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= self.patience
+                    else "high" if self.run_length >= self.patience else "medium")
+        alerts = self._report(
+            event, "val_train_divergence", active, severity=severity, value=val,
+            threshold=self.best_val * (1 + self.rise_threshold),
+            message=(f"val_loss {val:.4g} is {rise:.0%} above its best {self.best_val:.4g} (step "
+                     f"{self.best_step}) while the training loss fell to {self.train or 0:.4g} "
+                     f"for {self.run_length} evaluation(s)"),
+            metadata={"best_val": self.best_val, "best_step": self.best_step, "train": self.train,
+                      "train_at_best": self.train_at_best, "evaluations": self.run_length})
+        overtrained = train_falling and self.evals_since_best >= self.overtrain_evals
+        alerts += self._report(
+            event, "overtraining", overtrained, severity="medium" if rise > self.rise_threshold else "low",
+            value=val, threshold=self.best_val,
+            message=(f"no better val_loss than {self.best_val:.4g} (step {self.best_step}) in "
+                     f"{self.evals_since_best} evaluations while training improves; the best checkpoint "
+                     f"is behind you"),
+            metadata={"best_step": self.best_step, "evaluations_since_best": self.evals_since_best})
+        return alerts
