@@ -1,26 +1,36 @@
-"""The Faust app: metric events in, per-run detector state in a changelog-backed table, alerts out.
+"""The Faust app: metric records in, per-run state in changelog-backed tables, alerts out.
 
     lossguard.metrics (key = run_id) ──► agent ``detect`` ──► lossguard.alerts (key = run_id)
-                                          │  │
-                        run_state table ◄─┘  └──► lossguard.dlq  (malformed events, with the reason)
+                                          │  │  │
+                   run_state table ◄──────┘  │  └──► lossguard.dlq  (malformed/oversized, reason + bytes)
+                   run_summary table ◄───────┘       (step order, counts, tumbling-window aggregates)
 
-Every event of a run lands on one partition, so one worker owns a run's state; more workers with the
-same app id split the partitions, and a worker that takes a partition over recovers the table from its
-changelog topic and carries on where the run was. Settings come from :mod:`stream_app.settings`.
+Every record of a run lands on one partition, so one worker owns a run's state; more workers with the
+same app id split the partitions, and a worker that takes a partition over recovers both tables from
+their changelog topics and carries on where the run was (warm-up not repeated, windows not lost).
+A record is one metric event or a batch of steps of one run (:mod:`stream_app.records`); each step is
+classified by :class:`~stream_app.aggregates.RunSummary` (new / resumed / duplicate / out of order) and
+the new and resumed ones go through the run's :class:`~detectors.DetectorSuite`. Alerts carry the run's
+``source`` and ``tags`` in ``metadata`` so routing can match on them; the stream-level alert policy
+(dedup, cooldown, grouping, silences) runs in the sinks (:mod:`stream_app.sinks`).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 import faust
 
-from detectors import Alert, DetectorSuite, SchemaError, decode_metric_event
+from detectors import Alert, DetectorSuite, SchemaError
 from detectors.events import dumps
 
-from . import faust_fixes
+from . import faust_fixes, web
+from .aggregates import RunSummary
+from .records import decode_metric_record
 from .settings import load_settings
 
 log = logging.getLogger("lossguard.worker")
@@ -54,7 +64,7 @@ app = faust.App(
     recovery_consistency_check=False,  # Tansu under-reports end offsets (STACK_NOTES.md)
     web_enabled=settings.web_enabled,
     web_port=settings.web_port,
-    web_bind="127.0.0.1",
+    web_bind=settings.web_bind,
     table_cleanup_interval=30.0,
 )
 
@@ -66,12 +76,16 @@ dlq_topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_seriali
                       partitions=settings.partitions)
 
 #: run_id → DetectorSuite.state_dict(); the changelog makes it survive restarts and rebalances
-run_state = app.Table("run_state", default=None, partitions=settings.partitions, key_type=str,
-                      value_type=dict)
+#: (untyped JSON values: with ``value_type=dict`` the RocksDB store cannot decode them back)
+run_state = app.Table("run_state", default=None, partitions=settings.partitions, key_type=str)
+#: run_id → RunSummary.to_dict(): step order, counts, tumbling windows (read by runs/report/dashboard)
+run_summary = app.Table("run_summary", default=None, partitions=settings.partitions, key_type=str)
 
-#: live suites of the runs this worker owns; rebuilt from ``run_state`` after a rebalance
-_suites: dict[str, DetectorSuite] = {}
-counters = {"events": 0, "alerts": 0, "dead_letters": 0}
+#: live suites and summaries of recently active runs this worker owns (least recently used first);
+#: rebuilt from the tables after a rebalance, bounded so 10k idle runs cost table state only
+_suites: OrderedDict[str, tuple[DetectorSuite, RunSummary]] = OrderedDict()
+counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letters": 0, "duplicates": 0,
+                            "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
 
 
 @app.on_partitions_revoked.connect
@@ -79,21 +93,31 @@ async def _forget_suites(_sender: Any, revoked: Any, **_kwargs: Any) -> None:
     _suites.clear()
 
 
-def suite_for(run_id: str) -> DetectorSuite:
-    suite = _suites.get(run_id)
-    if suite is None:
-        suite = DetectorSuite(settings.detector_config)
-        state = run_state.get(run_id)
-        if state:
-            suite.load_state_dict(state)
-        _suites[run_id] = suite
-    return suite
+def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
+    """The run's live suite and summary, restored from the tables when not cached."""
+    live = _suites.get(run_id)
+    if live is not None:
+        _suites.move_to_end(run_id)
+        return live
+    suite = DetectorSuite(settings.detector_config)
+    state = run_state.get(run_id)
+    if state:
+        suite.load_state_dict(state)
+    summary_state = run_summary.get(run_id)
+    summary = (RunSummary.from_dict(summary_state) if summary_state
+               else RunSummary(run_id, settings.window_s, settings.keep_windows))
+    _suites[run_id] = live = (suite, summary)
+    if len(_suites) > settings.live_runs:
+        _suites.popitem(last=False)
+    return live
 
 
 async def dead_letter(key: bytes | None, raw: bytes, reason: str) -> None:
     counters["dead_letters"] += 1
+    field = reason.split(":", 1)[0]
+    counters["dead_letter_reasons"][field] = counters["dead_letter_reasons"].get(field, 0) + 1
     record = {"reason": reason, "ts": time.time(), "key": (key or b"").decode("utf-8", "replace"),
-              "original": raw.decode("utf-8", "replace")}
+              "original": raw.decode("utf-8", "replace"), "original_b64": base64.b64encode(raw).decode()}
     await dlq_topic.send(key=key, value=dumps(record))
 
 
@@ -105,13 +129,30 @@ async def publish(alert: Alert) -> None:
 @app.agent(metrics_topic)
 async def detect(stream: faust.StreamT) -> None:
     async for key, raw in stream.items():
-        counters["events"] += 1
+        counters["records"] += 1
         try:
-            event = decode_metric_event(raw)
+            events = decode_metric_record(raw, settings.max_record_bytes)
         except SchemaError as exc:
             await dead_letter(key, raw, str(exc))
             continue
-        suite = suite_for(event.run_id)
-        for alert in suite.update(event):
+        run_id = events[0].run_id
+        suite, summary = suite_for(run_id)
+        alerts: list[Alert] = []
+        for event in events:
+            kind = summary.observe(event)
+            if kind in ("duplicate", "out_of_order"):
+                counters[kind] += 1
+                continue
+            counters["events"] += 1
+            counters["resumes"] += kind == "resumed"
+            for alert in suite.update(event):
+                alert.metadata.update(source=event.source, run_tags=summary.tags)
+                summary.count_alert(alert)
+                alerts.append(alert)
+        for alert in alerts:
             await publish(alert)
-        run_state[event.run_id] = suite.state_dict()
+        run_state[run_id] = suite.state_dict()
+        run_summary[run_id] = summary.to_dict()
+
+
+web.register(app, run_summary, counters)

@@ -38,6 +38,21 @@ class Settings:
     #: embedded broker port
     broker_port: int = 9092
     log_level: str = "warning"
+    #: the worker's web server binds here (0.0.0.0 inside a container)
+    web_bind: str = "127.0.0.1"
+    #: tumbling-window length (event-time seconds) and how many windows each run keeps
+    window_s: float = 60.0
+    keep_windows: int = 10
+    #: live detector suites kept in memory (least recently used evicted; state stays in the table)
+    live_runs: int = 2048
+    #: metric records over this size go to the dead-letter topic unread
+    max_record_bytes: int = 4_000_000
+    #: sinks and routes (TOML); empty: console + JSONL for everything, webhook for high+ if a URL is set
+    routes: str = ""
+    #: Slack-compatible webhook URL for the webhook sink (LOSSGUARD_WEBHOOK_URL)
+    webhook_url: str = ""
+    #: where the JSONL sink writes alerts and per-run summaries
+    alerts_dir: str = "lossguard-alerts"
     #: the parsed detector configuration (sections → keys)
     detector_config: dict[str, Any] | None = None
 
@@ -47,6 +62,10 @@ class Settings:
     @property
     def topics(self) -> dict[str, str]:
         return {kind: self.topic(kind) for kind in ("metrics", "alerts", "control", "dlq")}
+
+    def changelog(self, table: str) -> str:
+        """The changelog topic Faust keeps for ``table`` of this app."""
+        return f"{self.app_id}-{table}-changelog"
 
 
 _STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name != "detector_config"}

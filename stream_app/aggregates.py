@@ -1,0 +1,159 @@
+"""Per-run aggregates the CLI, dashboard and reports read: step order, counts, tumbling windows.
+
+:class:`RunSummary` answers, for one run: is this event new, a re-delivery, a late step, or the first
+step of a resumed run? — and keeps tumbling windows of ``window_s`` seconds (event time) with, per
+metric, count/min/max/mean, plus the alerts raised in the window. The stream app keeps one per run in
+the changelog-backed ``run_summary`` table, so they survive restarts and rebalances like detector state.
+
+Step order, explicitly (at-least-once delivery and checkpoint restores both happen in practice):
+
+- ``new``: the step is past the last one seen → fed to the detectors.
+- ``resumed``: the step went back but the timestamp moved on → a checkpoint restore; fed to the
+  detectors (their windows carry on: the pre-restore history is still the run's baseline).
+- ``duplicate``: step and time not past the last ones and the step was seen recently → dropped.
+- ``out_of_order``: a late step older than the last one, never seen → dropped and counted (detector
+  windows are sequential; a late step cannot be inserted behind them).
+
+>>> from detectors import MetricEvent
+>>> s = RunSummary("r")
+>>> [s.observe(MetricEvent("r", step, {"loss": 1.0}, ts=ts)) for step, ts in
+...  [(1, 10.0), (3, 11.0), (3, 11.0), (2, 10.5), (4, 12.0), (2, 13.0)]]
+['new', 'new', 'duplicate', 'out_of_order', 'new', 'resumed']
+>>> s.events, s.duplicates, s.out_of_order, s.resumes, s.last_step
+(4, 1, 1, 1, 2)
+>>> s.windows[-1]["metrics"]["loss"]
+{'count': 4, 'min': 1.0, 'max': 1.0, 'mean': 1.0}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from detectors import SEVERITIES, Alert, MetricEvent
+
+__all__ = ["RunSummary"]
+
+#: how many recent steps a run remembers to tell a re-delivery from a late step
+_RECENT_STEPS = 32
+
+
+class RunSummary:
+    """Counts, step order and tumbling-window aggregates of one run (serializable)."""
+
+    def __init__(self, run_id: str, window_s: float = 60.0, keep_windows: int = 10):
+        self.run_id = run_id
+        self.window_s = window_s
+        self.keep_windows = keep_windows
+        self.source = ""
+        self.tags: dict[str, str] = {}
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.last_step: int | None = None
+        self.events = 0
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.resumes = 0
+        self.alerts = dict.fromkeys(SEVERITIES, 0)
+        self.recent_steps: list[int] = []
+        #: oldest first: {"start", "count", "alerts", "metrics": {name: [n, min, max, sum]}, "nonfinite"}
+        self._windows: list[dict[str, Any]] = []
+
+    def observe(self, event: MetricEvent) -> str:
+        """Classify ``event`` (see the module docstring) and, unless dropped, add it to the aggregates."""
+        if self.last_step is not None and event.step <= self.last_step:
+            if event.ts > self.last_ts:
+                kind = "resumed"
+                self.resumes += 1
+            elif event.step in self.recent_steps:
+                self.duplicates += 1
+                return "duplicate"
+            else:
+                self.out_of_order += 1
+                return "out_of_order"
+        else:
+            kind = "new"
+        self._add(event)
+        return kind
+
+    def count_alert(self, alert: Alert) -> None:
+        if alert.status != "firing":
+            return
+        self.alerts[alert.severity] += 1
+        window = self._window_for(alert.ts)
+        if window is not None:
+            window["alerts"] += 1
+
+    def _add(self, event: MetricEvent) -> None:
+        self.events += 1
+        self.last_step, self.last_ts = event.step, event.ts
+        self.first_ts = event.ts if self.first_ts is None else self.first_ts
+        self.source = event.source
+        if event.tags:
+            self.tags = dict(event.tags)
+        self.recent_steps.append(event.step)
+        if len(self.recent_steps) > _RECENT_STEPS:
+            del self.recent_steps[0]
+        window = self._window_for(event.ts, create=True)
+        if window is None:
+            return
+        window["count"] += 1
+        stats = window["metrics"]
+        for name, x in event.metrics.items():
+            if not math.isfinite(x):
+                window["nonfinite"] += 1
+                continue
+            acc = stats.get(name)
+            if acc is None:
+                stats[name] = [1, x, x, x]
+            else:
+                acc[0] += 1
+                acc[1] = min(acc[1], x)
+                acc[2] = max(acc[2], x)
+                acc[3] += x
+
+    def _window_for(self, ts: float, create: bool = False) -> dict[str, Any] | None:
+        start = math.floor(ts / self.window_s) * self.window_s
+        for window in reversed(self._windows):
+            if window["start"] == start:
+                return window
+            if window["start"] < start:
+                break
+        if not create or (self._windows and start < self._windows[-1]["start"]):
+            return None  # older than the newest window: a late step; the window is closed
+        window = {"start": start, "count": 0, "alerts": 0, "nonfinite": 0, "metrics": {}}
+        self._windows.append(window)
+        if len(self._windows) > self.keep_windows:
+            del self._windows[0]
+        return window
+
+    @property
+    def windows(self) -> list[dict[str, Any]]:
+        """Closed and open windows, oldest first, with ``count/min/max/mean`` per metric."""
+        return [{"start": w["start"], "end": w["start"] + self.window_s, "count": w["count"],
+                 "alerts": w["alerts"], "nonfinite": w["nonfinite"],
+                 "metrics": {name: {"count": n, "min": lo, "max": hi, "mean": total / n}
+                             for name, (n, lo, hi, total) in w["metrics"].items()}}
+                for w in self._windows]
+
+    # -- state -------------------------------------------------------------------------------------------
+    _FIELDS = ("run_id", "window_s", "keep_windows", "source", "tags", "first_ts", "last_ts", "last_step",
+               "events", "duplicates", "out_of_order", "resumes", "alerts", "recent_steps")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{name: getattr(self, name) for name in self._FIELDS}, "windows": self._windows}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> RunSummary:
+        summary = cls(state["run_id"], state.get("window_s", 60.0), state.get("keep_windows", 10))
+        for name in cls._FIELDS:
+            if name in state:
+                setattr(summary, name, state[name])
+        summary._windows = state.get("windows", [])
+        return summary
+
+    def overview(self) -> dict[str, Any]:
+        """The one-line view ``lossguard runs`` and ``/lossguard/runs/`` show."""
+        return {"run_id": self.run_id, "source": self.source, "tags": self.tags, "last_step": self.last_step,
+                "last_ts": self.last_ts, "events": self.events, "duplicates": self.duplicates,
+                "out_of_order": self.out_of_order, "resumes": self.resumes, "alerts": dict(self.alerts)}
