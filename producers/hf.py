@@ -31,7 +31,7 @@ from transformers.trainer_callback import ExportableState
 from detectors.aliases import canonical_name
 
 from .timing import Every
-from .torch import Reporter, watch
+from .torch import Reporter, _default_attempt, watch
 
 __all__ = ["LossguardCallback"]
 
@@ -116,6 +116,8 @@ class LossguardCallback(TrainerCallback, ExportableState):
             tags.setdefault("model", str(model_type))
         if state.global_step:
             tags["resumed_at_step"] = str(state.global_step)
+        if self.attempt is None:
+            self.attempt = _default_attempt() or 0
         self.run_id = self.run_id or os.environ.get("LOSSGUARD_RUN_ID") or getattr(args, "run_name", None) or None
         self.reporter = watch(self.run_id, model=model, optimizer=optimizer, every=self.every,
                               bootstrap=self.bootstrap, topic=self.topic, tags=tags, attempt=self.attempt,

@@ -112,7 +112,7 @@ def test_attached_callback_reports_pre_clip_norm_each_step_and_resume_keeps_the_
     assert resumed.run_id == run_id
     events = [e for e in _events(topics, run_id) if "loss" in e.metrics]
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6]
-    assert [e.tags.get("attempt") for e in events] == [None] * 4 + ["1", "1"]
+    assert [e.tags.get("attempt") for e in events] == ["0"] * 4 + ["1", "1"]
     # attached: the pre-clip norm at every step, far above the 1e-3 clip threshold
     assert all(e.metrics["grad_norm"] > 1e-2 for e in events)
 

@@ -1,0 +1,111 @@
+"""Lightning: one callback. ``Trainer(callbacks=[LossguardCallback("exp-1")])``.
+
+Each training batch sends the batch's loss (the tensor ``training_step`` returned, read later on the
+sender thread), the total gradient norm taken in ``on_before_optimizer_step`` — before Lightning's
+gradient clipping — ``lr`` per param group, ``batch_size``, ``step_time`` and memory. After each
+validation run (not the sanity check) the ``val*`` metrics the module logged are sent. A stop request for
+the run sets ``trainer.should_stop``. The callback's ``state_dict`` goes into checkpoints, so a run
+resumed with ``ckpt_path=`` keeps its run id and counts a new attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch import Callback
+
+from .torch import Reporter, _default_attempt, watch
+
+__all__ = ["LossguardCallback"]
+
+
+class LossguardCallback(Callback):
+    """Reports a Lightning run to lossguard and stops it on request.
+
+    Args:
+        run_id: the run's id (default ``LOSSGUARD_RUN_ID`` or a fresh one); restored from a checkpoint.
+        bootstrap: Kafka address (default ``LOSSGUARD_BOOTSTRAP`` or 127.0.0.1:9092).
+        topic: metrics topic (default ``<LOSSGUARD_TOPIC_PREFIX>.metrics``).
+        tags: extra labels; ``model`` (the module's class name), ``host``, ``rank``, ``attempt`` are added.
+        every: send one optimizer step in ``every`` (default 1).
+        report_rank: only this global rank sends (default 0); ``None``: every rank, tagged.
+        stop_on_request: turn a stop request into ``trainer.should_stop`` (default ``True``).
+        attempt: which attempt of the run this is (default 0, or one more than the checkpoint's).
+    """
+
+    def __init__(self, run_id: str | None = None, *, bootstrap: str | None = None, topic: str | None = None,
+                 tags: Mapping[str, str] | None = None, every: int = 1, report_rank: int | None = 0,
+                 stop_on_request: bool = True, attempt: int | None = None):
+        self.run_id = run_id
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.tags = dict(tags or {})
+        self.every = every
+        self.report_rank = report_rank
+        self.stop_on_request = stop_on_request
+        self.attempt = attempt
+        self.last_step = -1
+        self.reporter: Reporter | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        tags = {"model": type(pl_module).__name__, **self.tags}
+        if self.last_step >= 0:
+            tags["resumed_at_step"] = str(self.last_step)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if self.attempt is None:
+            self.attempt = _default_attempt() or 0
+        self.reporter = watch(self.run_id, model=pl_module, optimizer=optimizer, every=self.every,
+                              bootstrap=self.bootstrap, topic=self.topic, tags=tags,
+                              attempt=self.attempt, rank=trainer.global_rank, report_rank=self.report_rank,
+                              source="lightning", grad_norm_hook=False)
+        self.run_id = self.reporter.run_id
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if self.reporter is not None and self.reporter.enabled and trainer.global_step % self.every == 0:
+            self.reporter.capture_grad_norm()  # Lightning clips right after this hook
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        reporter = self.reporter
+        if reporter is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        reporter.log(trainer.global_step, loss=loss, batch_size=_batch_size(batch))
+        self.last_step = trainer.global_step
+        if self.stop_on_request and reporter.should_stop:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.reporter is None or trainer.sanity_checking:
+            return
+        metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(("val", "eval"))}
+        self.reporter.log_metrics(trainer.global_step, metrics)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.reporter is not None:
+            self.reporter.close(timeout=5.0)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.reporter is not None:  # flush what was queued: the last steps before a crash matter most
+            self.reporter.close(timeout=5.0)
+
+    # -- resume --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "attempt": self.attempt or 0, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the same run, a new attempt; an id given to the constructor wins over the checkpoint's
+        self.run_id = self.run_id or state_dict.get("run_id")
+        self.attempt = int(state_dict.get("attempt", 0)) + 1
+        self.last_step = int(state_dict.get("last_step", -1))
+
+
+def _batch_size(batch: Any) -> int | None:
+    """Leading dimension of the first tensor in the batch (tensor, tuple/list or dict), if any."""
+    first = batch
+    while isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if isinstance(first, Mapping) and first:
+        first = next(iter(first.values()))
+    shape = getattr(first, "shape", None)
+    return int(shape[0]) if shape else None
