@@ -1,6 +1,6 @@
 """lossguard's detection core: event and alert contracts, metric aliases, detectors, config.
 
-Pure Python + numpy: no Kafka, no Faust, no I/O. The same detectors run inside the Faust worker and
+Pure Python + numpy: no Kafka, no Faust; the only I/O is the in-process API's alert files. The same detectors run inside the Faust worker and
 in-process.
 """
 
@@ -16,6 +16,7 @@ from .events import (
     decode_control_event,
     decode_metric_event,
 )
+from .inprocess import AdvancedAnomalyDetector, AnomalyDetectionHook, register_hook, unregister_hook
 from .suite import DetectorSuite
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "ConfigError", "build_config", "default_config",
     "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_control_event",
     "DetectorSuite",
+    "AdvancedAnomalyDetector", "AnomalyDetectionHook", "register_hook", "unregister_hook",
 ]
