@@ -37,7 +37,12 @@ sys.path.insert(0, str(HERE))
 from baselines import BASELINES  # noqa: E402
 from generate import CORPUS, FAILURE_TYPES, corpus_specs, generate  # noqa: E402
 
-from detectors import DetectorSuite, MetricEvent  # noqa: E402
+from detectors import Alert, DetectorSuite, MetricEvent  # noqa: E402
+
+try:  # the product's own offline path (`lossguard replay`); the bare suite where it is not there
+    from stream_app.replay import replay_file
+except ImportError:  # pragma: no cover
+    replay_file = None
 
 RESULTS = HERE.parent / "results" / "detection.json"
 TOLERANCE = 2  # an alarm this many steps before the labelled onset still counts as a detection
@@ -67,6 +72,7 @@ class Run:
     onset: int | None
     steps: list[tuple[int, dict[str, float]]]
     columns: frozenset[str]
+    path: Path
     label: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,26 +111,35 @@ def load_runs(corpus: Path, split: str, quick: bool) -> list[Run]:
             if taken.get(label["failure"], 0) >= (3 if label["failure"] == "healthy" else 1):
                 continue
             taken[label["failure"]] = taken.get(label["failure"], 0) + 1
-        rows, columns = read_run_csv(corpus / f"{label['run_id']}.csv")
-        runs.append(Run(label["run_id"], label["failure"], label["onset"], rows, columns, label))
+        path = corpus / f"{label['run_id']}.csv"
+        rows, columns = read_run_csv(path)
+        runs.append(Run(label["run_id"], label["failure"], label["onset"], rows, columns, path, label))
     return runs
 
 
 # -- methods: step → alarm ------------------------------------------------------------------------------
+def lossguard_alerts(run: Run) -> list[Alert]:
+    """Every alert lossguard raises over the run: through ``stream_app.replay.replay_file`` (what
+    ``lossguard replay FILE`` runs) when it exists, else a fresh ``DetectorSuite`` fed row by row."""
+    if replay_file is not None:
+        return replay_file(run.path, run_id=run.run_id)
+    suite = DetectorSuite()
+    alerts: list[Alert] = []
+    for step, metrics in run.steps:
+        alerts.extend(suite.update(MetricEvent(run_id=run.run_id, step=step, metrics=dict(metrics),
+                                               ts=T0 + step, source="benchmark")))
+    return alerts
+
+
 def lossguard_alarms(run: Run) -> tuple[list[int], list[dict[str, Any]]]:
     """Steps at which lossguard raised a high/critical firing alert, and those alerts in brief."""
-    suite = DetectorSuite()
-    ts = T0
     steps, alerts = [], []
-    for step, metrics in run.steps:
-        ts += metrics.get("step_time", 1.0) if math.isfinite(metrics.get("step_time", 1.0)) else 1.0
-        event = MetricEvent(run_id=run.run_id, step=step, metrics=dict(metrics), ts=ts, source="benchmark")
-        for alert in suite.update(event):
-            if alert.status != "firing" or alert.severity not in ("high", "critical"):
-                continue
-            steps.append(step)
-            alerts.append({"step": step, "detector": alert.detector, "alert_type": alert.alert_type,
-                           "severity": alert.severity, "message": alert.message})
+    for alert in lossguard_alerts(run):
+        if alert.status != "firing" or alert.severity not in ("high", "critical"):
+            continue
+        steps.append(alert.step)
+        alerts.append({"step": alert.step, "detector": alert.detector, "alert_type": alert.alert_type,
+                       "severity": alert.severity, "message": alert.message})
     return steps, alerts
 
 
