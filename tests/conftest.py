@@ -32,7 +32,7 @@ def bootstrap() -> Iterator[str]:
         yield address
         return
     try:
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
         container = KafkaContainer()  # raises at once when no Docker engine answers
     except Exception:  # noqa: BLE001 — docker.errors.DockerException and friends
