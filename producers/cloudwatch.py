@@ -28,6 +28,8 @@ log = logging.getLogger("lossguard.cloudwatch")
 
 NAMESPACE = "/aws/sagemaker/TrainingJobs"
 DIMENSION = "TrainingJobName"
+#: how far back the first poll reads when neither ``since`` nor the job's start time is known
+LOOKBACK = timedelta(hours=3)
 _MAX_QUERIES = 500  # get_metric_data's limit per request
 
 
@@ -41,7 +43,7 @@ class SageMakerJobPoller:
         metric_names: the metric names to read (default: whatever ``list_metrics`` finds for the job).
         period: bin size in seconds (60 for standard-resolution metrics).
         stat: the CloudWatch statistic of each bin.
-        lookback: how far back the first poll reads when the job's start time is unknown (seconds).
+        since: read datapoints from this time on (default: the job's start, else ``LOOKBACK`` ago).
         delay: bins younger than this many seconds wait for the next poll (CloudWatch makes datapoints
             visible after a short delay; a bin read too early would miss them).
     """
@@ -51,7 +53,7 @@ class SageMakerJobPoller:
 
     def __init__(self, job_name: str, *, run_id: str | None = None, cloudwatch: Any = None,
                  sagemaker: Any = None, region: str | None = None, metric_names: list[str] | None = None,
-                 period: int = 60, stat: str = "Average", lookback: float = 3 * 3600.0,
+                 period: int = 60, stat: str = "Average", since: datetime | None = None,
                  delay: float = 60.0):
         self.job_name = job_name
         self.run_id = run_id or f"sagemaker:{job_name}"
@@ -60,7 +62,7 @@ class SageMakerJobPoller:
         self.metric_names = list(metric_names or [])
         self.period = int(period)
         self.stat = stat
-        self.lookback = lookback
+        self.since = since
         self.status: str | None = None if self.sagemaker is not None else "InProgress"
         self.failure_message = ""
         self.step = 0
@@ -100,7 +102,7 @@ class SageMakerJobPoller:
             started = job.get("TrainingStartTime") or job.get("CreationTime")
         now = datetime.now(UTC)
         if self._since is None:
-            start = started if isinstance(started, datetime) else now - timedelta(seconds=self.lookback)
+            start = self.since or (started if isinstance(started, datetime) else now - LOOKBACK)
             self._since = self._align(start.astimezone(UTC) if start.tzinfo else start.replace(tzinfo=UTC))
         names = self.metric_names or self._discover()
         if status in TERMINAL_STATUSES:  # the job wrote its last datapoint: read to the end

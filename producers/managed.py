@@ -19,6 +19,7 @@ credentials nor client configuration are ever logged.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -76,7 +77,8 @@ def aws_client(service: str, *, region: str | None = None, retry_mode: str = "st
     config = Config(retries={"mode": retry_mode, "max_attempts": max_attempts}, user_agent_extra="lossguard",
                     connect_timeout=10, read_timeout=30)
     session = boto3.session.Session()
-    if region is None and session.region_name is None:
+    region = region or os.environ.get("AWS_REGION") or session.region_name
+    if not region:
         raise PollerError("no AWS region configured: pass --region or set AWS_REGION")
     return session.client(service, region_name=region, config=config)
 
