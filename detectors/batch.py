@@ -18,8 +18,8 @@ __all__ = ["BatchSizeImpactDetector"]
 class BatchSizeImpactDetector(Detector):
     """Loss (and throughput) in the ``window_size`` steps after a batch-size change vs the steps before.
 
-    When ``batch_size`` changes, the mean loss of the next ``window_size`` steps is compared with the mean
-    of the ``window_size`` steps before. The change hurt when the loss is more than
+    When ``batch_size`` changes, the mean loss of the last ``window_size`` steps is compared with the mean
+    of the ``window_size`` steps before the change, at every step of the three windows that follow. The change hurt when the loss is more than
     ``performance_threshold`` (relative) higher *and* the difference is over 3 standard errors (small-batch
     losses are noisy). ``medium``; ``high`` at 3× the threshold. A throughput drop of more than the
     threshold per sample is reported the same way (``medium``).
@@ -31,14 +31,15 @@ class BatchSizeImpactDetector(Detector):
     >>> out = [a for s in range(100) for a in d.update(MetricEvent("r", s, {"loss": 0.9 + rng.gauss(0, 0.05), "batch_size": 64}))]
     >>> out += [a for s in range(100, 140) for a in d.update(MetricEvent("r", s, {"loss": 1.4 + rng.gauss(0, 0.2), "batch_size": 4}))]
     >>> [(a.alert_type, a.severity, a.step, a.status) for a in out]
-    [('batch_size_impact', 'high', 119, 'firing'), ('batch_size_impact', 'high', 139, 'resolved')]
+    [('batch_size_impact', 'high', 119, 'firing')]
     """
 
     name = "batch_size_impact"
     category = "batch_size"
     section = "batch_size"
     defaults = {"performance_threshold": 0.1, "window_size": 20, "resolve_after": 20}
-    state_fields = ("batch_size", "old_batch_size", "before", "after", "tp_before", "tp_after", "pending")
+    state_fields = ("batch_size", "old_batch_size", "before", "after", "tp_before", "tp_after", "pending",
+                    "since_change")
 
     def reset(self) -> None:
         self.batch_size: float | None = None
@@ -48,13 +49,14 @@ class BatchSizeImpactDetector(Detector):
         self.tp_before: list[float] = []
         self.tp_after: list[float] = []
         self.pending = False
+        self.since_change = 0
 
     def update(self, event: MetricEvent) -> list[Alert]:
         bs, loss, tp = (event.metrics.get(k) for k in ("batch_size", "loss", "throughput"))
         if bs is not None and math.isfinite(bs):
             if self.batch_size is not None and bs != self.batch_size and len(self.before) >= 3:
                 self.old_batch_size, self.pending = self.batch_size, True
-                self.after, self.tp_after = [], []
+                self.after, self.tp_after, self.since_change = [], [], 0
             self.batch_size = compact(bs)
         window, series = (self.after, self.tp_after) if self.pending else (self.before, self.tp_before)
         if loss is not None and math.isfinite(loss):
@@ -63,12 +65,15 @@ class BatchSizeImpactDetector(Detector):
             push(series, tp, self.window_size)
         if not self.pending:
             return self._report(event, "batch_size_impact", False)
+        self.since_change += 1
         if len(self.after) < self.window_size:
             return []
-        self.pending = False
+        # the last window_size steps after the change, judged for three windows: harm can take a while
         alerts = self._judge(event)
-        self.before, self.tp_before = self.after, self.tp_after
-        self.after, self.tp_after = [], []
+        if self.since_change >= 3 * self.window_size:
+            self.pending = False
+            self.before, self.tp_before = self.after, self.tp_after
+            self.after, self.tp_after = [], []
         return alerts
 
     def _judge(self, event: MetricEvent) -> list[Alert]:

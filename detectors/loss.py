@@ -2,12 +2,13 @@
 
 ``LossSpikeDetector`` compares each loss with the median of the last ``window`` healthy losses, scaled
 by their median absolute deviation (MAD, a robust σ: 1.4826·MAD estimates σ for Gaussian noise, and a
-few outliers cannot inflate it the way they inflate a standard deviation). A step is a spike when it is
-more than ``threshold`` robust σ *and* ``min_rel_increase`` (relative) above the median. Spikes do not
+few outliers cannot inflate it the way they inflate a standard deviation). A positive loss is compared
+in log space: minibatch losses are skewed, their logs much less so. A step is a spike when it is more
+than ``threshold`` robust σ *and* ``min_rel_increase`` (relative) above the median. Spikes do not
 enter the window, so a burst cannot raise its own baseline. Severity grows with persistence and size: a
 lone step stays ``medium`` however large (a hard batch on a healthy run); ``high`` after
 ``persist_high`` spiking steps in a row; ``critical`` after ``persist_critical`` steps or a second step
-at ``ratio_critical``×.
+at ``ratio_critical``×. A negative loss (an RL surrogate objective) switches it off for the run.
 
 The convergence detectors below share the ``[convergence]`` section and smooth the loss with an EMA of
 span ``span`` first: a minibatch loss is a noisy sample, its trend is what converges or diverges.
@@ -54,24 +55,41 @@ class LossSpikeDetector(Detector):
         "persist_critical": 3,
         "resolve_after": 20,
     }
-    state_fields = ("history", "run_length")
+    state_fields = ("history", "run_length", "signed")
 
     def reset(self) -> None:
         self.history: list[float] = []
         self.run_length = 0
+        self.signed = False
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = event.metrics.get(self.metric)
-        if x is None or not math.isfinite(x):
+        if x is None or not math.isfinite(x) or self.signed:
             return []
+        if x < 0:
+            # a loss that goes negative is an RL surrogate/objective, centred near 0: ratios to its
+            # median are meaningless, so the detector stands down for the run (rlhf.py watches RL runs)
+            self.signed = True
+            return self._report(event, "loss_spike", False)
         if len(self.history) < self.warmup:
             self._remember(x)
             return []
         window = np.asarray(self.history)
         median = float(np.median(window))
-        sigma = 1.4826 * float(np.median(np.abs(window - median)))
-        floor = abs(median) * self.min_rel_increase
-        limit = median + max(self.threshold * sigma, floor)
+        floor = median + abs(median) * self.min_rel_increase
+        if x > 0 and window.min() > 0:
+            # a positive loss is tested in log space: minibatch losses are skewed (a few hard batches
+            # of several times the median are normal late in small-batch training), their logs are not
+            logs = np.log(window)
+            log_median = float(np.median(logs))
+            log_sigma = 1.4826 * float(np.median(np.abs(logs - log_median)))
+            limit = max(math.exp(log_median + self.threshold * log_sigma), floor)
+            sigma = log_sigma
+            z = (math.log(x) - log_median) / log_sigma if log_sigma > 0 else math.inf
+        else:
+            sigma = 1.4826 * float(np.median(np.abs(window - median)))
+            limit = max(median + self.threshold * sigma, floor)
+            z = (x - median) / sigma if sigma > 0 else math.inf
         if x <= limit:
             self.run_length = 0
             self._remember(x)
@@ -85,7 +103,6 @@ class LossSpikeDetector(Detector):
             severity = "high"
         else:
             severity = "medium"
-        z = (x - median) / sigma if sigma > 0 else math.inf
         return self._report(
             event, "loss_spike", True, severity=severity, value=x, threshold=limit,
             message=(f"{self.metric} {x:.4g} is {ratio:.2f}x its recent median {median:.4g} "
@@ -94,9 +111,7 @@ class LossSpikeDetector(Detector):
         )
 
     def _remember(self, x: float) -> None:
-        self.history.append(x)
-        if len(self.history) > self.window:
-            del self.history[0]
+        push(self.history, x, self.window)
 
 
 #: the ``[convergence]`` section (the first two keys are users' existing keys)
@@ -116,21 +131,32 @@ CONVERGENCE_DEFAULTS = {
 
 
 class _SmoothedLoss(Detector):
-    """An EMA of the loss and an EMA of its absolute deviation from it (a noise scale ≈ 0.8 σ)."""
+    """An EMA of the loss and an EMA of its absolute deviation from it (a noise scale ≈ 0.8 σ).
+
+    Only for losses that are never negative (cross-entropy, MSE, DPO): the first negative value turns the
+    convergence detectors off for the run.
+    """
 
     category = "convergence"
     section = "convergence"
     defaults = CONVERGENCE_DEFAULTS
-    state_fields = ("smooth", "absdev", "seen")
+    state_fields = ("smooth", "absdev", "seen", "signed")
 
     def reset(self) -> None:
         self.smooth: float | None = None
         self.absdev = 0.0
         self.seen = 0
+        self.signed = False
 
     def _observe(self, event: MetricEvent) -> float | None:
+        """The loss, or None when absent, non-finite, or the run's loss is not a convergence curve."""
         x = event.metrics.get(self.metric)
-        if x is None or not math.isfinite(x):
+        if x is None or not math.isfinite(x) or self.signed:
+            return None
+        if x < 0:
+            # a negative loss (policy-gradient surrogate, an RL objective) is not bounded below by 0;
+            # "above its best" and "no improvement" mean nothing for it: off for the rest of the run
+            self.signed = True
             return None
         alpha = 2.0 / (self.span + 1)
         if self.smooth is not None:

@@ -22,7 +22,7 @@ RESOURCES_DEFAULTS = {
     "step_time_threshold": 6.0,
     "step_time_ratio": 2.0,
     "memory_growth_threshold": 0.5,
-    "memory_window": 100,
+    "memory_window": 50,
     "resolve_after": 20,
 }
 
@@ -80,10 +80,11 @@ class MemoryGrowthDetector(Detector):
     """Memory (``mem_allocated``, ``mem_reserved``, ``rss``) growing past its early level and still rising.
 
     After ``warmup`` observations (allocators and caches fill up first), the mean of the next ``warmup``
-    observations is the reference. An EMA of each metric is compared with it, and with its own value one
-    ``memory_window`` ago: growth over ``memory_growth_threshold`` is ``medium`` (a plateau after growth
-    is fine and resolves); over twice that *and* still rising by > 5 % per window is ``high`` (a leak
-    that will end in an out-of-memory), over 4× ``critical``.
+    observations is the reference. An EMA of each metric is compared with it, and with its own value at
+    the last two ``memory_window`` marks: growth over ``memory_growth_threshold`` is ``medium`` (a plateau
+    after growth is fine and resolves); growth over it that is *still rising*, by > 5 % in each of the
+    last two windows, is ``high`` (a leak that will end in an out-of-memory), at 4× the threshold
+    ``critical``.
 
     >>> from detectors.events import MetricEvent
     >>> d = MemoryGrowthDetector()
@@ -92,7 +93,7 @@ class MemoryGrowthDetector(Detector):
     []
     >>> leak = [a for s in range(300, 900) for a in d.update(MetricEvent("r", s, {"rss": 2e9 + 1e7 * (s - 300)}))]
     >>> [(a.severity, a.step) for a in leak]
-    [('medium', 410), ('high', 510), ('critical', 710)]
+    [('high', 410), ('critical', 710)]
     """
 
     name = "memory_growth"
@@ -122,11 +123,10 @@ class MemoryGrowthDetector(Detector):
                 continue
             if (n - self.warmup) % self.memory_window == 0:
                 t["prev_mark"], t["mark"] = t["mark"], t["ema"]
-            if t["mark"] is None:
-                t["mark"] = t["ref"]
             growth = t["ema"] / t["ref"] - 1
-            base = t["prev_mark"] if t["prev_mark"] is not None else t["ref"]
-            rising = t["ema"] > base * 1.05
+            # rising in each of the last two windows: a trend, not a one-off allocation
+            marks = [t["ref"] if m is None else m for m in (t["prev_mark"], t["mark"])]
+            rising = t["ema"] > marks[1] * 1.05 and marks[1] > marks[0] * 1.05
             if worst is None or growth > worst[0]:
                 worst = (growth, name, rising)
         if worst is None:
@@ -134,7 +134,7 @@ class MemoryGrowthDetector(Detector):
         growth, name, rising = worst
         active = growth > self.memory_growth_threshold
         severity = ("critical" if rising and growth > 4 * self.memory_growth_threshold else
-                    "high" if rising and growth > 2 * self.memory_growth_threshold else "medium")
+                    "high" if rising else "medium")
         ref = self.tracks[name]["ref"]
         return self._report(event, "memory_growth", active, severity=severity, value=self.tracks[name]["ema"],
                             threshold=ref * (1 + self.memory_growth_threshold),

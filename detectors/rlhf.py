@@ -44,6 +44,7 @@ RLHF_DEFAULTS = {
     "entropy_ratio": 0.2,
     "length_ratio": 2.5,
     "hack_kl_ratio": 5.0,
+    "hack_kl_min": 10.0,
     "hack_length_ratio": 2.0,
     "clipfrac_max": 0.3,
     "ratio_low": 0.8,
@@ -375,16 +376,16 @@ class RewardHackingDetector(Detector):
 
     The first ``window`` observations fix reference levels; EMAs (span 10) are then compared with them.
     Reward is *up* when its EMA exceeds the reference by 1 reference σ (``reward_std``, else 10 % of its
-    size); KL *explodes* past ``hack_kl_ratio``× its reference and ``kl_floor``, length past
-    ``hack_length_ratio``×. Reward up with one of them is ``medium``, with both — or with one for
-    ``persist`` steps — ``high``.
+    size); KL *explodes* past ``hack_kl_ratio``× its reference and ``hack_kl_min`` nats, length past
+    ``hack_length_ratio``×. Reward up with one of them is ``medium``; ``high`` with both, with length for
+    ``persist`` steps, or with KL above ``kl_threshold`` for ``persist`` steps.
 
     >>> from detectors.events import MetricEvent
     >>> d = RewardHackingDetector()
     >>> steps = [{"reward_mean": 0.1 + 0.002 * s, "kl": 0.05 + 0.001 * s, "response_length": 120.0} for s in range(60)]
-    >>> steps += [{"reward_mean": 0.3 + 0.05 * s, "kl": 0.2 * s, "response_length": 120 + 12.0 * s} for s in range(40)]
+    >>> steps += [{"reward_mean": 0.3 + 0.05 * s, "kl": 0.5 * s, "response_length": 120 + 12.0 * s} for s in range(40)]
     >>> [(a.severity, a.step) for s, m in enumerate(steps) for a in d.update(MetricEvent("r", s, m))]
-    [('medium', 69), ('high', 73)]
+    [('medium', 75), ('high', 79)]
     """
 
     name = "reward_hacking"
@@ -417,13 +418,18 @@ class RewardHackingDetector(Detector):
             return []
         scale = self.ref.get("reward_std") or 0.1 * abs(self.ref["reward_mean"]) or 1e-3
         reward_up = self.ema["reward_mean"] - self.ref["reward_mean"] > scale
-        kl_up = ("kl" in self.ema and self.ema["kl"] > self.kl_floor
+        # healthy RLHF moves away from the reference (KL of a few nats is normal); "exploded" means both
+        # far above its early level and past hack_kl_min
+        kl_up = ("kl" in self.ema and self.ema["kl"] > self.hack_kl_min
                  and self.ema["kl"] > self.hack_kl_ratio * max(self.ref.get("kl", 0.0), 1e-6))
         len_up = ("response_length" in self.ema and self.ref.get("response_length", 0) > 0
                   and self.ema["response_length"] > self.hack_length_ratio * self.ref["response_length"])
         active = reward_up and (kl_up or len_up)
         self.run_length = self.run_length + 1 if active else 0
-        severity = "high" if active and (kl_up and len_up or self.run_length >= self.persist) else "medium"
+        # length exploding with the reward is the classic hack; KL alone must also pass kl_threshold
+        confident = len_up and (kl_up or self.run_length >= self.persist) or (
+            kl_up and self.ema["kl"] > self.kl_threshold and self.run_length >= self.persist)
+        severity = "high" if active and confident else "medium"
         exploding = " and ".join(n for n, up in (("KL", kl_up), ("response length", len_up)) if up)
         return self._report(
             event, "reward_hacking", active, severity=severity, value=self.ema["reward_mean"],
