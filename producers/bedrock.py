@@ -518,7 +518,7 @@ class BedrockJobPoller:
 
     Args:
         job_id: job name or ARN.
-        run_id: run id of the events (default ``bedrock:<job name>``).
+        run_id: run id of the events (default ``bedrock:<job id as given>``).
         bedrock, s3: boto3 clients (built with :func:`producers.managed.aws_client` when omitted).
     """
 
@@ -532,8 +532,9 @@ class BedrockJobPoller:
         self.s3 = s3 or aws_client("s3", region=region)
         self.final_wait = final_wait
         self.suffix = suffix
-        self.job_name = job_id.rsplit("/", 1)[-1] if job_id.startswith("arn:") else job_id
-        self.run_id = run_id or f"bedrock:{self.job_name}"
+        self.job_name = job_id  # the name from get_model_customization_job replaces an ARN on the first poll
+        # bedrock:<name or ARN> — both are valid job identifiers, so JobStopper can act on the run id alone
+        self.run_id = run_id or f"bedrock:{job_id}"
         self.status: str | None = None
         self.failure_message = ""
         self.files: S3MetricFiles | None = None

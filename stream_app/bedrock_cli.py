@@ -10,6 +10,9 @@ Monitoring emits the job's metric events to ``<prefix>.metrics`` when a broker i
 ``LOSSGUARD_BOOTSTRAP``), runs the detectors in-process, and with ``--auto-stop`` follows the alert topic
 too; the first critical alert stops the job, once. Bedrock publishes step metrics to S3 only when a job
 completes — the rehearsal (``mini-run``) is the early warning for Bedrock.
+
+Exit status: 0 — valid config / go / the job completed; 1 — config errors, no-go, or the job failed, was
+stopped or outlived ``--timeout``; 2 — unreadable input, or an AWS error that retrying cannot fix.
 """
 
 from __future__ import annotations
