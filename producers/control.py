@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from detectors.events import ControlEvent, SchemaError, decode_control_event
 
-from .emitter import default_bootstrap, topic_name
+from .emitter import default_bootstrap, quiet_kafka_logs, topic_name
 
 __all__ = ["ControlListener", "partition_for_key"]
 
@@ -61,6 +61,7 @@ class ControlListener:
         self._on_event = on_event
         self._closed = threading.Event()
         self._warned = False
+        quiet_kafka_logs()
         self._thread = threading.Thread(target=self._run, name=f"lossguard-control[{run_id}]", daemon=True)
         self._thread.start()
 

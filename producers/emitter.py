@@ -37,6 +37,39 @@ def topic_name(kind: str, prefix: str | None = None) -> str:
     return f"{prefix or os.environ.get('LOSSGUARD_TOPIC_PREFIX', 'lossguard')}.{kind}"
 
 
+class _OncePerMinute(logging.Filter):
+    """Lets each kafka-python connection message through once a minute: a job whose broker is gone must
+    not have its log buried under reconnect errors (our own warning already said what happened)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        if now - self._seen.get(key, -1e9) < 60.0:
+            return False
+        self._seen[key] = now
+        return True
+
+
+_NOISY_KAFKA_LOGGERS = ("kafka.net.connection", "kafka.net.manager", "kafka.net.transport", "kafka.cluster",
+                        "kafka.conn", "kafka.client_async", "kafka.consumer.fetcher", "kafka.producer.sender",
+                        "kafka.producer.kafka", "kafka.coordinator")
+_quiet_installed = False
+
+
+def quiet_kafka_logs() -> None:
+    """Rate-limit kafka-python's per-retry connection logs (installed once, by the first emitter)."""
+    global _quiet_installed
+    if not _quiet_installed:
+        _quiet_installed = True
+        flt = _OncePerMinute()
+        for name in _NOISY_KAFKA_LOGGERS:
+            logging.getLogger(name).addFilter(flt)
+
+
 class EmitterStats:
     __slots__ = ("queued", "sent", "dropped", "errors")
 
@@ -81,6 +114,7 @@ class Emitter:
                                  "retries": 3, "request_timeout_ms": 5000, "reconnect_backoff_max_ms": 2000,
                                  **(producer_config or {})}
         self._warned = False
+        quiet_kafka_logs()
         self._thread = threading.Thread(target=self._run, name=f"lossguard-emitter[{topic}]", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -123,6 +157,8 @@ class Emitter:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=self.flush_timeout if timeout is None else timeout)
+        if self._queue:  # the broker did not take them in time: they are lost, and counted as such
+            self._drop_all()
 
     # -- sender thread ------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -147,6 +183,7 @@ class Emitter:
                     self._wake.set()
                     continue
                 backoff = 0.2
+            batch: list[Any] = []  # this round's futures: the ones still open when the producer dies are lost
             try:
                 while self._queue:
                     key, value = self._queue.popleft()
@@ -156,25 +193,27 @@ class Emitter:
                         self.stats.errors += 1
                         log.exception("lossguard: could not encode an event; dropped")
                         continue
-                    producer.send(self.topic, key=key, value=payload).add_callback(self._sent).add_errback(
-                        self._failed)
+                    try:
+                        future = producer.send(self.topic, key=key, value=payload)
+                    except Exception:
+                        self.stats.dropped += 1  # taken off the queue, never handed over: lost
+                        raise
+                    batch.append(future)
+                    future.add_callback(self._sent, batch).add_errback(self._failed, batch)
                 producer.flush(timeout=self.flush_timeout)
                 if not self._closed and not self._queue:
                     self._idle.set()
                     time.sleep(self.linger)
             except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
                 self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); retrying with backoff")
-                try:
-                    producer.close(timeout=0)
-                except Exception:  # noqa: BLE001
-                    pass
+                open_futures = [f for f in batch if not f.is_done]
+                batch.clear()  # callbacks that still fire now count nothing: the loss is counted here
+                self.stats.dropped += len(open_futures)
+                _close_producer(producer, 0)
                 producer = None
                 self._wake.set()
         if producer is not None:
-            try:
-                producer.close(timeout=1)
-            except Exception:  # noqa: BLE001
-                pass
+            _close_producer(producer, 1)
 
     def _connect(self):
         try:
@@ -191,10 +230,13 @@ class Emitter:
         self._queue.clear()
         self._idle.set()
 
-    def _sent(self, _metadata: Any) -> None:
-        self.stats.sent += 1
+    def _sent(self, batch: list[Any], _metadata: Any) -> None:
+        if batch:
+            self.stats.sent += 1
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, batch: list[Any], exc: BaseException) -> None:
+        if not batch:
+            return
         self.stats.dropped += 1
         self._warn(f"lossguard: an event could not be delivered ({exc}); dropped")
 
@@ -202,6 +244,19 @@ class Emitter:
         if not self._warned:  # log once; stats keep counting
             self._warned = True
             log.warning(message)
+
+
+def _close_producer(producer: Any, timeout: float) -> None:
+    try:
+        producer.close(timeout=timeout)
+    except Exception:  # noqa: BLE001
+        # kafka-python 3.0's close() flushes first and raises on timeout before it force-closes, which
+        # leaves its sender thread running and makes __del__ raise later: finish the close by hand.
+        try:
+            producer._sender.force_close()
+            producer._closed = True
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _mark_forked() -> None:

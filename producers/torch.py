@@ -206,7 +206,8 @@ class Reporter:
     # -- grad norm ----------------------------------------------------------------------------------------
     def _on_optimizer_step(self, *_args: Any) -> None:
         calls, self._hook_calls = self._hook_calls, self._hook_calls + 1
-        if calls % self.every == 0 and self.enabled:  # skip the norm on steps that will not be reported
+        # skip the norm on steps that will not be reported, and keep a pre-clip norm from clip_grad_norm_
+        if calls % self.every == 0 and self._grad_norm is None and self.enabled:
             self.capture_grad_norm()
 
     def capture_grad_norm(self) -> None:

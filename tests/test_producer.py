@@ -1,0 +1,204 @@
+"""The plain-PyTorch producer through a real broker: what ``watch()`` adds, stop requests from the CLI,
+a broker that is absent or dies mid-run, fork safety, rank filtering, and no Faust in producers."""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import producers  # noqa: E402
+from detectors.events import decode_control_event, decode_metric_event  # noqa: E402
+from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from tests.conftest import ROOT, read_topic  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def _train(reporter, model, optimizer, steps: int, clip: float | None = None, delay: float = 0.0, **log_kw):
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x, y = torch.randn(8, 16, generator=g) * 5, torch.randint(0, 4, (8,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        if clip is not None:
+            reporter.clip_grad_norm_(clip)
+        optimizer.step()
+        reporter.log(step, loss=loss, batch_size=8, **log_kw)
+        if reporter.should_stop:
+            return step
+        if delay:
+            time.sleep(delay)
+    return steps - 1
+
+
+def _events(topics, run_id: str):
+    records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
+    return [e for e in (decode_metric_event(r.value) for r in records) if e.run_id == run_id]
+
+
+def _watch(topics, run_id: str, model=None, optimizer=None, **kw):
+    return producers.watch(run_id, model=model, optimizer=optimizer, bootstrap=topics.bootstrap,
+                           topic=topics.name("metrics"), **kw)
+
+
+def test_watch_adds_grad_norm_lr_per_group_timing_memory_and_summaries(topics):
+    model = _model()
+    optimizer = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.01}],
+                                lr=0.1)
+    reporter = _watch(topics, "torch-1", model, optimizer, tags={"model": "mlp", "dataset": "noise"}, attempt=2)
+    _train(reporter, model, optimizer, 10, clip=0.01, rewards=torch.linspace(-1, 1, 101),
+           predictions=[0.9] * 10, labels=[1] * 5 + [0] * 5)
+    val_due = producers.every(seconds=0.05)
+    for step in range(10, 16):  # time-based validation: the val metric flows like any other
+        time.sleep(0.03)
+        if val_due():
+            reporter.log(step, val_loss=1.5)
+    reporter.close()
+
+    events = _events(topics, "torch-1")
+    train = [e for e in events if "loss" in e.metrics]
+    assert [e.step for e in train] == list(range(10))
+    m = train[3].metrics
+    assert m["lr"] == 0.1 and m["lr/group1"] == 0.01 and m["batch_size"] == 8
+    assert m["grad_norm"] > 0.1, "the norm from before clip_grad_norm_(0.01)"
+    assert m["step_time"] > 0 and m["rss"] > 1e6 and math.isfinite(m["loss"])
+    assert m["reward_mean"] == pytest.approx(0.0, abs=1e-9) and m["reward_p95"] == pytest.approx(0.9)
+    assert m["calibration_bin9"] == 1.0 and m["ece"] == pytest.approx(0.4) and m["brier"] == pytest.approx(0.41)
+    assert train[0].tags == {"host": train[0].tags["host"], "rank": "0", "attempt": "2", "model": "mlp",
+                             "dataset": "noise"}
+    assert any("val_loss" in e.metrics for e in events)
+
+
+def test_grad_norm_hook_without_clipping_matches_torch(topics):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reporter = _watch(topics, "torch-norm", model, optimizer, listen=False)
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    optimizer.step()
+    reporter.log(0, loss=loss)
+    reporter.close()
+    (event,) = _events(topics, "torch-norm")
+    assert event.metrics["grad_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_lossguard_stop_cli_raises_training_stopped_at_the_next_log(topics):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reporter = _watch(topics, "torch-stop", model, optimizer, raise_on_stop=True)
+    proc = None
+    stopped_at = None
+    try:
+        for step in range(2000):
+            reporter.log(step, loss=1.0)
+            if step == 5:
+                proc = subprocess.Popen([sys.executable, "-m", "stream_app", "stop", "torch-stop", "--reason",
+                                         "operator says so"], cwd=ROOT, env=topics.env(),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            time.sleep(0.01)
+    except producers.TrainingStopped as exc:
+        stopped_at = step
+        assert exc.reason == "operator says so"
+    finally:
+        reporter.close()
+    out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, out
+    assert stopped_at is not None and stopped_at < 1500
+    records = read_topic(topics.bootstrap, topics.name("control"), topics.partitions, timeout=0.5)
+    (record,) = records
+    assert record.key == b"torch-stop"
+    assert decode_control_event(record.value).action == "stop"
+
+
+def test_broker_absent_training_completes_and_drops_are_counted():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nobody = f"127.0.0.1:{free_port()}"
+    reporter = producers.watch("absent", model=model, optimizer=optimizer, bootstrap=nobody,
+                               topic="absent.metrics", max_queue=50)
+    start = time.perf_counter()
+    last = _train(reporter, model, optimizer, 300)
+    trained = time.perf_counter() - start
+    reporter.close(timeout=0.5)
+    assert last == 299 and trained < 10
+    assert reporter.stats["sent"] == 0 and reporter.dropped == 300  # 250 overflowed, 50 left at close
+
+
+def test_broker_killed_mid_run_training_completes_and_drops_are_counted():
+    with EmbeddedBroker(port=free_port()) as broker:
+        ensure_topics(broker.bootstrap, ["killed.metrics", "killed.control"], 1)
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        reporter = producers.watch("killed", model=model, optimizer=optimizer, bootstrap=broker.bootstrap,
+                                   topic="killed.metrics", max_queue=100)
+        _train(reporter, model, optimizer, 50)
+        assert reporter.flush(5.0)
+        broker.stop()
+        start = time.perf_counter()
+        last = _train(reporter, model, optimizer, 400)
+        trained = time.perf_counter() - start
+        reporter.close(timeout=1.0)
+    reporter.emitter._thread.join(10)  # let a send that was under way settle, then every event is accounted for
+    stats = reporter.stats
+    assert last == 399 and trained < 10
+    assert stats["sent"] >= 50 and stats["dropped"] >= 300
+    assert stats["sent"] + stats["dropped"] == stats["queued"] == 450
+
+
+def test_forked_child_sends_nothing_and_parent_is_unaffected(topics):
+    reporter = _watch(topics, "forked", listen=False)
+    reporter.log(0, loss=1.0)
+    assert reporter.flush(5.0)
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker, say
+        try:
+            for step in range(1, 6):
+                reporter.log(step, loss=2.0)
+            ok = reporter.emitter.stats.queued == 1 and not reporter.enabled
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    reporter.log(6, loss=3.0)
+    reporter.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [e.step for e in _events(topics, "forked")] == [0, 6]
+
+
+def test_only_the_reporting_rank_sends_unless_every_rank_reports(topics, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    quiet = _watch(topics, "ranked", listen=False)  # default report_rank=0: rank 1 stays quiet
+    tagged = _watch(topics, "ranked", listen=False, report_rank=None)
+    assert not quiet.enabled and quiet.emitter is None
+    for reporter in (quiet, tagged):
+        reporter.log(0, loss=1.0)
+        reporter.close()
+    (event,) = _events(topics, "ranked")
+    assert event.tags["rank"] == "1"
+
+
+def test_producers_never_import_faust():
+    code = ("import sys, producers, producers.torch, producers.control, producers.timing; "
+            "assert 'faust' not in sys.modules, 'faust imported'; assert 'stream_app' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    # the framework integrations pull in transformers/lightning (slow to import): check their imports statically
+    for path in (ROOT / "producers").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("faust", "stream_app") for n in names), path
