@@ -1,0 +1,125 @@
+"""Every detector family on real training series (tiny torch runs, see _detector_series.py).
+
+Healthy runs must raise nothing at high/critical; each induced failure must raise its alert type at
+high/critical within a short distance of the injection step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import _detector_series as series
+import pytest
+
+from detectors import DetectorSuite, MetricEvent
+
+HIGH = ("high", "critical")
+
+HEALTHY = [
+    (series.supervised, "healthy"),
+    (series.supervised, "healthy_small_batch"),
+    (series.supervised, "healthy_adam_cosine"),
+    (series.supervised, "healthy_val"),
+    (series.ppo, "ppo_healthy"),
+    (series.dpo, "dpo_healthy"),
+    (series.reward_model, "rm_healthy"),
+]
+
+#: (series, scenario, alert types any of which must reach high/critical, steps allowed after injection)
+FAILURES = [
+    (series.supervised, "lr_jump", {"lr_sudden_change", "lr_too_high"}, 1),
+    (series.supervised, "lr_jump", {"gradient_explosion"}, 5),
+    (series.supervised, "lr_jump", {"loss_spike"}, 5),
+    (series.supervised, "lr_jump", {"convergence_divergence"}, 80),
+    (series.supervised, "nan", {"nonfinite_metric"}, 1),
+    (series.supervised, "lr_zero", {"lr_stuck_zero"}, 60),
+    (series.supervised, "lr_zero", {"convergence_plateau"}, 260),
+    (series.supervised, "zero_grad_bug", {"gradient_vanishing"}, 10),
+    (series.supervised, "overfit", {"val_train_divergence"}, 150),
+    (series.supervised, "batch_shrink", {"batch_size_impact"}, 60),
+    (series.supervised, "memory_leak", {"memory_growth"}, 150),
+    (series.supervised, "slow_steps", {"step_time_anomaly"}, 30),
+    (series.ppo, "ppo_hacking", {"reward_hacking"}, 40),
+    (series.ppo, "ppo_kl_blowup", {"kl_blowup"}, 10),
+    (series.ppo, "ppo_kl_blowup", {"clipfrac_out_of_band"}, 10),
+    (series.ppo, "ppo_entropy_collapse", {"entropy_collapse"}, 10),
+    (series.dpo, "dpo_swapped", {"dpo_margin_collapse"}, 10),
+    (series.reward_model, "rm_unscaled_eval", {"calibration_poor"}, 20),
+    (series.reward_model, "rm_unscaled_eval", {"calibration_drift"}, 20),
+    (series.reward_model, "rm_unscaled_eval", {"reward_distribution_drift"}, 120),
+]
+
+
+def run(events: list[MetricEvent], suite: DetectorSuite | None = None):
+    suite = suite or DetectorSuite()
+    return [a for e in events for a in suite.update(e)]
+
+
+@pytest.mark.parametrize("make,scenario", HEALTHY, ids=[s for _, s in HEALTHY])
+def test_healthy_runs_raise_nothing_high(make, scenario):
+    alerts = run(make(scenario).events)
+    loud = [(a.alert_type, a.severity, a.step, a.message) for a in alerts if a.severity in HIGH]
+    assert loud == []
+
+
+@pytest.mark.parametrize("make,scenario,types,within", FAILURES,
+                         ids=[f"{s}-{sorted(t)[0]}" for _, s, t, _ in FAILURES])
+def test_induced_failure_is_caught_high_near_injection(make, scenario, types, within):
+    s = make(scenario)
+    alerts = run(s.events)
+    hits = [a for a in alerts if a.alert_type in types and a.severity in HIGH and a.status == "firing"]
+    assert hits, f"no high/critical {types}; got {[(a.alert_type, a.severity, a.step) for a in alerts]}"
+    first = min(a.step for a in hits)
+    assert s.inject_at <= first <= s.inject_at + within, (first, s.inject_at)
+
+
+def test_healthy_twin_of_a_failure_stays_quiet_for_the_same_types():
+    """The failure types above are not simply always on: the healthy runs never raise them at all."""
+    failure_types = set().union(*(t for _, _, t, _ in FAILURES))
+    for make, scenario in HEALTHY:
+        noisy = {a.alert_type for a in run(make(scenario).events) if a.severity in HIGH}
+        assert not noisy & failure_types, scenario
+
+
+@pytest.mark.parametrize("make,scenario", [(series.supervised, "lr_jump"), (series.supervised, "zero_grad_bug"),
+                                           (series.ppo, "ppo_kl_blowup"), (series.reward_model, "rm_unscaled_eval"),
+                                           (series.dpo, "dpo_swapped"), (series.supervised, "memory_leak")],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_state_round_trip_mid_series_gives_identical_alerts(make, scenario):
+    events = make(scenario).events
+    whole = run(events)
+    cut = (make(scenario).inject_at or len(events) // 2) - 3
+    first = DetectorSuite()
+    before = run(events[:cut], first)
+    wire = json.loads(json.dumps(first.state_dict(), allow_nan=False))  # strict JSON, as in the table
+    resumed = DetectorSuite()
+    resumed.load_state_dict(wire)
+    after = run(events[cut:], resumed)
+    key = [(a.alert_id, a.alert_type, a.severity, a.step, a.status) for a in before + after]
+    assert key == [(a.alert_id, a.alert_type, a.severity, a.step, a.status) for a in whole]
+    assert any(a.severity in HIGH for a in after)
+
+
+def test_state_stays_small_with_every_detector_on_every_metric():
+    """The Faust table stores one suite state per run: ≤ 64 KB of JSON even with all metrics present."""
+    suite = DetectorSuite()
+    merged = zip(series.supervised("healthy_val").events, series.ppo("ppo_healthy").events,
+                 series.dpo("dpo_healthy").events, series.reward_model("rm_healthy").events, strict=False)
+    for step, parts in enumerate(merged):
+        metrics = {k: v for e in parts for k, v in e.metrics.items()}
+        suite.update(MetricEvent("all", step, metrics, ts=1e9 + step))
+    size = len(json.dumps(suite.state_dict(), allow_nan=False))
+    assert size <= 64 * 1024, size
+
+
+def test_estimated_grad_norm_is_flagged_and_capped_at_medium():
+    """A managed job logs no grad_norm: the norm is estimated from loss and LR, and says so."""
+    from detectors.gradient import GradientExplosionDetector
+
+    events = [MetricEvent(e.run_id, e.step, {k: v for k, v in e.metrics.items() if k != "grad_norm"}, ts=e.ts)
+              for e in series.supervised("lr_jump").events]
+    d = GradientExplosionDetector()
+    alerts = [a for e in events for a in d.update(e)]
+    assert alerts, "the lr x100 jump moves the loss enough for the estimate to explode"
+    assert all(a.metadata.get("estimated") is True for a in alerts if a.status == "firing")
+    assert {a.severity for a in alerts} == {"medium"}
