@@ -25,7 +25,7 @@ from typing import Any
 
 import faust
 
-from detectors import Alert, DetectorSuite, SchemaError
+from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
 from detectors.events import dumps
 
 from . import faust_fixes, web
@@ -86,6 +86,8 @@ run_summary = app.Table("run_summary", default=None, partitions=settings.partiti
 _suites: OrderedDict[str, tuple[DetectorSuite, RunSummary]] = OrderedDict()
 counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letters": 0, "duplicates": 0,
                             "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
+#: RunSummary.observe's verdict → the counter it bumps (new and resumed steps are processed events)
+_COUNTER = {"new": "events", "resumed": "events", "duplicate": "duplicates", "out_of_order": "out_of_order"}
 
 
 @app.on_partitions_revoked.connect
@@ -135,24 +137,46 @@ async def detect(stream: faust.StreamT) -> None:
         except SchemaError as exc:
             await dead_letter(key, raw, str(exc))
             continue
-        run_id = events[0].run_id
-        suite, summary = suite_for(run_id)
-        alerts: list[Alert] = []
-        for event in events:
-            kind = summary.observe(event)
-            if kind in ("duplicate", "out_of_order"):
-                counters[kind] += 1
-                continue
-            counters["events"] += 1
-            counters["resumes"] += kind == "resumed"
-            for alert in suite.update(event):
-                alert.metadata.update(source=event.source, run_tags=summary.tags)
-                summary.count_alert(alert)
-                alerts.append(alert)
+        try:
+            alerts = process(events)
+        except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
+            log.exception("record of run %s failed in the detectors", events[0].run_id)
+            await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
+            continue
         for alert in alerts:
             await publish(alert)
-        run_state[run_id] = suite.state_dict()
-        run_summary[run_id] = summary.to_dict()
+
+
+def process(events: list[MetricEvent]) -> list[Alert]:
+    """One record's steps through the run's step-order check and detectors; saves the run's state."""
+    run_id = events[0].run_id
+    suite, summary = suite_for(run_id)
+    alerts: list[Alert] = []
+    for event in events:
+        kind = summary.observe(event)
+        counters[_COUNTER[kind]] += 1
+        counters["resumes"] += kind == "resumed"
+        if kind in ("duplicate", "out_of_order"):
+            continue
+        for alert in suite.update(event):
+            alert.metadata.update(source=event.source, run_tags=summary.tags)
+            summary.count_alert(alert)
+            alerts.append(alert)
+    run_state[run_id] = suite.state_dict()
+    run_summary[run_id] = summary.to_dict()
+    return alerts
+
+
+@app.timer(interval=settings.tick_interval)
+async def tick() -> None:
+    """Time-based checks (a run gone silent) for the live runs. Tables cannot be written outside a
+    stream, so a tick's episode is saved with the run's next event; until then a restarted worker may
+    raise the same alert again — with the same alert id, which the sinks drop."""
+    now = time.time()
+    for suite, summary in list(_suites.values()):
+        for alert in suite.tick(now):
+            alert.metadata.update(source=summary.source, run_tags=summary.tags)
+            await publish(alert)
 
 
 web.register(app, run_summary, counters)

@@ -45,6 +45,8 @@ class Settings:
     keep_windows: int = 10
     #: live detector suites kept in memory (least recently used evicted; state stays in the table)
     live_runs: int = 2048
+    #: seconds between time-based checks (stalled runs) of the live runs
+    tick_interval: float = 10.0
     #: metric records over this size go to the dead-letter topic unread
     max_record_bytes: int = 4_000_000
     #: sinks and routes (TOML); empty: console + JSONL for everything, webhook for high+ if a URL is set

@@ -1,0 +1,153 @@
+"""Runs one sink over the alert topic: dedup → silences → routes → policy → deliver → commit.
+
+Each sink has its own consumer group (``<app_id>-sink-<name>``) holding its committed offsets; the
+runner assigns itself every partition (no group join, so it starts at once on every broker) and commits
+an offset only after the alert at it was delivered — or decided against. On start it replays the alert
+log up to the committed offsets through the same pipeline *without* delivering, which rebuilds the
+policy's state (ids seen, open groups, cooldowns): a duplicate that a restarted worker appends later is
+still recognised, and a restarted sink does not page twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from detectors import Alert, SchemaError, decode_alert
+
+from ..routing import Router
+from . import Sink
+from .policy import AlertPolicy
+from .silences import SilenceBook
+
+__all__ = ["SinkRunner", "Backoff"]
+
+log = logging.getLogger("lossguard.sinks")
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Exponential backoff between delivery attempts: first, first·factor, … capped at ``max_s``."""
+
+    first_s: float = 0.2
+    factor: float = 2.0
+    max_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return min(self.max_s, self.first_s * self.factor ** attempt)
+
+
+@dataclass
+class SinkRunner:
+    sink: Sink
+    bootstrap: str
+    topic: str
+    group_id: str
+    router: Router
+    policy: AlertPolicy
+    silences: SilenceBook | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    #: decisions so far (delivered reasons, duplicate, silenced, unrouted, grouped, cooldown …)
+    counts: Counter = field(default_factory=Counter)
+
+    def decide(self, alert: Alert) -> str:
+        """Why ``alert`` is (not) delivered to this sink; updates the policy's state."""
+        if self.silences is not None and alert.status == "firing" and self.silences.silencing(alert):
+            return "silenced"
+        if self.sink.name not in self.router.sinks_for(alert):
+            return "unrouted"
+        return self.policy.admit(alert).reason
+
+    def run(self, stop: threading.Event, max_alerts: int | None = None) -> Counter:
+        """Deliver until ``stop`` is set (or ``max_alerts`` were delivered); returns the decision counts."""
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=self.group_id,
+                                 enable_auto_commit=False, fetch_max_wait_ms=20, auto_offset_reset="earliest")
+        try:
+            partitions = None
+            while partitions is None and not stop.is_set():
+                partitions = consumer.partitions_for_topic(self.topic)
+                if partitions is None:
+                    stop.wait(0.5)
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions or ())]
+            consumer.assign(tps)
+            committed = {tp: consumer.committed(tp) or 0 for tp in tps}
+            self._replay(consumer, tps, committed, stop)
+            delivered = 0
+            while not stop.is_set():
+                if self.silences is not None:
+                    self.silences.refresh()
+                for tp, records in consumer.poll(timeout_ms=200).items():
+                    for record in records:
+                        if stop.is_set():
+                            return self.counts
+                        alert = self._decode(record)
+                        reason = self.decide(alert) if alert else "unreadable"
+                        self.counts[reason] += 1
+                        if reason in ("new", "escalated", "resolved"):
+                            if not self._deliver(alert, reason, stop):
+                                return self.counts  # stopped while the endpoint was down: not committed
+                            delivered += 1
+                        consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+                if max_alerts is not None and delivered >= max_alerts:
+                    break
+            return self.counts
+        finally:
+            consumer.close(autocommit=False)
+            self.sink.close()
+
+    def _replay(self, consumer, tps, committed, stop: threading.Event) -> None:
+        pending = {tp for tp in tps if committed[tp] > 0}
+        consumer.pause(*(set(tps) - pending))
+        if pending:
+            consumer.seek_to_beginning(*pending)
+        while pending and not stop.is_set():
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                for record in records:
+                    if record.offset < committed[tp] and (alert := self._decode(record)):
+                        self.decide(alert)
+            for tp in list(pending):
+                if consumer.position(tp) >= committed[tp]:
+                    pending.discard(tp)
+                    consumer.pause(tp)
+        for tp in tps:
+            consumer.seek(tp, committed[tp])
+        consumer.resume(*tps)
+
+    def _deliver(self, alert: Alert, reason: str, stop: threading.Event) -> bool:
+        attempt = 0
+        while not stop.is_set():
+            try:
+                self.sink.deliver(alert, reason)
+                return True
+            except Exception as exc:  # noqa: BLE001 — any failure of the endpoint: retry, never drop
+                delay = self.backoff.delay(attempt)
+                log.warning("sink %s: %s; retrying in %.1fs", self.sink.name, exc, delay)
+                attempt += 1
+                stop.wait(delay)
+        return False
+
+    @staticmethod
+    def _decode(record) -> Alert | None:
+        try:
+            return decode_alert(record.value)
+        except (SchemaError, ValueError, KeyError, TypeError):
+            print(f"lossguard: skipped an unreadable alert at offset {record.offset}", file=sys.stderr)
+            return None
+
+
+def wait_all(threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Join sink threads, waking up to notice ``stop`` (Ctrl-C in the main thread)."""
+    try:
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
