@@ -8,7 +8,8 @@ A FILE is one of
   empty cell means "not logged at that step", ``nan``/``inf``/``-inf`` mean a non-finite value *was*
   logged. Bedrock's ``step_number, epoch_number, training_loss, perplexity`` and validation
   ``validation_loss`` files read as they are; an optional ``ts`` column gives unix seconds.
-* JSONL metric events, one per line (``run_id`` may be left out).
+* JSONL metric events, one per line (their own ``run_id``s, unless ``--run-id`` is given; the file stem
+  where they have none).
 * a Hugging Face ``trainer_state.json``: its ``log_history`` entries; eval entries give ``val_loss``.
 
 Metric names go through the alias map. Entries of one run at the same step are merged into one event.
@@ -103,7 +104,7 @@ def _read_csv(path: Path, run_id: str) -> list[MetricEvent]:
         return events
 
 
-def _read_jsonl(path: Path, run_id: str) -> list[MetricEvent]:
+def _read_jsonl(path: Path, run_id: str, override: bool) -> list[MetricEvent]:
     events = []
     with path.open() as f:
         for line, text in enumerate(f, start=1):
@@ -114,6 +115,8 @@ def _read_jsonl(path: Path, run_id: str) -> list[MetricEvent]:
             except ValueError as exc:
                 raise ReplayError(path, f"not valid JSON ({exc})", line) from None
             if isinstance(doc, dict):
+                if override:
+                    doc["run_id"] = run_id
                 doc.setdefault("run_id", run_id)
                 doc.setdefault("ts", float(doc["step"]) if isinstance(doc.get("step"), int) else None)
             try:
@@ -151,7 +154,10 @@ def _read_trainer_state(path: Path, doc: Any, run_id: str) -> list[MetricEvent]:
 
 
 def read_events(path: str | os.PathLike, run_id: str | None = None) -> list[MetricEvent]:
-    """The metric events in a CSV, JSONL or ``trainer_state.json`` file (kind from suffix, else content)."""
+    """The metric events in a CSV, JSONL or ``trainer_state.json`` file (kind from suffix, else content).
+
+    ``run_id`` names the run of every event (default: the file stem; JSONL events keep their own).
+    """
     p = Path(path)
     rid = run_id or p.stem
     try:
@@ -163,17 +169,17 @@ def read_events(path: str | os.PathLike, run_id: str | None = None) -> list[Metr
     except (UnicodeDecodeError, csv.Error) as exc:
         raise ReplayError(p, f"cannot read it ({exc})") from None
     if p.suffix.lower() in (".jsonl", ".ndjson"):
-        return _read_jsonl(p, rid)
+        return _read_jsonl(p, rid, run_id is not None)
     try:
         doc = json.loads(text)
     except ValueError:
         if text.lstrip().startswith("{"):
-            return _read_jsonl(p, rid)
+            return _read_jsonl(p, rid, run_id is not None)
         if "," in text.partition("\n")[0]:
             return _read_csv(p, rid)
         raise ReplayError(p, "not CSV, JSONL or a trainer_state.json") from None
     if isinstance(doc, dict) and "log_history" not in doc and "metrics" in doc:
-        return _read_jsonl(p, rid)  # a one-event JSONL file
+        return _read_jsonl(p, rid, run_id is not None)  # a one-event JSONL file
     return _read_trainer_state(p, doc, rid)
 
 

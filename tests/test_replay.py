@@ -1,0 +1,154 @@
+"""``lossguard replay`` on the three file kinds (and Bedrock CSVs), through a real subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import _detector_series as series
+import pytest
+
+from detectors import decode_alert
+from stream_app.replay import ReplayError, read_events, replay_file
+
+ROOT = Path(__file__).resolve().parent.parent
+HIGH = ("high", "critical")
+
+
+def lossguard(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stream_app", "replay", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for row in rows:
+            w.writerow(["" if row.get(c) is None else row[c] for c in columns])
+    return path
+
+
+def cell(x: float) -> str:
+    return repr(x) if math.isfinite(x) else {math.inf: "inf", -math.inf: "-inf"}.get(x, "nan")
+
+
+def test_csv_with_gaps_and_nonfinite_cells(tmp_path):
+    events = series.supervised("nan").events
+    rows = []
+    for e in events:
+        rows.append({"step": e.step, "train/loss": cell(e.metrics["loss"]),
+                     # grad norm only logged every other step: the empty cells must not read as zeros
+                     "grad_norm": cell(e.metrics["grad_norm"]) if e.step % 2 == 0 else None,
+                     "learning_rate": e.metrics["lr"]})
+    path = write_csv(tmp_path / "digits-nan.csv", rows, ["step", "train/loss", "grad_norm", "learning_rate"])
+    out = tmp_path / "alerts.jsonl"
+    proc = lossguard(str(path), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    alerts = [decode_alert(line) for line in out.read_text().splitlines()]
+    assert {a.run_id for a in alerts} == {"digits-nan"}
+    first_high = [a for a in alerts if a.severity in HIGH]
+    assert first_high[0].alert_type == "nonfinite_metric" and first_high[0].step == 180
+    assert "nonfinite" not in {a.detector for a in alerts if a.step < 180}
+    # the Python function gives the very same alerts
+    assert [a.alert_id for a in replay_file(path)] == [a.alert_id for a in alerts]
+    assert all(e.metrics.get("grad_norm") is None for e in read_events(path) if e.step % 2)
+
+
+def test_jsonl_events_to_stdout(tmp_path):
+    path = tmp_path / "run.jsonl"
+    events = series.supervised("lr_jump").events
+    path.write_text("".join(e.to_json().decode() + "\n" for e in events))
+    proc = lossguard(str(path), "--run-id", "jump")
+    assert proc.returncode == 0, proc.stderr
+    alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
+    assert ("lr_sudden_change", "critical", 150) in {(a.alert_type, a.severity, a.step) for a in alerts}
+    assert {a.run_id for a in alerts} == {"jump"}
+    assert "alert event(s)" in proc.stderr
+
+
+def test_trainer_state_json_with_eval_entries(tmp_path):
+    events = series.supervised("overfit").events
+    history = []
+    for e in events:
+        history.append({"epoch": e.step / 10, "grad_norm": e.metrics["grad_norm"], "learning_rate": e.metrics["lr"],
+                        "loss": e.metrics["loss"], "step": e.step + 1})
+        if "val_loss" in e.metrics:
+            history.append({"epoch": e.step / 10, "eval_loss": e.metrics["val_loss"], "eval_runtime": 0.1,
+                            "step": e.step + 1})
+    # the end-of-training summary; its train_loss is an average and must not read as a step's loss
+    history.append({"epoch": 30.0, "step": len(events), "total_flos": 1.0, "train_loss": 99.0,
+                    "train_runtime": 10.0, "train_samples_per_second": 100.0})
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps({"global_step": len(events), "log_history": history}))
+    proc = lossguard(str(path))
+    assert proc.returncode == 0, proc.stderr
+    alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
+    assert any(a.alert_type == "val_train_divergence" and a.severity in HIGH for a in alerts)
+    assert {a.run_id for a in alerts} == {"trainer_state"}
+    assert not any(a.alert_type == "loss_spike" and a.step == len(events) for a in alerts)
+
+
+def test_bedrock_training_and_validation_csvs_make_one_run(tmp_path):
+    events = series.supervised("lr_jump").events
+    train = write_csv(tmp_path / "step_wise_training_metrics.csv",
+                      [{"step_number": e.step, "epoch_number": 0, "training_loss": cell(e.metrics["loss"]),
+                        "perplexity": cell(math.exp(min(e.metrics["loss"], 700)))} for e in events],
+                      ["step_number", "epoch_number", "training_loss", "perplexity"])
+    val = write_csv(tmp_path / "validation_metrics.csv",
+                    [{"step_number": e.step, "epoch_number": 0, "validation_loss": cell(e.metrics["loss"] * 1.1)}
+                     for e in events if e.step % 25 == 0],
+                    ["step_number", "epoch_number", "validation_loss"])
+    merged = read_events(train, "job") + read_events(val, "job")
+    assert {e.step for e in merged if "validation_loss" in e.metrics} == set(range(0, 300, 25))
+    alerts = replay_file(train, run_id="job")
+    proc = lossguard(str(train), str(val), "--run-id", "job")
+    assert proc.returncode == 0, proc.stderr
+    both = [decode_alert(line) for line in proc.stdout.splitlines()]
+    assert {a.run_id for a in both} == {"job"}
+    assert any(a.alert_type == "loss_spike" and a.severity in HIGH and 150 <= a.step <= 155 for a in both)
+    assert len(alerts) >= 1
+
+
+@pytest.mark.parametrize("content,suffix,expected", [
+    ("step,loss\n1,2.3\n2,abc\n", ".csv", ":3: column 'loss'"),
+    ("loss,lr\n2.3,0.1\n", ".csv", "no 'step' column"),
+    ("step,loss\n1.5,2.3\n", ".csv", ":2: column 'step'"),
+    ('{"run_id": "r", "step": 1, "metrics": {"loss": 1}}\n{"run_id": "r", "step": 2, "metrics": {"loss": null}}\n',
+     ".jsonl", ":2: column 'metrics.loss'"),
+    ('{"log_history": [{"loss": 1.0}]}', ".json", "log_history[0]: 'step' must be an integer"),
+])
+def test_bad_input_exits_2_naming_file_line_and_column(tmp_path, content, suffix, expected):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(content)
+    with pytest.raises(ReplayError, match=None) as err:
+        replay_file(path)
+    assert expected in str(err.value)
+    if suffix == ".csv" and "abc" in content:  # one real subprocess per failure kind is enough
+        proc = lossguard(str(path))
+        assert proc.returncode == 2
+        assert str(path) in proc.stderr and expected in proc.stderr
+
+
+def test_missing_file_and_bad_config_exit_2(tmp_path):
+    proc = lossguard(str(tmp_path / "nope.csv"))
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+    good = write_csv(tmp_path / "ok.csv", [{"step": 1, "loss": 1.0}], ["step", "loss"])
+    config = tmp_path / "lossguard.toml"
+    config.write_text("[gradient]\nexplosion_treshold = 3.0\n")
+    proc = lossguard(str(good), "--config", str(config))
+    assert proc.returncode == 2 and "gradient.explosion_treshold" in proc.stderr
+
+
+def test_config_file_changes_thresholds(tmp_path):
+    events = series.supervised("lr_jump").events
+    path = write_csv(tmp_path / "jump.csv", [{"step": e.step, "lr": e.metrics["lr"]} for e in events], ["step", "lr"])
+    config = tmp_path / "lossguard.toml"
+    config.write_text("[learning_rate]\nmax_lr = 10.0\n")
+    default = {a.alert_type for a in replay_file(path)}
+    relaxed = {a.alert_type for a in replay_file(path, config=config)}
+    assert "lr_too_high" in default and "lr_too_high" not in relaxed
