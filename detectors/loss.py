@@ -280,9 +280,10 @@ class LossOscillationDetector(Detector):
     """Oscillation: the loss goes up, down, up, down with a large amplitude (an LR too high to settle).
 
     Over the last ``oscillation_window`` steps, the fraction of consecutive differences that change sign
-    (2/3 for independent noise, 1 for a pure zig-zag) must reach 0.85, and the median step size must be
-    at least ``oscillation_amplitude`` of the median loss. ``medium``; ``high`` when it lasts a second
-    full window.
+    (2/3 for independent noise, 1 for a pure zig-zag) must reach 0.85, the lag-1 autocorrelation of the
+    losses must be below -0.5 (independent noise sits near 0), and the median step size must be at
+    least ``oscillation_amplitude`` of the median loss. ``medium``; ``high`` when it lasts a second full
+    window with the autocorrelation below -0.7.
 
     >>> from detectors.events import MetricEvent
     >>> d = LossOscillationDetector()
@@ -314,14 +315,19 @@ class LossOscillationDetector(Detector):
         flips = float(np.mean(signs[1:] * signs[:-1] < 0))
         level = float(np.median(np.abs(values)))
         amplitude = float(np.median(np.abs(diffs))) / level if level > 0 else 0.0
-        active = flips >= 0.85 and amplitude >= self.oscillation_amplitude
+        # lag-1 autocorrelation of the values: ≈0 for independent minibatch noise (whose differences
+        # still flip sign 2/3 of the time), ≈-1 for a real zig-zag
+        centred = values - values.mean()
+        denom = float(np.dot(centred, centred))
+        r1 = float(np.dot(centred[1:], centred[:-1])) / denom if denom > 0 else 0.0
+        active = flips >= 0.85 and r1 <= -0.5 and amplitude >= self.oscillation_amplitude
         self.run_length = self.run_length + 1 if active else 0
         if not active:
             return self._report(event, "loss_oscillation", False)
-        severity = "high" if self.run_length > self.oscillation_window else "medium"
+        severity = "high" if self.run_length > self.oscillation_window and r1 <= -0.7 else "medium"
         return self._report(
             event, "loss_oscillation", True, severity=severity, value=amplitude,
             threshold=self.oscillation_amplitude,
             message=(f"{self.metric} zig-zags: {flips:.0%} of the last {self.oscillation_window} steps reverse "
                      f"direction, swinging {amplitude:.0%} of its level"),
-            metadata={"sign_flip_fraction": flips, "consecutive": self.run_length})
+            metadata={"sign_flip_fraction": flips, "lag1_autocorrelation": r1, "consecutive": self.run_length})

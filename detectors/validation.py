@@ -17,7 +17,7 @@ __all__ = ["ValTrainDivergenceDetector", "VALIDATION_DEFAULTS"]
 
 VALIDATION_DEFAULTS = {
     "rise_threshold": 0.1,
-    "patience": 3,
+    "patience": 5,
     "overtrain_evals": 8,
     "train_span": 20,
     "resolve_after": 3,
@@ -44,7 +44,7 @@ class ValTrainDivergenceDetector(Detector):
     ...         m["val_loss"] = 0.8 + 0.002 * (s - 300) ** 2 / 100
     ...     out += d.update(MetricEvent("r", s, m))
     >>> [(a.alert_type, a.severity, a.step) for a in out]
-    [('val_train_divergence', 'medium', 400), ('val_train_divergence', 'critical', 500), ('overtraining', 'medium', 700)]
+    [('val_train_divergence', 'medium', 400), ('val_train_divergence', 'critical', 600), ('overtraining', 'medium', 700)]
     """
 
     name = "val_train_divergence"
