@@ -123,3 +123,13 @@ def test_estimated_grad_norm_is_flagged_and_capped_at_medium():
     assert alerts, "the lr x100 jump moves the loss enough for the estimate to explode"
     assert all(a.metadata.get("estimated") is True for a in alerts if a.status == "firing")
     assert {a.severity for a in alerts} == {"medium"}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_healthy_runs_with_other_seeds_raise_nothing_high(seed):
+    """Same healthy recipes, other data orders and initialisations: still no high/critical alert."""
+    loud = []
+    for make, scenario in HEALTHY:
+        loud += [(scenario, a.alert_type, a.severity, a.step) for a in run(make(scenario, seed=seed).events)
+                 if a.severity in HIGH]
+    assert loud == []
