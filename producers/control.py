@@ -18,23 +18,11 @@ from collections.abc import Callable
 
 from detectors.events import ControlEvent, SchemaError, decode_control_event
 
-from .emitter import default_bootstrap, quiet_kafka_logs, topic_name
+from .emitter import default_bootstrap, partition_for_key, quiet_kafka_logs, topic_name
 
-__all__ = ["ControlListener", "partition_for_key"]
+__all__ = ["ControlListener"]
 
 log = logging.getLogger("lossguard.producer")
-
-
-def partition_for_key(key: bytes, partitions: list[int] | set[int]) -> int:
-    """The partition kafka-python's default partitioner (and the Java client's) picks for ``key``.
-
-    >>> partition_for_key(b"run-1", [0, 1, 2]) in (0, 1, 2)
-    True
-    """
-    from kafka.partitioner.default import murmur2
-
-    ordered = sorted(partitions)
-    return ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
 
 
 class ControlListener:

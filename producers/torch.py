@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from detectors.aliases import canonical_metrics
-from detectors.events import ControlEvent, MetricEvent
+from detectors.events import SCHEMA_VERSION, ControlEvent, dumps, encode_number
 
 from .control import ControlListener
 from .emitter import Emitter, topic_name
@@ -44,6 +44,11 @@ try:  # torch is optional for producers
     import torch
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
+
+try:
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover - orjson is a dependency, but the stdlib encoder is as correct
+    _dumps = dumps
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -59,12 +64,21 @@ class TrainingStopped(RuntimeError):
         self.reason = reason
 
 
+_rss_cache = [0.0, None]  # [read at (monotonic s), bytes]
+
+
 def _rss_bytes() -> float | None:
+    """Process RSS, read from /proc at most twice a second (the read costs more than the rest of an event)."""
+    now = time.monotonic()
+    if now - _rss_cache[0] < 0.5:
+        return _rss_cache[1]
     try:
         with open("/proc/self/statm", "rb") as f:
-            return float(int(f.read().split()[1]) * _PAGE)
+            rss = float(int(f.read().split()[1]) * _PAGE)
     except (OSError, ValueError, IndexError):
-        return None
+        rss = None
+    _rss_cache[:] = [now, rss]
+    return rss
 
 
 class _Summary:
@@ -126,26 +140,29 @@ def _as_numpy(values: Any):
 
 def _to_float(value: Any) -> float:
     if torch is not None and isinstance(value, torch.Tensor):
-        return float(value.detach().float().item())  # runs on the sender thread
+        return float(value.item())  # runs on the sender thread: the host sync (if any) happens here
     return float(value)
 
 
 def _encode(item: tuple[str, int, float, str, dict[str, Any], dict[str, str]]) -> bytes:
     """Runs on the sender thread: reads deferred tensors, expands summaries, adds RSS."""
     run_id, step, ts, source, metrics, tags = item
-    values: dict[str, float] = {}
+    values: dict[str, float | str] = {}
     for name, value in metrics.items():
         try:
             if isinstance(value, _Summary):
-                values.update(value.metrics())
+                values.update((k, encode_number(v)) for k, v in value.metrics().items())
             else:
-                values[name] = _to_float(value)
+                values[name] = encode_number(_to_float(value))
         except (TypeError, ValueError, RuntimeError):
             continue  # a value that is not a number is skipped, not fatal
     rss = _rss_bytes()
     if rss is not None:
         values.setdefault("rss", rss)
-    return MetricEvent(run_id=run_id, step=step, metrics=values, ts=ts, source=source, tags=tags).to_json()
+    # The MetricEvent wire format, built directly: this runs once per step and holds the GIL, so it
+    # skips the dataclass round trip and uses orjson when present (non-finite values are already strings).
+    return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": step, "ts": ts, "source": source,
+                   "metrics": values, "tags": tags})
 
 
 def _default_rank() -> int:

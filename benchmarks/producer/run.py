@@ -1,0 +1,183 @@
+"""What reporting costs a training loop, measured side by side in one run.
+
+1. Caller-side cost of ``reporter.log()`` vs ``KafkaProducer.send()`` of the same event (encoded JSON,
+   as a caller of ``send`` must encode it): p50/p99 µs, in interleaved blocks.
+2. Step-time overhead of ``producers.watch()`` on a real small model (an MLP on scikit-learn's digits,
+   SGD+momentum) vs the same loop unwatched, on CPU — and on CUDA when present. Blocks of steps
+   alternate between the two loops (same model size, same data) so drift and noise hit both alike;
+   the overhead is the ratio of the medians of per-block step times.
+
+It starts its own embedded broker; prints a table and writes benchmarks/results/producer.json.
+
+    .venv/bin/python benchmarks/producer/run.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import producers  # noqa: E402
+from detectors.events import MetricEvent  # noqa: E402
+from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from stream_app.demo_train import load_digits_tensors  # noqa: E402
+
+TOPIC = "bench.metrics"
+TARGETS = {"log_vs_send_p50": 0.2, "cpu_overhead": 0.03, "cuda_overhead": 0.01}
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def caller_cost(bootstrap: str, calls: int, rounds: int) -> dict:
+    """µs per call on the training thread: reporter.log vs KafkaProducer.send of the same event."""
+    from kafka import KafkaProducer
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reporter = producers.watch("bench-log", optimizer=optimizer, bootstrap=bootstrap, topic=TOPIC)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1, enable_idempotence=False)
+    loss = torch.tensor(0.5)
+    log_us: list[float] = []
+    send_us: list[float] = []
+    clock = time.perf_counter_ns
+    step = 0
+    for _ in range(rounds):
+        for _ in range(calls):
+            t0 = clock()
+            reporter.log(step, loss=loss, batch_size=32)
+            log_us.append((clock() - t0) / 1e3)
+            step += 1
+            time.sleep(0.0002)  # a training step's worth of pause: a paced, not a flat-out, caller
+        for _ in range(calls):
+            t0 = clock()
+            event = MetricEvent(run_id="bench-send", step=step, ts=time.time(), source="torch",
+                                metrics={"loss": float(loss), "lr": 0.1, "batch_size": 32.0},
+                                tags=reporter.tags)
+            producer.send(TOPIC, key=b"bench-send", value=event.to_json())
+            send_us.append((clock() - t0) / 1e3)
+            step += 1
+            time.sleep(0.0002)
+    reporter.close()
+    producer.close()
+    out = {"calls": len(log_us),
+           "log_p50_us": _pct(log_us, 0.5), "log_p99_us": _pct(log_us, 0.99),
+           "send_p50_us": _pct(send_us, 0.5), "send_p99_us": _pct(send_us, 0.99),
+           "sent": reporter.stats.get("sent", 0), "dropped": reporter.dropped}
+    out["log_over_send_p50"] = out["log_p50_us"] / out["send_p50_us"]
+    return out
+
+
+def _loop(device: str, width: int, batch: int, seed: int):
+    torch.manual_seed(seed)
+    x, y = load_digits_tensors()
+    x, y = x.to(device), y.to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                torch.nn.ReLU(), torch.nn.Linear(width, 10)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return model, optimizer, x, y, g
+
+
+def step_overhead(bootstrap: str, device: str, width: int, batch: int, steps: int, blocks: int) -> dict:
+    """Median per-block step time of a watched vs an unwatched loop, blocks interleaved."""
+    loops = {"plain": _loop(device, width, batch, 0), "watched": _loop(device, width, batch, 0)}
+    model, optimizer = loops["watched"][:2]
+    reporter = producers.watch(f"bench-{device}", model=model, optimizer=optimizer, bootstrap=bootstrap,
+                               topic=TOPIC, tags={"model": f"mlp{width}", "dataset": "digits"})
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {"plain": [], "watched": []}
+    counters = {"plain": 0, "watched": 0}
+
+    def run_block(name: str) -> float:
+        model, optimizer, x, y, g = loops[name]
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (batch,), generator=g).to(x.device)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if name == "watched":
+                reporter.log(counters[name], loss=loss, batch_size=batch)
+            counters[name] += 1
+        sync()
+        return (time.perf_counter() - t0) / steps
+
+    run_block("plain"), run_block("watched")  # warm-up: allocator, kernels, broker connection
+    for i in range(blocks):
+        order = ("plain", "watched") if i % 2 == 0 else ("watched", "plain")
+        for name in order:
+            times[name].append(run_block(name))
+    reporter.close()
+    plain, watched = statistics.median(times["plain"]), statistics.median(times["watched"])
+    return {"device": device, "width": width, "batch": batch, "steps_per_block": steps, "blocks": blocks,
+            "plain_step_ms": plain * 1e3, "watched_step_ms": watched * 1e3, "overhead": watched / plain - 1,
+            "sent": reporter.stats.get("sent", 0), "dropped": reporter.dropped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer calls and blocks (smoke run)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "producer.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    scale = 0.25 if args.quick else 1.0
+    with EmbeddedBroker(port=free_port()) as broker:
+        ensure_topics(broker.bootstrap, [TOPIC, "bench.control"], 1)
+        cost = caller_cost(broker.bootstrap, calls=int(1000 * scale), rounds=4)
+        cpu = step_overhead(broker.bootstrap, "cpu", width=256, batch=128, steps=int(200 * scale), blocks=10)
+        # the same loop with a model 4x wider: how the fixed per-step cost shrinks as steps get longer
+        cpu_wide = step_overhead(broker.bootstrap, "cpu", width=1024, batch=256, steps=int(40 * scale), blocks=8)
+        cuda = None
+        if torch.cuda.is_available():
+            cuda = step_overhead(broker.bootstrap, "cuda", width=4096, batch=1024, steps=int(200 * scale),
+                                 blocks=10)
+    result = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+              "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "seconds": round(time.monotonic() - started, 1), "targets": TARGETS,
+              "caller_cost": cost, "cpu_step": cpu, "cpu_step_wide": cpu_wide, "cuda_step": cuda}
+    rows = [("reporter.log() p50 / p99 µs", f"{cost['log_p50_us']:.1f} / {cost['log_p99_us']:.1f}", ""),
+            ("KafkaProducer.send() p50 / p99 µs", f"{cost['send_p50_us']:.1f} / {cost['send_p99_us']:.1f}", ""),
+            ("log p50 ÷ send p50", f"{cost['log_over_send_p50']:.3f}", "≤ 0.200"),
+            (f"CPU step, MLP{cpu['width']} b{cpu['batch']}: plain / watched ms",
+             f"{cpu['plain_step_ms']:.3f} / {cpu['watched_step_ms']:.3f}", ""),
+            ("CPU step overhead", f"{cpu['overhead'] * 100:+.2f} %", "≤ 3 %"),
+            (f"CPU step, MLP{cpu_wide['width']} b{cpu_wide['batch']}: plain / watched ms",
+             f"{cpu_wide['plain_step_ms']:.3f} / {cpu_wide['watched_step_ms']:.3f}", ""),
+            ("CPU step overhead (wide)", f"{cpu_wide['overhead'] * 100:+.2f} %", "≤ 3 %")]
+    if cuda:
+        rows += [(f"CUDA step, MLP{cuda['width']} b{cuda['batch']}: plain / watched ms",
+                  f"{cuda['plain_step_ms']:.3f} / {cuda['watched_step_ms']:.3f}", ""),
+                 ("CUDA step overhead", f"{cuda['overhead'] * 100:+.2f} %", "≤ 1 %")]
+    else:
+        rows.append(("CUDA step overhead", "n/a (no CUDA device)", "≤ 1 %"))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':>22}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>22}  {target}")
+    print(f"events sent/dropped: caller {cost['sent']}/{cost['dropped']}, cpu loop {cpu['sent']}/{cpu['dropped']}; "
+          f"{result['seconds']} s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
