@@ -15,6 +15,8 @@ from .events import (
     SchemaError,
     decode_control_event,
     decode_metric_event,
+    decode_metric_record,
+    encode_metric_batch,
 )
 from .inprocess import AdvancedAnomalyDetector, AnomalyDetectionHook, register_hook, unregister_hook
 from .suite import DetectorSuite
@@ -24,7 +26,8 @@ __all__ = [
     "canonical_name", "canonical_metrics",
     "Detector", "DETECTORS", "register_detector",
     "ConfigError", "build_config", "default_config",
-    "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_control_event",
+    "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_metric_record",
+    "encode_metric_batch", "decode_control_event",
     "DetectorSuite",
     "AdvancedAnomalyDetector", "AnomalyDetectionHook", "register_hook", "unregister_hook",
 ]

@@ -100,6 +100,10 @@ class Emitter:
         bootstrap: ``host:port[,host:port]``; default ``LOSSGUARD_BOOTSTRAP`` or 127.0.0.1:9092.
         max_queue: events held while the broker is slow or away; beyond it the oldest are dropped.
         encode: turns a queued value into bytes on the sender thread.
+        encode_batch: optional; turns the values queued under one key since the last round into ONE
+            record (e.g. several steps of a run). A record per run per round instead of one per step is
+            what keeps kafka-python's pure-Python ``send()`` from taking GIL time away from training.
+        max_batch: most values packed into one record by ``encode_batch`` (500).
         producer_config: extra kafka-python ``KafkaProducer`` settings.
         flush_timeout: longest wait in ``flush()``/``close()`` and at interpreter exit (5 s).
         linger: seconds the sender waits after a batch before it drains again (50 ms): fewer, bigger
@@ -108,12 +112,15 @@ class Emitter:
 
     def __init__(self, topic: str, *, bootstrap: str | None = None, max_queue: int = 10_000,
                  encode: Callable[[Any], bytes] | None = None, producer_config: dict[str, Any] | None = None,
-                 flush_timeout: float = 5.0, linger: float = 0.05):
+                 flush_timeout: float = 5.0, linger: float = 0.05,
+                 encode_batch: Callable[[list[Any]], bytes] | None = None, max_batch: int = 500):
         self.topic = topic
         self.bootstrap = bootstrap or default_bootstrap()
         self.stats = EmitterStats()
         self.flush_timeout = flush_timeout
         self._encode = encode or (lambda v: v)
+        self._encode_batch = encode_batch
+        self.max_batch = max(1, int(max_batch))
         self._queue: deque[tuple[bytes | None, Any]] = deque(maxlen=max_queue)
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -196,33 +203,36 @@ class Emitter:
                     self._wake.set()
                     continue
                 backoff = 0.2
-            batch: list[Any] = []  # this round's futures: the ones still open when the producer dies are lost
+            batch: list[Any] = []  # this round's [future, events]: those still open when the producer dies are lost
+            groups = self._drain()
+            unsent = sum(len(values) for _, values in groups)  # drained but not yet handed to kafka-python
             try:
-                while self._queue:
-                    key, value = self._queue.popleft()
+                for key, values in groups:
+                    unsent -= len(values)
                     try:
-                        payload = self._encode(value)
+                        payload = self._encode_batch(values) if self._encode_batch else self._encode(values[0])
                     except Exception:  # noqa: BLE001 — a bad value is dropped, never raised
-                        self.stats.errors += 1
+                        self.stats.errors += len(values)
                         log.exception("lossguard: could not encode an event; dropped")
                         continue
                     try:
                         future = producer.send(self.topic, key=key, value=payload,
                                                partition=self._partition(producer, key))
                     except Exception:
-                        self.stats.dropped += 1  # taken off the queue, never handed over: lost
+                        self.stats.dropped += len(values)  # taken off the queue, never handed over: lost
                         raise
-                    batch.append(future)
-                    future.add_callback(self._sent, batch).add_errback(self._failed, batch)
+                    entry = [future, len(values)]
+                    batch.append(entry)
+                    future.add_callback(self._sent, batch, entry).add_errback(self._failed, batch, entry)
                 producer.flush(timeout=self.flush_timeout)
                 if not self._closed and not self._queue:
                     self._idle.set()
                     time.sleep(self.linger)
             except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
                 self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); retrying with backoff")
-                open_futures = [f for f in batch if not f.is_done]
+                lost = unsent + sum(n for future, n in batch if not future.is_done)
                 batch.clear()  # callbacks that still fire now count nothing: the loss is counted here
-                self.stats.dropped += len(open_futures)
+                self.stats.dropped += lost
                 _close_producer(producer, 0)
                 producer = None
                 self._wake.set()
@@ -257,14 +267,27 @@ class Emitter:
         self._queue.clear()
         self._idle.set()
 
-    def _sent(self, batch: list[Any], _metadata: Any) -> None:
-        if batch:
-            self.stats.sent += 1
+    def _drain(self) -> list[tuple[bytes | None, list[Any]]]:
+        """Take everything queued; with ``encode_batch``, group it by key (order kept within a key)."""
+        items = []
+        while self._queue:
+            items.append(self._queue.popleft())
+        if self._encode_batch is None:
+            return [(key, [value]) for key, value in items]
+        groups: dict[bytes | None, list[Any]] = {}
+        for key, value in items:
+            groups.setdefault(key, []).append(value)
+        return [(key, values[i:i + self.max_batch]) for key, values in groups.items()
+                for i in range(0, len(values), self.max_batch)]
 
-    def _failed(self, batch: list[Any], exc: BaseException) -> None:
-        if not batch:
+    def _sent(self, batch: list[Any], entry: list[Any], _metadata: Any) -> None:
+        if entry in batch:
+            self.stats.sent += entry[1]
+
+    def _failed(self, batch: list[Any], entry: list[Any], exc: BaseException) -> None:
+        if entry not in batch:
             return
-        self.stats.dropped += 1
+        self.stats.dropped += entry[1]
         self._warn(f"lossguard: an event could not be delivered ({exc}); dropped")
 
     def _warn(self, message: str) -> None:

@@ -144,9 +144,11 @@ def _to_float(value: Any) -> float:
     return float(value)
 
 
-def _encode(item: tuple[str, int, float, str, dict[str, Any], dict[str, str]]) -> bytes:
+_Item = tuple[str, int, float, str, dict[str, Any], dict[str, str]]  # run_id, step, ts, source, metrics, tags
+
+
+def _step_metrics(metrics: dict[str, Any]) -> dict[str, float | str]:
     """Runs on the sender thread: reads deferred tensors, expands summaries, adds RSS."""
-    run_id, step, ts, source, metrics, tags = item
     values: dict[str, float | str] = {}
     for name, value in metrics.items():
         try:
@@ -159,10 +161,29 @@ def _encode(item: tuple[str, int, float, str, dict[str, Any], dict[str, str]]) -
     rss = _rss_bytes()
     if rss is not None:
         values.setdefault("rss", rss)
-    # The MetricEvent wire format, built directly: this runs once per step and holds the GIL, so it
-    # skips the dataclass round trip and uses orjson when present (non-finite values are already strings).
+    return values
+
+
+def _encode(item: _Item) -> bytes:
+    """One step as a MetricEvent, built directly: this holds the GIL, so it skips the dataclass round
+    trip and uses orjson when present (non-finite values are already strings)."""
+    run_id, step, ts, source, metrics, tags = item
     return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": step, "ts": ts, "source": source,
-                   "metrics": values, "tags": tags})
+                   "metrics": _step_metrics(metrics), "tags": tags})
+
+
+def _encode_batch(items: list[_Item]) -> bytes:
+    """Several steps of one run as one batched record (``detectors.events.decode_metric_record``)."""
+    if len(items) == 1:
+        return _encode(items[0])
+    run_id, _, _, source, _, tags = items[0]
+    steps = []
+    for _, step, ts, _, metrics, step_tags in items:
+        entry = {"step": step, "ts": ts, "metrics": _step_metrics(metrics)}
+        if step_tags != tags:
+            entry["tags"] = step_tags
+        steps.append(entry)
+    return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "source": source, "tags": tags, "steps": steps})
 
 
 def _default_rank() -> int:
@@ -405,7 +426,8 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
     metrics_topic = topic or topic_name("metrics")
     emitter = None
     if report_rank is None or rank == report_rank:
-        emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode=_encode)
+        emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode=_encode,
+                          encode_batch=_encode_batch)
     reporter = Reporter(run_id, model=model, optimizer=optimizer, every=every, emitter=emitter, tags=all_tags,
                         source=source, grad_norm_hook=grad_norm_hook, raise_on_stop=raise_on_stop)
     if listen:

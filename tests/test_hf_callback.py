@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from detectors.events import ControlEvent, decode_metric_event  # noqa: E402
+from detectors.events import ControlEvent, decode_metric_record  # noqa: E402
 from producers.hf import LossguardCallback  # noqa: E402
 from stream_app.control_cli import send_control  # noqa: E402
 from tests.conftest import read_topic  # noqa: E402
@@ -46,7 +46,7 @@ def _trainer(tmp_path, callbacks, max_steps: int, **args):
 
 def _events(topics, run_id: str):
     records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
-    return [e for e in (decode_metric_event(r.value) for r in records) if e.run_id == run_id]
+    return [e for e in (e for r in records for e in decode_metric_record(r.value)) if e.run_id == run_id]
 
 
 class _Script(transformers.TrainerCallback):

@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 
-from detectors.events import ControlEvent, decode_metric_event  # noqa: E402
+from detectors.events import ControlEvent, decode_metric_record  # noqa: E402
 from producers.lightning import LossguardCallback  # noqa: E402
 from stream_app.control_cli import send_control  # noqa: E402
 from tests.conftest import read_topic  # noqa: E402
@@ -51,7 +51,7 @@ def _fit(callbacks, max_steps: int, ckpt_path=None, **kwargs) -> pl.Trainer:
 
 def _events(topics, run_id: str):
     records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
-    return [e for e in (decode_metric_event(r.value) for r in records) if e.run_id == run_id]
+    return [e for e in (e for r in records for e in decode_metric_record(r.value)) if e.run_id == run_id]
 
 
 def test_state_dict_round_trip():

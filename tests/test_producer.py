@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import producers  # noqa: E402
-from detectors.events import decode_control_event, decode_metric_event  # noqa: E402
+from detectors.events import decode_control_event, decode_metric_record  # noqa: E402
 from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 from tests.conftest import ROOT, read_topic  # noqa: E402
 
@@ -47,7 +47,7 @@ def _train(reporter, model, optimizer, steps: int, clip: float | None = None, de
 
 def _events(topics, run_id: str):
     records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
-    return [e for e in (decode_metric_event(r.value) for r in records) if e.run_id == run_id]
+    return [e for e in (e for r in records for e in decode_metric_record(r.value)) if e.run_id == run_id]
 
 
 def _watch(topics, run_id: str, model=None, optimizer=None, **kw):
