@@ -377,6 +377,10 @@ class Reporter:
             self.control.close(timeout=min(timeout, 2.0))
             self.control = None
         if self.enabled:
+            if self._last_step is not None and not self.emitter.inert:
+                # the run's last word: tells the stalled-run detector this run ended on purpose
+                self.emitter.emit(self.run_id, (self.run_id, self._last_step, time.time(), self.source, {},
+                                                {**self.tags, "status": "finished"}))
             self.emitter.close(timeout)
 
     def __enter__(self) -> Reporter:

@@ -17,7 +17,7 @@ def test_nan_and_lr_jump_runs_alert_and_the_healthy_run_stays_quiet(topics, star
     results = {scenario: train(f"e2e-{scenario}", scenario, steps=steps, bootstrap=topics.bootstrap)
                for scenario in ("healthy", "lr_jump", "nan")}
     for result in results.values():
-        assert result["sent"] == steps and result["dropped"] == 0
+        assert result["sent"] == steps + 1 and result["dropped"] == 0  # every step + the closing event
 
     def done(alerts):
         return ({a.run_id for a in alerts if a.alert_type == "nonfinite_metric"} >= {"e2e-nan"}

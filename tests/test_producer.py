@@ -45,9 +45,11 @@ def _train(reporter, model, optimizer, steps: int, clip: float | None = None, de
     return steps - 1
 
 
-def _events(topics, run_id: str):
+def _events(topics, run_id: str, closing: bool = False):
+    """The run's step events (and, with ``closing``, the ``status=finished`` event close() sends last)."""
     records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
-    return [e for e in (e for r in records for e in decode_metric_record(r.value)) if e.run_id == run_id]
+    events = [e for r in records for e in decode_metric_record(r.value) if e.run_id == run_id]
+    return events if closing else [e for e in events if e.tags.get("status") != "finished"]
 
 
 def _watch(topics, run_id: str, model=None, optimizer=None, **kw):
@@ -137,7 +139,8 @@ def test_broker_absent_training_completes_and_drops_are_counted():
     trained = time.perf_counter() - start
     reporter.close(timeout=0.5)
     assert last == 299 and trained < 10
-    assert reporter.stats["sent"] == 0 and reporter.dropped == 300  # 250 overflowed, 50 left at close
+    # 250 overflowed, 50 left at close, and the closing status=finished event
+    assert reporter.stats["sent"] == 0 and reporter.dropped == 301
 
 
 def test_broker_killed_mid_run_training_completes_and_drops_are_counted():
@@ -158,7 +161,7 @@ def test_broker_killed_mid_run_training_completes_and_drops_are_counted():
     stats = reporter.stats
     assert last == 399 and trained < 10
     assert stats["sent"] >= 50 and stats["dropped"] >= 300
-    assert stats["sent"] + stats["dropped"] == stats["queued"] == 450
+    assert stats["sent"] + stats["dropped"] == stats["queued"] == 451  # 450 steps + the closing event
 
 
 def test_forked_child_sends_nothing_and_parent_is_unaffected(topics):
@@ -177,7 +180,9 @@ def test_forked_child_sends_nothing_and_parent_is_unaffected(topics):
     reporter.log(6, loss=3.0)
     reporter.close()
     assert os.waitstatus_to_exitcode(status) == 0
-    assert [e.step for e in _events(topics, "forked")] == [0, 6]
+    events = _events(topics, "forked", closing=True)
+    assert [e.step for e in events] == [0, 6, 6]
+    assert [e.tags.get("status") for e in events] == [None, None, "finished"]  # close() ends the run on purpose
 
 
 def test_only_the_reporting_rank_sends_unless_every_rank_reports(topics, monkeypatch):
