@@ -1,4 +1,4 @@
-"""Batch-size detector: did a change of ``batch_size`` hurt the run?"""
+"""Batch-size detector: a batch-size jump the learning rate was not adjusted for, and did a change hurt?"""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ class BatchSizeImpactDetector(Detector):
     losses are noisy). ``medium``; ``high`` at 3× the threshold. A throughput drop of more than the
     threshold per sample is reported the same way (``medium``).
 
+    ``batch_size_change`` does not wait for the damage: a jump of ``change_factor``× or more that holds
+    for ``change_persist`` observations (an epoch's last partial batch does not) is ``high`` when the
+    learning rate did not follow it. The gradient noise scales as 1/batch, so the usual rules move the
+    LR by between sqrt and linear of the batch factor (Goyal et al. 2017, arXiv:1706.02677; Malladi et
+    al. 2022, arXiv:2205.10287); an LR that moved by less than a fourth power of it (or the wrong way)
+    did not follow. Without a logged ``lr`` it is ``medium``.
+
     >>> import random
     >>> from detectors.events import MetricEvent
     >>> rng = random.Random(0)
@@ -31,15 +38,23 @@ class BatchSizeImpactDetector(Detector):
     >>> out = [a for s in range(100) for a in d.update(MetricEvent("r", s, {"loss": 0.9 + rng.gauss(0, 0.05), "batch_size": 64}))]
     >>> out += [a for s in range(100, 140) for a in d.update(MetricEvent("r", s, {"loss": 1.4 + rng.gauss(0, 0.2), "batch_size": 4}))]
     >>> [(a.alert_type, a.severity, a.step, a.status) for a in out]
-    [('batch_size_impact', 'high', 119, 'firing')]
+    [('batch_size_change', 'medium', 102, 'firing'), ('batch_size_impact', 'high', 119, 'firing')]
+    >>> d = BatchSizeImpactDetector()
+    >>> bs = [64] * 100 + [4] * 5
+    >>> [(a.alert_type, a.severity, a.step) for s, b in enumerate(bs) for a in d.update(MetricEvent("r", s, {"batch_size": b, "lr": 0.03}))]
+    [('batch_size_change', 'high', 102)]
+    >>> d = BatchSizeImpactDetector()   # LR scaled with the batch (linear rule): fine
+    >>> [a for s, b in enumerate(bs) for a in d.update(MetricEvent("r", s, {"batch_size": b, "lr": 0.03 * b / 64}))]
+    []
     """
 
     name = "batch_size_impact"
     category = "batch_size"
     section = "batch_size"
-    defaults = {"performance_threshold": 0.1, "window_size": 20, "resolve_after": 20}
+    defaults = {"performance_threshold": 0.1, "window_size": 20, "change_factor": 4.0, "change_persist": 3,
+                "resolve_after": 20}
     state_fields = ("batch_size", "old_batch_size", "before", "after", "tp_before", "tp_after", "pending",
-                    "since_change")
+                    "since_change", "lr", "jump")
 
     def reset(self) -> None:
         self.batch_size: float | None = None
@@ -50,31 +65,64 @@ class BatchSizeImpactDetector(Detector):
         self.tp_after: list[float] = []
         self.pending = False
         self.since_change = 0
+        self.lr: float | None = None
+        #: a large batch-size jump being confirmed: {"from", "to", "lr_before", "seen"}
+        self.jump: dict[str, float | None] | None = None
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        bs, loss, tp = (event.metrics.get(k) for k in ("batch_size", "loss", "throughput"))
-        if bs is not None and math.isfinite(bs):
-            if self.batch_size is not None and bs != self.batch_size and len(self.before) >= 3:
-                self.old_batch_size, self.pending = self.batch_size, True
-                self.after, self.tp_after, self.since_change = [], [], 0
+        bs, loss, tp, lr = (event.metrics.get(k) for k in ("batch_size", "loss", "throughput", "lr"))
+        alerts: list[Alert] = []
+        if bs is not None and math.isfinite(bs) and bs > 0:
+            if self.batch_size is not None and bs != self.batch_size:
+                factor = max(bs, self.batch_size) / min(bs, self.batch_size)
+                self.jump = ({"from": self.batch_size, "to": compact(bs), "lr_before": self.lr, "seen": 0}
+                             if factor >= self.change_factor else None)
+                if len(self.before) >= 3:
+                    self.old_batch_size, self.pending = self.batch_size, True
+                    self.after, self.tp_after, self.since_change = [], [], 0
             self.batch_size = compact(bs)
+            if self.jump is not None:
+                self.jump["seen"] += 1
+            alerts += self._judge_jump(event, lr)
+        if lr is not None and math.isfinite(lr):
+            self.lr = compact(lr)
         window, series = (self.after, self.tp_after) if self.pending else (self.before, self.tp_before)
         if loss is not None and math.isfinite(loss):
             push(window, loss, self.window_size)
         if tp is not None and math.isfinite(tp) and tp > 0:
             push(series, tp, self.window_size)
         if not self.pending:
-            return self._report(event, "batch_size_impact", False)
+            return alerts + self._report(event, "batch_size_impact", False)
         self.since_change += 1
         if len(self.after) < self.window_size:
-            return []
+            return alerts
         # the last window_size steps after the change, judged for three windows: harm can take a while
-        alerts = self._judge(event)
+        alerts += self._judge(event)
         if self.since_change >= 3 * self.window_size:
             self.pending = False
             self.before, self.tp_before = self.after, self.tp_after
             self.after, self.tp_after = [], []
         return alerts
+
+    def _judge_jump(self, event: MetricEvent, lr: float | None) -> list[Alert]:
+        jump = self.jump
+        if jump is None or jump["seen"] < self.change_persist:
+            return self._report(event, "batch_size_change", False)
+        factor = jump["to"] / jump["from"]
+        lr_now = lr if lr is not None and math.isfinite(lr) else self.lr
+        before = jump["lr_before"]
+        if lr_now is None or before is None or lr_now <= 0 or before <= 0:
+            followed, severity, how = None, "medium", "no learning rate logged"
+        else:
+            # the exponent k in lr ∝ batch^k that the LR change implies: sqrt rule 0.5, linear rule 1
+            k = math.log(lr_now / before) / math.log(factor)
+            followed = 0.25 <= k <= 1.5
+            severity, how = "high", f"learning rate {before:.3g} → {lr_now:.3g}"
+        return self._report(
+            event, "batch_size_change", not followed, severity=severity, value=jump["to"], threshold=self.change_factor,
+            message=f"batch size {jump['from']:g} → {jump['to']:g} ({factor:.3g}x) with {how}",
+            metadata={"old_batch_size": jump["from"], "new_batch_size": jump["to"], "lr_before": before,
+                      "lr": lr_now, "lr_followed": followed})
 
     def _judge(self, event: MetricEvent) -> list[Alert]:
         b, a = np.asarray(self.before), np.asarray(self.after)

@@ -8,7 +8,11 @@ than ``threshold`` robust σ *and* ``min_rel_increase`` (relative) above the med
 enter the window, so a burst cannot raise its own baseline. Severity grows with persistence and size: a
 lone step stays ``medium`` however large (a hard batch on a healthy run); ``high`` after
 ``persist_high`` spiking steps in a row; ``critical`` after ``persist_critical`` steps or a second step
-at ``ratio_critical``×. A negative loss (an RL surrogate objective) switches it off for the run.
+at ``ratio_critical``×. In the first ``warmup`` steps, before there is a window to compare with, a loss
+above ``early_ratio``× the run's first loss counts as a spike (a learning rate so high the very first
+updates blow the model up). A negative loss (an RL surrogate objective), or a run that logs
+policy-gradient metrics (``reward_mean``, ``kl``, ``clipfrac`` ...), switches it off for the run: a
+policy-gradient loss hovers around 0 by design and its ratios mean nothing (rlhf.py watches RL runs).
 
 The convergence detectors below share the ``[convergence]`` section and smooth the loss with an EMA of
 span ``span`` first: a minibatch loss is a noisy sample, its trend is what converges or diverges.
@@ -22,6 +26,9 @@ span ``span`` first: a minibatch loss is a noisy sample, its trend is what conve
 []
 >>> [(a.alert_type, a.severity) for s in range(200, 205) for a in d.update(MetricEvent("r", s, {"loss": 9.0}))]
 [('loss_spike', 'medium'), ('loss_spike', 'high'), ('loss_spike', 'critical')]
+>>> d = LossSpikeDetector()
+>>> [(a.severity, a.step) for s, x in enumerate([2.29, 25.8, 27.3, 15.4, 22.1]) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+[('medium', 1), ('critical', 2)]
 """
 
 from __future__ import annotations
@@ -33,10 +40,20 @@ import numpy as np
 from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
-from .stats import ema, push
+from .stats import compact, ema, push
 
 __all__ = ["LossSpikeDetector", "LossDivergenceDetector", "LossPlateauDetector", "LossOscillationDetector",
-           "CONVERGENCE_DEFAULTS"]
+           "CONVERGENCE_DEFAULTS", "POLICY_GRADIENT_METRICS"]
+
+#: metrics only a policy-gradient run logs (PPO, GRPO, REINFORCE): its ``loss`` is a surrogate objective
+#: centred near 0, not a curve that converges, so the loss detectors stand down (DPO's loss is a
+#: proper loss and its metrics, ``reward_margin`` ..., are not in this list)
+POLICY_GRADIENT_METRICS = ("reward_mean", "kl", "approx_kl", "clipfrac", "value_loss", "ratio")
+
+
+def _not_a_convergence_curve(event: MetricEvent, x: float) -> bool:
+    """A negative loss, or an event of a policy-gradient run: the loss detectors stand down for the run."""
+    return x < 0 or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
 
 
 @register_detector
@@ -50,30 +67,31 @@ class LossSpikeDetector(Detector):
         "warmup": 20,
         "threshold": 6.0,
         "min_rel_increase": 0.25,
-                "ratio_critical": 10.0,
+        "ratio_critical": 10.0,
+        "early_ratio": 3.0,
         "persist_high": 2,
         "persist_critical": 3,
         "resolve_after": 20,
     }
-    state_fields = ("history", "run_length", "signed")
+    state_fields = ("history", "run_length", "off", "initial")
 
     def reset(self) -> None:
         self.history: list[float] = []
         self.run_length = 0
-        self.signed = False
+        self.off = False
+        self.initial: float | None = None
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = event.metrics.get(self.metric)
-        if x is None or not math.isfinite(x) or self.signed:
+        if x is None or not math.isfinite(x) or self.off:
             return []
-        if x < 0:
-            # a loss that goes negative is an RL surrogate/objective, centred near 0: ratios to its
-            # median are meaningless, so the detector stands down for the run (rlhf.py watches RL runs)
-            self.signed = True
+        if _not_a_convergence_curve(event, x):
+            self.off = True
             return self._report(event, "loss_spike", False)
+        if self.initial is None:
+            self.initial = compact(x)
         if len(self.history) < self.warmup:
-            self._remember(x)
-            return []
+            return self._early(event, x)
         window = np.asarray(self.history)
         median = float(np.median(window))
         floor = median + abs(median) * self.min_rel_increase
@@ -94,6 +112,20 @@ class LossSpikeDetector(Detector):
             self.run_length = 0
             self._remember(x)
             return self._report(event, "loss_spike", False)
+        return self._spike(event, x, median, limit, f"its recent median {median:.4g} ({z:.1f} robust sigma)",
+                           {"robust_sigma": sigma})
+
+    def _early(self, event: MetricEvent, x: float) -> list[Alert]:
+        """Warm-up: no window yet, but a loss far above the run's first one is already a blow-up."""
+        limit = self.early_ratio * self.initial
+        if self.initial <= 0 or x <= limit:
+            self.run_length = 0
+            self._remember(x)
+            return self._report(event, "loss_spike", False)
+        return self._spike(event, x, self.initial, limit, f"the run's first loss {self.initial:.4g} (warm-up)", {})
+
+    def _spike(self, event: MetricEvent, x: float, median: float, limit: float, how: str,
+               metadata: dict) -> list[Alert]:
         self.run_length += 1
         ratio = x / median if median > 0 else math.inf
         if self.run_length >= self.persist_critical or (ratio >= self.ratio_critical and self.run_length > 1):
@@ -105,9 +137,8 @@ class LossSpikeDetector(Detector):
             severity = "medium"
         return self._report(
             event, "loss_spike", True, severity=severity, value=x, threshold=limit,
-            message=(f"{self.metric} {x:.4g} is {ratio:.2f}x its recent median {median:.4g} "
-                     f"({z:.1f} robust sigma) for {self.run_length} step(s)"),
-            metadata={"median": median, "robust_sigma": sigma, "ratio": ratio, "consecutive": self.run_length},
+            message=f"{self.metric} {x:.4g} is {ratio:.2f}x {how} for {self.run_length} step(s)",
+            metadata=dict(metadata, median=median, ratio=ratio, consecutive=self.run_length),
         )
 
     def _remember(self, x: float) -> None:
@@ -123,7 +154,7 @@ CONVERGENCE_DEFAULTS = {
     "warmup": 20,
     "divergence_threshold": 0.5,
     "divergence_steps": 10,
-    "stagnation_improvement": 0.01,
+    "stagnation_improvement": 0.02,
     "oscillation_window": 20,
     "oscillation_amplitude": 0.3,
     "resolve_after": 20,
@@ -133,30 +164,30 @@ CONVERGENCE_DEFAULTS = {
 class _SmoothedLoss(Detector):
     """An EMA of the loss and an EMA of its absolute deviation from it (a noise scale ≈ 0.8 σ).
 
-    Only for losses that are never negative (cross-entropy, MSE, DPO): the first negative value turns the
-    convergence detectors off for the run.
+    Only for losses that are never negative (cross-entropy, MSE, DPO): the first negative value, or the
+    first event with policy-gradient metrics, turns the convergence detectors off for the run.
     """
 
     category = "convergence"
     section = "convergence"
     defaults = CONVERGENCE_DEFAULTS
-    state_fields = ("smooth", "absdev", "seen", "signed")
+    state_fields = ("smooth", "absdev", "seen", "off")
 
     def reset(self) -> None:
         self.smooth: float | None = None
         self.absdev = 0.0
         self.seen = 0
-        self.signed = False
+        self.off = False
 
     def _observe(self, event: MetricEvent) -> float | None:
         """The loss, or None when absent, non-finite, or the run's loss is not a convergence curve."""
         x = event.metrics.get(self.metric)
-        if x is None or not math.isfinite(x) or self.signed:
+        if x is None or not math.isfinite(x) or self.off:
             return None
-        if x < 0:
-            # a negative loss (policy-gradient surrogate, an RL objective) is not bounded below by 0;
-            # "above its best" and "no improvement" mean nothing for it: off for the rest of the run
-            self.signed = True
+        if _not_a_convergence_curve(event, x):
+            # a policy-gradient surrogate is not bounded below by 0 and hovers around it; "above its
+            # best" and "no improvement" mean nothing for it: off for the rest of the run
+            self.off = True
             return None
         alpha = 2.0 / (self.span + 1)
         if self.smooth is not None:
@@ -229,50 +260,93 @@ class LossPlateauDetector(_SmoothedLoss):
     """Plateau: no relative improvement above ``plateau_threshold`` in ``plateau_window`` observations.
 
     A plateau at the end of a run is what convergence looks like, so a plateau is ``low`` (``medium`` after
-    4 windows). Stagnation is different: after 4 windows the best smoothed loss is within
-    ``stagnation_improvement`` of the loss after warm-up — the run has learned nothing (LR far too small,
-    frozen weights, a dead network) — and that is ``high``.
+    4 windows). Not learning at all is different: the median of the last ``plateau_window`` losses is not
+    ``stagnation_improvement`` below the median of the first ``warmup`` ones — the loss sits where it
+    started (vanishing gradients, dead or frozen weights, an LR of zero, an LR too high to descend) — and
+    that is ``high`` (``metadata.stagnation``). Medians, so a few hard batches do not move either side.
+    It is judged only on a run watched from its start, and not while the LR still climbs (a warm-up).
 
+    >>> import random
     >>> from detectors.events import MetricEvent
+    >>> rng = random.Random(0)
     >>> d = LossPlateauDetector()
-    >>> out = [a for s in range(300) for a in d.update(MetricEvent("r", s, {"loss": 2.302 + 0.01 * math.sin(s)}))]
-    >>> [(a.severity, a.step, a.metadata["stagnation"]) for a in out]
-    [('low', 68, False), ('medium', 218, False), ('high', 219, True)]
+    >>> out = [a for s in range(300) for a in d.update(MetricEvent("r", s, {"loss": 2.302 + rng.gauss(0, 0.03)}))]
+    >>> [(a.severity, a.step, a.metadata["stagnation"]) for a in out if a.status == "firing"]
+    [('high', 69, True)]
+    >>> d = LossPlateauDetector()
+    >>> learning = [2.3 * math.exp(-s / 80) + 0.2 + rng.gauss(0, 0.03) for s in range(300)]
+    >>> [a for s, x in enumerate(learning) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+    []
     """
 
     name = "loss_plateau"
-    state_fields = _SmoothedLoss.state_fields + ("best", "since_best", "reference")
+    state_fields = _SmoothedLoss.state_fields + ("best", "since_best", "early", "recent", "first_step",
+                                                 "interval", "prev_lr", "lr_rose_at")
 
     def reset(self) -> None:
         super().reset()
         self.best: float | None = None
         self.since_best = 0
-        self.reference: float | None = None
+        self.early: list[float] = []
+        self.recent: list[float] = []
+        self.first_step: int | None = None
+        self.interval: int | None = None
+        self.prev_lr: float | None = None
+        self.lr_rose_at = 0
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        if self._observe(event) is None:
+        x = self._observe(event)
+        if x is None:
             return []
+        if self.first_step is None:
+            self.first_step = event.step
+        elif self.interval is None and event.step > self.first_step:
+            self.interval = event.step - self.first_step
+        lr = event.metrics.get("lr")
+        if lr is not None and math.isfinite(lr):
+            if self.prev_lr is not None and lr > self.prev_lr:
+                self.lr_rose_at = self.seen
+            self.prev_lr = compact(lr)
+        if len(self.early) < self.warmup:
+            push(self.early, x, self.warmup)
+        push(self.recent, x, self.plateau_window)
         if self.seen < self.warmup:
             return []
-        if self.reference is None:
-            self.reference = self.best = self.smooth
+        if self.best is None:
+            self.best = self.smooth
         if self.smooth < self.best - self.plateau_threshold * abs(self.best):
             self.best, self.since_best = self.smooth, 0
         else:
             self.since_best += 1
-        watched = self.seen - self.warmup
-        stagnant = (watched >= 4 * self.plateau_window
-                    and self.best > self.reference - self.stagnation_improvement * abs(self.reference))
+        stagnant, start, now = self._stagnation()
+        if stagnant:
+            return self._report(
+                event, "convergence_plateau", True, severity="high", value=now,
+                threshold=start * (1 - self.stagnation_improvement),
+                message=(f"{self.metric} is not learning: median {now:.4g} over the last {len(self.recent)} "
+                         f"steps vs {start:.4g} over the first {len(self.early)} "
+                         f"({(start - now) / start:+.1%})"),
+                metadata={"best": self.best, "since_best": self.since_best, "stagnation": True,
+                          "start_median": start, "recent_median": now})
         active = self.since_best >= self.plateau_window
-        if not active:
-            return self._report(event, "convergence_plateau", False)
-        severity = "high" if stagnant else "medium" if self.since_best >= 4 * self.plateau_window else "low"
-        what = (f"has not improved {self.stagnation_improvement:.0%} since warm-up in {watched} steps"
-                if stagnant else f"has not improved by {self.plateau_threshold:.2%} in {self.since_best} steps")
-        return self._report(event, "convergence_plateau", True, severity=severity, value=self.smooth,
-                            threshold=self.plateau_threshold,
-                            message=f"smoothed {self.metric} {self.smooth:.4g} {what}",
-                            metadata={"best": self.best, "since_best": self.since_best, "stagnation": stagnant})
+        severity = "medium" if self.since_best >= 4 * self.plateau_window else "low"
+        return self._report(
+            event, "convergence_plateau", active, severity=severity, value=self.smooth,
+            threshold=self.plateau_threshold,
+            message=(f"smoothed {self.metric} {self.smooth:.4g} has not improved by {self.plateau_threshold:.2%} "
+                     f"in {self.since_best} steps"),
+            metadata={"best": self.best, "since_best": self.since_best, "stagnation": False})
+
+    def _stagnation(self) -> tuple[bool, float, float]:
+        """``(not learning, early median, recent median)`` — see the class docstring."""
+        if self.seen < self.warmup + self.plateau_window:
+            return False, math.nan, math.nan
+        # a run picked up mid-way (resumed, or monitoring started late) did not start at this level
+        from_start = self.first_step <= self.warmup * (self.interval or 1)
+        warming_up = self.seen - self.lr_rose_at < self.plateau_window
+        start, now = float(np.median(self.early)), float(np.median(self.recent))
+        stagnant = from_start and not warming_up and start > 0 and now > start * (1 - self.stagnation_improvement)
+        return stagnant, start, now
 
 
 @register_detector
@@ -296,16 +370,20 @@ class LossOscillationDetector(Detector):
     category = "loss"
     section = "convergence"
     defaults = CONVERGENCE_DEFAULTS
-    state_fields = ("recent", "run_length")
+    state_fields = ("recent", "run_length", "off")
 
     def reset(self) -> None:
         self.recent: list[float] = []
         self.run_length = 0
+        self.off = False
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = event.metrics.get(self.metric)
-        if x is None or not math.isfinite(x):
+        if x is None or not math.isfinite(x) or self.off:
             return []
+        if _not_a_convergence_curve(event, x):
+            self.off = True  # a policy-gradient surrogate swings around 0 by design
+            return self._report(event, "loss_oscillation", False)
         push(self.recent, x, self.oscillation_window + 1)
         if len(self.recent) <= self.oscillation_window:
             return []

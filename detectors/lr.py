@@ -23,6 +23,7 @@ LEARNING_RATE_DEFAULTS = {
     "explained_factor": 4.0,
     "low_steps": 10,
     "stuck_steps": 50,
+    "zero_steps": 3,
     "resolve_after": 20,
 }
 
@@ -35,6 +36,9 @@ class LearningRateRangeDetector(Detector):
     10× ``max_lr`` ``critical``. Below ``min_lr`` is ``medium`` after ``low_steps`` steps that are not
     a warm-up climbing from zero; at or below ``min_lr`` for ``stuck_steps`` steps is ``lr_stuck_zero``,
     ``high`` — a scheduler that never started, or a decay that ended the learning long before the run.
+    A learning rate that *drops* to zero — by more than ``explained_factor``× the schedule's largest
+    recent step change (a linear or cosine decay reaches zero by its own last small step) — is
+    ``lr_stuck_zero`` ``high`` after ``zero_steps`` observations: a scheduler or optimizer bug.
 
     >>> from detectors.events import MetricEvent
     >>> d = LearningRateRangeDetector()
@@ -43,18 +47,30 @@ class LearningRateRangeDetector(Detector):
     >>> d = LearningRateRangeDetector()
     >>> [(a.alert_type, a.step) for s in range(0, 80) for a in d.update(MetricEvent("r", s, {"lr": 0.0}))]
     [('lr_stuck_zero', 50)]
+    >>> d = LearningRateRangeDetector()
+    >>> lrs = [3e-2] * 100 + [0.0] * 10
+    >>> [(a.alert_type, a.step) for s, lr in enumerate(lrs) for a in d.update(MetricEvent("r", s, {"lr": lr}))]
+    [('lr_stuck_zero', 102)]
+    >>> d = LearningRateRangeDetector()
+    >>> linear = [3e-2 * (1 - s / 99) for s in range(100)]   # linear decay to exactly zero at the last step
+    >>> [a for s, lr in enumerate(linear + [0.0]) for a in d.update(MetricEvent("r", s, {"lr": lr}))]
+    []
     """
 
     name = "lr_range"
     category = "learning_rate"
     section = "learning_rate"
     defaults = LEARNING_RATE_DEFAULTS
-    state_fields = ("low_since", "low_seen", "prev_lr")
+    state_fields = ("low_since", "low_seen", "prev_lr", "moves", "dropped")
 
     def reset(self) -> None:
         self.low_since: int | None = None
         self.low_seen = 0
         self.prev_lr: float | None = None
+        #: absolute step-to-step LR changes of the last few steps (how fast the schedule moves)
+        self.moves: list[float] = []
+        #: the LR fell to ≤ min_lr in one step the schedule does not explain
+        self.dropped = False
 
     def update(self, event: MetricEvent) -> list[Alert]:
         lr = event.metrics.get("lr")
@@ -64,23 +80,32 @@ class LearningRateRangeDetector(Detector):
             event, "lr_too_high", lr > self.max_lr,
             severity="critical" if lr > 10 * self.max_lr else "high", value=lr, threshold=self.max_lr,
             message=f"learning rate {lr:.4g} is above max_lr {self.max_lr:g}")
-        rising = self.prev_lr is not None and lr > self.prev_lr
+        prev = self.prev_lr
+        rising = prev is not None and lr > prev
         self.prev_lr = compact(lr)
         if lr > self.min_lr:
-            self.low_since, self.low_seen = None, 0
+            self.low_since, self.low_seen, self.dropped = None, 0, False
         else:
             if self.low_since is None:
                 self.low_since = event.step
+                # a drop to zero bigger than the schedule's recent moves is a bug, not the end of a decay
+                typical = max(self.moves, default=0.0)
+                self.dropped = prev is not None and prev > self.min_lr and prev > self.explained_factor * typical
             self.low_seen += 1
+        if prev is not None:
+            push(self.moves, abs(lr - prev), 5)
         low_for = -1 if self.low_since is None else event.step - self.low_since
         too_low = 0 < lr <= self.min_lr and low_for >= self.low_steps and not rising
         alerts += self._report(event, "lr_too_low", too_low, severity="medium", value=lr,
                                threshold=self.min_lr,
                                message=f"learning rate {lr:.3g} below min_lr {self.min_lr:g} for {low_for} steps")
-        stuck = low_for >= self.stuck_steps and self.low_seen >= 3
+        stuck = (low_for >= self.stuck_steps and self.low_seen >= 3) or (
+            self.dropped and self.low_seen >= self.zero_steps)
+        how = "dropped to" if self.dropped else "has been"
         alerts += self._report(event, "lr_stuck_zero", stuck, severity="high", value=lr, threshold=self.min_lr,
-                               message=f"learning rate {lr:.3g} has been ≤ {self.min_lr:g} since step "
-                                       f"{self.low_since}: the model is not learning")
+                               message=f"learning rate {how} {lr:.3g} (≤ {self.min_lr:g}) at step "
+                                       f"{self.low_since}: the model is not learning",
+                               metadata={"since": self.low_since, "sudden": self.dropped})
         return alerts
 
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .alerts import Alert
+from .alerts import Alert, severity_rank
 from .base import Detector, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, push, robust_center_scale
@@ -21,6 +21,7 @@ RESOURCES_DEFAULTS = {
     "warmup": 10,
     "step_time_threshold": 6.0,
     "step_time_ratio": 2.0,
+    "step_time_max_severity": "medium",
     "memory_growth_threshold": 0.5,
     "memory_window": 50,
     "resolve_after": 20,
@@ -33,11 +34,16 @@ class StepTimeDetector(Detector):
 
     A step is slow when it is over ``step_time_threshold`` robust σ *and* ``step_time_ratio``× above the
     median. One slow step is ``low`` (a checkpoint save, a GC pause); ``medium`` after 5 in a row; ``high``
-    after 20 in a row at 3× (data-loader starvation, throttling, a straggling rank).
+    after 20 in a row at 3× (data-loader starvation, throttling, a straggling rank) — but only where
+    ``step_time_max_severity`` allows it: by default a slowdown is a resource problem (a contended host,
+    a bigger batch), not a broken run, and stays at ``medium``.
 
     >>> from detectors.events import MetricEvent
-    >>> d = StepTimeDetector()
     >>> times = [0.21, 0.2, 0.22, 0.2, 0.19, 0.21] * 10 + [4.0] + [0.2] * 10 + [0.9] * 25
+    >>> d = StepTimeDetector()
+    >>> [(a.severity, a.step, a.status) for s, t in enumerate(times) for a in d.update(MetricEvent("r", s, {"step_time": t}))]
+    [('low', 60, 'firing'), ('medium', 75, 'firing')]
+    >>> d = StepTimeDetector(step_time_max_severity="high")
     >>> [(a.severity, a.step, a.status) for s, t in enumerate(times) for a in d.update(MetricEvent("r", s, {"step_time": t}))]
     [('low', 60, 'firing'), ('medium', 75, 'firing'), ('high', 90, 'firing')]
     """
@@ -69,6 +75,8 @@ class StepTimeDetector(Detector):
         ratio = x / median if median > 0 else math.inf
         severity = ("high" if self.run_length >= 20 and ratio >= 3 else
                     "medium" if self.run_length >= 5 else "low")
+        if severity_rank(severity) > severity_rank(self.step_time_max_severity):
+            severity = self.step_time_max_severity
         return self._report(event, "step_time_anomaly", True, severity=severity, value=x, threshold=limit,
                             message=f"step time {x:.3g}s is {ratio:.1f}x the recent median {median:.3g}s "
                                     f"for {self.run_length} step(s)",
@@ -82,9 +90,9 @@ class MemoryGrowthDetector(Detector):
     After ``warmup`` observations (allocators and caches fill up first), the mean of the next ``warmup``
     observations is the reference. An EMA of each metric is compared with it, and with its own value at
     the last two ``memory_window`` marks: growth over ``memory_growth_threshold`` is ``medium`` (a plateau
-    after growth is fine and resolves); growth over it that is *still rising*, by > 5 % in each of the
-    last two windows, is ``high`` (a leak that will end in an out-of-memory), at 4× the threshold
-    ``critical``.
+    after growth is fine and resolves); growth over twice the threshold that is *still rising*, by > 5 %
+    in each of the last two windows, is ``high`` (sustained and large: a leak that will end in an
+    out-of-memory), at 4× the threshold ``critical``.
 
     >>> from detectors.events import MetricEvent
     >>> d = MemoryGrowthDetector()
@@ -93,7 +101,7 @@ class MemoryGrowthDetector(Detector):
     []
     >>> leak = [a for s in range(300, 900) for a in d.update(MetricEvent("r", s, {"rss": 2e9 + 1e7 * (s - 300)}))]
     >>> [(a.severity, a.step) for a in leak]
-    [('high', 410), ('critical', 710)]
+    [('medium', 410), ('high', 510), ('critical', 710)]
     """
 
     name = "memory_growth"
@@ -134,7 +142,7 @@ class MemoryGrowthDetector(Detector):
         growth, name, rising = worst
         active = growth > self.memory_growth_threshold
         severity = ("critical" if rising and growth > 4 * self.memory_growth_threshold else
-                    "high" if rising else "medium")
+                    "high" if rising and growth > 2 * self.memory_growth_threshold else "medium")
         ref = self.tracks[name]["ref"]
         return self._report(event, "memory_growth", active, severity=severity, value=self.tracks[name]["ema"],
                             threshold=ref * (1 + self.memory_growth_threshold),
@@ -147,11 +155,12 @@ class MemoryGrowthDetector(Detector):
 class StalledRunDetector(Detector):
     """No event for ``stall_factor``× the run's usual interval between events (and at least ``min_seconds``).
 
-    Works two ways: ``update`` sees the gap when the next event finally arrives (offline replay, or a run
-    that hung and recovered), and ``tick(now)``, called periodically by the stream app with the wall clock,
-    sees a run that is silent right now. ``medium``; ``high`` once the silence also exceeds ``stall_seconds``
-    (a checkpoint save of a big model can take minutes); ``critical`` past 6× that. An event tagged
-    ``status=finished`` (or ``completed``/``stopped``) ends the watch: a finished run is not stalled.
+    Works two ways: ``tick(now)``, called periodically by the stream app with the wall clock, sees a run
+    that is silent right now: ``medium``; ``high`` once the silence also exceeds ``stall_seconds`` (a
+    checkpoint save of a big model can take minutes); ``critical`` past 6× that. ``update`` sees a gap
+    only when the next event has arrived — the run is moving again (offline replay has no "now" at all)
+    — so a past gap is ``medium`` at most. An event tagged ``status`` = ``finished``, ``completed``,
+    ``stopped`` or ``failed`` ends the watch: a run that ended is not stalled.
 
     >>> from detectors.events import MetricEvent
     >>> d = StalledRunDetector()
@@ -169,7 +178,7 @@ class StalledRunDetector(Detector):
     defaults = {"stall_factor": 10.0, "min_seconds": 60.0, "stall_seconds": 600.0, "resolve_after": 1}
     state_fields = ("run_id", "last_step", "last_ts", "intervals", "finished")
 
-    FINISHED = ("finished", "completed", "stopped")
+    FINISHED = ("finished", "completed", "stopped", "failed")
 
     def reset(self) -> None:
         self.run_id: str | None = None
@@ -202,10 +211,12 @@ class StalledRunDetector(Detector):
             severity = self._judge(gap)
             if severity is None and gap > 0:
                 push(self.intervals, gap, 20)
+            elif severity is not None:
+                severity = "medium"  # the run reported again: a gap in the past, not a stall now
             alerts = self._stall(event, gap, severity)
         self.last_step, self.last_ts = event.step, event.ts
-        if event.tags.get("status") in self.FINISHED:
-            self.finished = True
+        # the last word counts: a run that reports again after "finished" was resumed
+        self.finished = str(event.tags.get("status", "")).lower() in self.FINISHED
         return alerts
 
     def tick(self, now: float) -> list[Alert]:

@@ -37,8 +37,8 @@ FAILURES = [
     (series.supervised, "zero_grad_bug", {"gradient_vanishing"}, 10),
     (series.supervised, "overfit", {"val_train_divergence"}, 150),
     (series.supervised, "batch_shrink", {"batch_size_impact"}, 60),
-    (series.supervised, "memory_leak", {"memory_growth"}, 150),
-    (series.supervised, "slow_steps", {"step_time_anomaly"}, 30),
+    # high only once the growth is large (2x the threshold) as well as still rising: medium comes first
+    (series.supervised, "memory_leak", {"memory_growth"}, 200),
     (series.ppo, "ppo_hacking", {"reward_hacking"}, 40),
     (series.ppo, "ppo_kl_blowup", {"kl_blowup"}, 10),
     (series.ppo, "ppo_kl_blowup", {"clipfrac_out_of_band"}, 10),
@@ -71,6 +71,17 @@ def test_induced_failure_is_caught_high_near_injection(make, scenario, types, wi
     assert hits, f"no high/critical {types}; got {[(a.alert_type, a.severity, a.step) for a in alerts]}"
     first = min(a.step for a in hits)
     assert s.inject_at <= first <= s.inject_at + within, (first, s.inject_at)
+
+
+def test_slow_steps_are_a_resource_issue_medium_unless_configured():
+    """A slowdown (a contended host, a straggler) is not a broken run: medium by default, high on request."""
+    s = series.supervised("slow_steps")
+    slow = [a for a in run(s.events) if a.alert_type == "step_time_anomaly" and a.status == "firing"]
+    assert {a.severity for a in slow} == {"low", "medium"}
+    assert s.inject_at <= min(a.step for a in slow if a.severity == "medium") <= s.inject_at + 10
+    strict = run(s.events, DetectorSuite({"resources": {"step_time_max_severity": "high"}}))
+    hits = [a.step for a in strict if a.alert_type == "step_time_anomaly" and a.severity in HIGH]
+    assert hits and s.inject_at <= min(hits) <= s.inject_at + 30
 
 
 def test_healthy_twin_of_a_failure_stays_quiet_for_the_same_types():
