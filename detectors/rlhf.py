@@ -42,6 +42,7 @@ RLHF_DEFAULTS = {
     "kl_ratio": 10.0,
     "kl_floor": 1.0,
     "entropy_ratio": 0.2,
+    "entropy_drop": 0.5,
     "length_ratio": 2.5,
     "hack_kl_ratio": 5.0,
     "hack_kl_min": 10.0,
@@ -306,36 +307,55 @@ class KLBlowupDetector(_LaggingRatio):
 
 @register_detector
 class EntropyCollapseDetector(_LaggingRatio):
-    """Policy entropy falling below ``entropy_ratio`` of its recent median: the policy became deterministic.
+    """Policy entropy collapsing: the policy became (nearly) deterministic.
 
+    Two ways to get there, both tripping the test: fast, below ``entropy_drop`` of its recent median (the
+    median of the last ``window`` ordinary values, which a healthy run's slow decline moves along), and
+    slowly, below ``entropy_ratio`` of its early level (the median of the first ``window`` values).
     ``medium`` at once, ``high`` after ``persist`` steps, ``critical`` when it lasts 4× ``persist`` steps
-    below a quarter of that ratio.
+    below a quarter of ``entropy_ratio`` of the early level.
 
     >>> from detectors.events import MetricEvent
     >>> d = EntropyCollapseDetector()
     >>> ent = [2.0 - s / 200 for s in range(100)] + [0.1] * 10
     >>> [(a.severity, a.step) for s, e in enumerate(ent) for a in d.update(MetricEvent("r", s, {"entropy": e}))]
     [('medium', 100), ('high', 104)]
+    >>> d = EntropyCollapseDetector()   # a healthy, slow decline by a third
+    >>> [a for s in range(300) for a in d.update(MetricEvent("r", s, {"entropy": 2.0 - s / 450}))]
+    []
     """
 
     name = "entropy_collapse"
     metric = "entropy"
+    state_fields = _LaggingRatio.state_fields + ("early",)
+
+    def reset(self) -> None:
+        super().reset()
+        self.early: list[float] = []
+
+    def _early_level(self) -> float:
+        return float(np.median(self.early)) if self.early else math.nan
 
     def _tripped(self, x: float, median: float) -> bool:
-        return median > 0 and x < self.entropy_ratio * median
+        early = self._early_level()
+        return (median > 0 and x < self.entropy_drop * median) or (early > 0 and x < self.entropy_ratio * early)
 
     def update(self, event: MetricEvent) -> list[Alert]:
+        x = _finite(event, self.metric)
+        if x is not None and len(self.early) < self.window:
+            push(self.early, x, self.window)
         out = self._step(event)
         if out is None:
             return []
         x, median, tripped = out
-        severity = ("critical" if self.run_length >= 4 * self.persist and x < self.entropy_ratio / 4 * median
+        early = self._early_level()
+        severity = ("critical" if self.run_length >= 4 * self.persist and x < self.entropy_ratio / 4 * early
                     else "high" if self.run_length >= self.persist else "medium")
         return self._report(event, "entropy_collapse", tripped, severity=severity, value=x,
-                            threshold=self.entropy_ratio * median,
-                            message=f"entropy {x:.4g} collapsed from a recent {median:.4g} "
+                            threshold=max(self.entropy_drop * median, self.entropy_ratio * early),
+                            message=f"entropy {x:.4g} collapsed from a recent {median:.4g} (early {early:.4g}) "
                                     f"for {self.run_length} step(s)",
-                            metadata={"median": median, "consecutive": self.run_length})
+                            metadata={"median": median, "early": early, "consecutive": self.run_length})
 
 
 @register_detector

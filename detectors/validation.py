@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
-from .stats import compact, ema
+from .stats import compact, ema, push, robust_center_scale
 
 __all__ = ["ValTrainDivergenceDetector", "VALIDATION_DEFAULTS"]
 
 VALIDATION_DEFAULTS = {
     "rise_threshold": 0.1,
+    "noise_threshold": 3.0,
+    "noise_window": 20,
     "patience": 5,
     "overtrain_evals": 8,
     "train_span": 20,
@@ -30,8 +34,11 @@ class ValTrainDivergenceDetector(Detector):
 
     At each evaluation the validation loss is compared with the best so far, and the smoothed training
     loss with its value at that best evaluation. ``val_train_divergence`` is active when validation is more
-    than ``rise_threshold`` (relative) above its best while training is lower than it was then:
-    ``medium`` at once, ``high`` after ``patience`` evaluations in a row, ``critical`` at 3× the rise.
+    than ``rise_threshold`` (relative) *and* ``noise_threshold`` noise σ above its best while training is
+    lower than it was then. The noise σ is the robust spread (MAD around the median, so a steady descent
+    is not noise) of the eval-to-eval changes of the last ``noise_window`` evaluations, over √2: a small
+    validation set jitters, and a best evaluation is partly luck. ``medium`` at once, ``high`` after
+    ``patience`` evaluations in a row, ``critical`` when it lasts twice that at 3× the rise.
     ``overtraining`` (``low``, ``medium`` when validation is also rising) says the best checkpoint is
     ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
 
@@ -44,14 +51,14 @@ class ValTrainDivergenceDetector(Detector):
     ...         m["val_loss"] = 0.8 + 0.002 * (s - 300) ** 2 / 100
     ...     out += d.update(MetricEvent("r", s, m))
     >>> [(a.alert_type, a.severity, a.step) for a in out]
-    [('val_train_divergence', 'medium', 400), ('val_train_divergence', 'critical', 600), ('overtraining', 'medium', 700)]
+    [('val_train_divergence', 'medium', 500), ('val_train_divergence', 'high', 700), ('overtraining', 'medium', 700)]
     """
 
     name = "val_train_divergence"
     category = "validation"
     section = "validation"
     defaults = VALIDATION_DEFAULTS
-    state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length")
+    state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals")
 
     def reset(self) -> None:
         self.train: float | None = None
@@ -60,6 +67,7 @@ class ValTrainDivergenceDetector(Detector):
         self.train_at_best: float | None = None
         self.evals_since_best = 0
         self.run_length = 0
+        self.vals: list[float] = []
 
     def update(self, event: MetricEvent) -> list[Alert]:
         loss = event.metrics.get("loss")
@@ -75,10 +83,12 @@ class ValTrainDivergenceDetector(Detector):
             self.evals_since_best += 1
         train_falling = (self.train is not None and self.train_at_best is not None
                          and self.train < self.train_at_best)
+        push(self.vals, val, self.noise_window)
+        noise = robust_center_scale(np.diff(self.vals))[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
-        active = train_falling and rise > self.rise_threshold
+        active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
         self.run_length = self.run_length + 1 if active else 0
-        severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= self.patience
+        severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= 2 * self.patience
                     else "high" if self.run_length >= self.patience else "medium")
         alerts = self._report(
             event, "val_train_divergence", active, severity=severity, value=val,
@@ -87,7 +97,7 @@ class ValTrainDivergenceDetector(Detector):
                      f"{self.best_step}) while the training loss fell to {self.train or 0:.4g} "
                      f"for {self.run_length} evaluation(s)"),
             metadata={"best_val": self.best_val, "best_step": self.best_step, "train": self.train,
-                      "train_at_best": self.train_at_best, "evaluations": self.run_length})
+                      "train_at_best": self.train_at_best, "evaluations": self.run_length, "noise": noise})
         overtrained = train_falling and self.evals_since_best >= self.overtrain_evals
         alerts += self._report(
             event, "overtraining", overtrained, severity="medium" if rise > self.rise_threshold else "low",
