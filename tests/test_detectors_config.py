@@ -128,14 +128,36 @@ def test_stalled_run_from_tick_and_from_timestamps():
     alerts = [a for e in gap for a in replayed.update(e)]
     assert [(a.alert_type, a.status, a.step) for a in alerts if a.alert_type == "stalled_run"] == [
         ("stalled_run", "firing", 60), ("stalled_run", "resolved", 61)]
+    # the run reported again: a gap in the past (and all a replay can see) is not a stall now
+    assert {a.severity for a in alerts if a.alert_type == "stalled_run"} == {"medium"}
 
 
-def test_finished_run_is_not_stalled():
+@pytest.mark.parametrize("status", ["finished", "completed", "stopped", "failed", "FINISHED"])
+def test_finished_run_is_not_stalled(status):
+    suite = DetectorSuite()
+    for s in range(20):
+        suite.update(MetricEvent("r", s, {"loss": 1.0}, ts=100.0 + s))
+    suite.update(MetricEvent("r", 20, {"loss": 1.0}, ts=120.0, tags={"status": status}))
+    assert suite.tick(100_000.0) == []
+
+
+def test_a_run_that_reports_after_finished_is_watched_again():
     suite = DetectorSuite()
     for s in range(20):
         suite.update(MetricEvent("r", s, {"loss": 1.0}, ts=100.0 + s))
     suite.update(MetricEvent("r", 20, {"loss": 1.0}, ts=120.0, tags={"status": "finished"}))
-    assert suite.tick(100_000.0) == []
+    suite.update(MetricEvent("r", 21, {"loss": 1.0}, ts=121.0))  # resumed
+    assert [a.severity for a in suite.tick(100_000.0)] == ["critical"]
+
+
+def test_lr_dropping_to_zero_mid_run_is_high_within_a_few_steps():
+    events = series.supervised("healthy").events
+    zeroed = [MetricEvent(e.run_id, e.step, dict(e.metrics, lr=0.0) if e.step >= 150 else e.metrics, ts=e.ts)
+              for e in events]
+    suite = DetectorSuite()
+    hits = [a.step for e in zeroed for a in suite.update(e) if a.alert_type == "lr_stuck_zero"
+            and a.severity == "high"]
+    assert hits and 150 <= hits[0] <= 154
 
 
 def test_trl_and_bedrock_names_reach_the_detectors():

@@ -37,6 +37,7 @@ FAILURES = [
     (series.supervised, "zero_grad_bug", {"gradient_vanishing"}, 10),
     (series.supervised, "overfit", {"val_train_divergence"}, 150),
     (series.supervised, "batch_shrink", {"batch_size_impact"}, 60),
+    (series.supervised, "batch_shrink", {"batch_size_change"}, 3),
     # high only once the growth is large (2x the threshold) as well as still rising: medium comes first
     (series.supervised, "memory_leak", {"memory_growth"}, 200),
     (series.ppo, "ppo_hacking", {"reward_hacking"}, 40),
