@@ -28,7 +28,7 @@ import faust
 from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
 from detectors.events import dumps
 
-from . import faust_fixes, web
+from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
 from .records import decode_metric_record
 from .settings import load_settings
@@ -37,6 +37,8 @@ log = logging.getLogger("lossguard.worker")
 
 settings = load_settings()
 faust_fixes.install(settings.fetch_max_wait_ms)
+_bootstrap = settings.bootstrap or f"127.0.0.1:{settings.broker_port}"
+recovery.install(_bootstrap)
 
 
 def _store_url() -> str:
@@ -52,7 +54,7 @@ def _store_url() -> str:
 
 app = faust.App(
     settings.app_id,
-    broker=f"kafka://{settings.bootstrap or f'127.0.0.1:{settings.broker_port}'}",
+    broker=f"kafka://{_bootstrap}",
     store=_store_url(),
     datadir=settings.data_dir,
     topic_partitions=settings.partitions,
