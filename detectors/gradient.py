@@ -64,9 +64,9 @@ class GradientExplosionDetector(_GradientNormReader):
 
     Two tests: ``grad_norm > explosion_threshold`` and a z-score against an exponential moving mean and
     variance of the norm (ZClip, Kumar et al. 2025, arXiv:2504.02507): ``z = (g - μ) / σ`` with outliers
-    entering the average only clipped to ``μ + zscore_threshold·σ``, so a burst cannot hide itself. One
-    step over either test is ``medium``; both tests, or a norm 10× the mean, ``high``; three steps, or two
-    at 100×, ``critical``.
+    entering the average only clipped to ``μ + zscore_threshold·σ``, so a burst cannot hide itself. A
+    single step is at most ``medium`` (one hard batch must not page anyone, as for loss spikes); two steps
+    in a row over both tests, or at 10× the mean, are ``high``; three steps, or two at 100×, ``critical``.
 
     >>> from detectors.events import MetricEvent
     >>> d = GradientExplosionDetector()
@@ -74,7 +74,7 @@ class GradientExplosionDetector(_GradientNormReader):
     >>> [a for s, g in enumerate(norms) for a in d.update(MetricEvent("r", s, {"grad_norm": g}))]
     []
     >>> [(a.alert_type, a.severity) for s in (40, 41, 42) for a in d.update(MetricEvent("r", s, {"grad_norm": 180.0}))]
-    [('gradient_explosion', 'high'), ('gradient_explosion', 'critical')]
+    [('gradient_explosion', 'medium'), ('gradient_explosion', 'critical')]
     """
 
     name = "gradient_explosion"
@@ -115,7 +115,8 @@ class GradientExplosionDetector(_GradientNormReader):
         if self.run_length >= 2 and ((ratio >= 100 and warm) or g > 100 * self.explosion_threshold) or (
                 self.run_length >= 3 and z_hit and abs_hit):
             severity = "critical"
-        elif (z_hit and abs_hit) or (warm and ratio >= 10) or (self.run_length >= 3 and z_hit):
+        elif (self.run_length >= 2 and ((z_hit and abs_hit) or (warm and ratio >= 10))) or (
+                self.run_length >= 3 and z_hit):
             severity = "high"
         else:
             severity = "medium"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
@@ -24,6 +26,7 @@ LEARNING_RATE_DEFAULTS = {
     "low_steps": 10,
     "stuck_steps": 50,
     "zero_steps": 3,
+    "confirm_factor": 1.5,
     "resolve_after": 20,
 }
 
@@ -32,8 +35,12 @@ LEARNING_RATE_DEFAULTS = {
 class LearningRateRangeDetector(Detector):
     """Learning rate outside ``[min_lr, max_lr]``: too high, too low, or stuck at zero.
 
-    Above ``max_lr`` is ``high`` at once (a learning rate is set, not measured: one step is proof), above
-    10× ``max_lr`` ``critical``. Below ``min_lr`` is ``medium`` after ``low_steps`` steps that are not
+    Above ``max_lr`` is ``medium`` at once — a setting outside the configured range, which some recipes
+    use on purpose (large-batch SGD with clipping) — and ``high`` once the loss confirms it: the median of
+    its last 5 values rises to ``confirm_factor``× its best since the LR left the range (one noisy step
+    confirms nothing), it makes no progress (after ``window`` steps out of range the recent median is
+    still at or above the first loss seen there), or it stops being finite. Above 10× ``max_lr``
+    the same two levels are ``high`` and ``critical``. Below ``min_lr`` is ``medium`` after ``low_steps`` steps that are not
     a warm-up climbing from zero; at or below ``min_lr`` for ``stuck_steps`` steps is ``lr_stuck_zero``,
     ``high`` — a scheduler that never started, or a decay that ended the learning long before the run.
     A learning rate that *drops* to zero — by more than ``explained_factor``× the schedule's largest
@@ -42,8 +49,9 @@ class LearningRateRangeDetector(Detector):
 
     >>> from detectors.events import MetricEvent
     >>> d = LearningRateRangeDetector()
-    >>> [(a.alert_type, a.severity) for s in range(3) for a in d.update(MetricEvent("r", s, {"lr": 3.0}))]
-    [('lr_too_high', 'high')]
+    >>> [(a.alert_type, a.severity) for s, loss in enumerate([2.0, 1.9, 2.2, 3.5, 3.1, 3.3, 2.9])
+    ...  for a in d.update(MetricEvent("r", s, {"lr": 3.0, "loss": loss}))]
+    [('lr_too_high', 'medium'), ('lr_too_high', 'high')]
     >>> d = LearningRateRangeDetector()
     >>> [(a.alert_type, a.step) for s in range(0, 80) for a in d.update(MetricEvent("r", s, {"lr": 0.0}))]
     [('lr_stuck_zero', 50)]
@@ -61,7 +69,8 @@ class LearningRateRangeDetector(Detector):
     category = "learning_rate"
     section = "learning_rate"
     defaults = LEARNING_RATE_DEFAULTS
-    state_fields = ("low_since", "low_seen", "prev_lr", "moves", "dropped")
+    state_fields = ("low_since", "low_seen", "prev_lr", "moves", "dropped", "loss_best", "loss_first",
+                    "recent_losses", "high_seen")
 
     def reset(self) -> None:
         self.low_since: int | None = None
@@ -71,15 +80,17 @@ class LearningRateRangeDetector(Detector):
         self.moves: list[float] = []
         #: the LR fell to ≤ min_lr in one step the schedule does not explain
         self.dropped = False
+        #: the lowest loss seen while the LR has been above max_lr (None: LR in range)
+        self.loss_best: float | None = None
+        self.loss_first: float | None = None
+        self.recent_losses: list[float] = []
+        self.high_seen = 0
 
     def update(self, event: MetricEvent) -> list[Alert]:
         lr = event.metrics.get("lr")
         if lr is None or not math.isfinite(lr):
             return []
-        alerts = self._report(
-            event, "lr_too_high", lr > self.max_lr,
-            severity="critical" if lr > 10 * self.max_lr else "high", value=lr, threshold=self.max_lr,
-            message=f"learning rate {lr:.4g} is above max_lr {self.max_lr:g}")
+        alerts = self._too_high(event, lr)
         prev = self.prev_lr
         rising = prev is not None and lr > prev
         self.prev_lr = compact(lr)
@@ -107,6 +118,32 @@ class LearningRateRangeDetector(Detector):
                                        f"{self.low_since}: the model is not learning",
                                metadata={"since": self.low_since, "sudden": self.dropped})
         return alerts
+
+    def _too_high(self, event: MetricEvent, lr: float) -> list[Alert]:
+        if lr <= self.max_lr:
+            self.loss_best, self.loss_first, self.recent_losses, self.high_seen = None, None, [], 0
+            return self._report(event, "lr_too_high", False)
+        self.high_seen += 1
+        loss = event.metrics.get("loss")
+        confirmed = False
+        if loss is not None:
+            if not math.isfinite(loss):
+                confirmed = True
+            else:
+                push(self.recent_losses, compact(loss), 5)
+                if self.loss_first is None:
+                    self.loss_first = compact(loss)
+                if self.loss_best is None or loss < self.loss_best:
+                    self.loss_best = compact(loss)
+                typical = float(np.median(self.recent_losses))
+                rising = self.loss_best > 0 and typical >= self.confirm_factor * self.loss_best
+                stuck = self.high_seen >= self.window and typical >= self.loss_first
+                confirmed = len(self.recent_losses) == 5 and (rising or stuck)
+        levels = ("high", "critical") if lr > 10 * self.max_lr else ("medium", "high")
+        evidence = " and the loss is rising" if confirmed else ""
+        return self._report(event, "lr_too_high", True, severity=levels[confirmed], value=lr,
+                            threshold=self.max_lr, metadata={"loss_confirms": confirmed},
+                            message=f"learning rate {lr:.4g} is above max_lr {self.max_lr:g}{evidence}")
 
 
 @register_detector

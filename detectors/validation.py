@@ -89,7 +89,8 @@ class ValTrainDivergenceDetector(Detector):
         active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
         self.run_length = self.run_length + 1 if active else 0
         severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= 2 * self.patience
-                    else "high" if self.run_length >= self.patience else "medium")
+                    else "high" if self.run_length >= self.patience and rise > 2 * self.rise_threshold
+                    else "medium")
         alerts = self._report(
             event, "val_train_divergence", active, severity=severity, value=val,
             threshold=self.best_val * (1 + self.rise_threshold),
