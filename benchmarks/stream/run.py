@@ -1,0 +1,284 @@
+"""Stream benchmark, one run on one broker: ceiling, floor, and the lossguard worker.
+
+1. raw aiokafka consume rate of single metric events (the ceiling);
+2. a plain Faust agent that only counts them (the floor);
+3. ``lossguard worker`` with every registered detector at default settings:
+   - metric steps/s per worker process, single events and batched records (``stream_app.records``),
+     over 10k runs — and the worker's memory per tracked run (RSS growth / runs);
+   - end-to-end latency from ``log()`` (the event's ``ts``) to the alert on the alert topic, p50/p99.
+
+Prints a table and writes benchmarks/results/stream.json. Broker: LOSSGUARD_BOOTSTRAP, else the embedded
+one. About 2–3 minutes on 2 cores.
+
+    .venv/bin/python benchmarks/stream/run.py [--runs 10000] [--steps-per-run 40] [--batch 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
+
+from detectors import DETECTORS, MetricEvent, decode_alert  # noqa: E402
+from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from stream_app.records import encode_metric_batch  # noqa: E402
+
+PARTITIONS = 6
+
+
+def event(run: str, step: int, ts: float | None = None, loss: float | None = None) -> MetricEvent:
+    """A realistic step: the canonical metrics a torch loop logs."""
+    wobble = ((step * 7919) % 97) / 970
+    return MetricEvent(run, step, {
+        "loss": 2.0 - step * 1e-3 + wobble if loss is None else loss, "grad_norm": 1.0 + wobble,
+        "lr": 1e-3, "step_time": 0.1 + wobble / 100, "throughput": 1000.0, "mem_allocated": 2e9},
+        ts=time.time() if ts is None else ts, source="bench", tags={"bench": "stream"})
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024,
+                             max_request_size=8 * 1024 * 1024)
+    for key, value in records:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def raw_consume_rate(bootstrap: str, topic: str, total: int) -> float:
+    from aiokafka import AIOKafkaConsumer
+
+    async def consume() -> float:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=10)
+        await consumer.start()
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        await consumer.seek_to_beginning()
+        seen, start = 0, 0.0
+        try:
+            while seen < total:
+                batch = await consumer.getmany(timeout_ms=1000)
+                if seen == 0 and batch:
+                    start = time.perf_counter()
+                seen += sum(len(records) for records in batch.values())
+        finally:
+            await consumer.stop()
+        return total / (time.perf_counter() - start)
+
+    return asyncio.run(consume())
+
+
+def plain_faust_rate(bootstrap: str, topic: str, total: int) -> float:
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("plain_agent.py")), bootstrap, topic,
+                          str(total), f"bench-plain-{uuid.uuid4().hex[:6]}"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    found = re.search(r'\{"records": \d+, "seconds": [\d.e-]+\}', out.stdout + out.stderr)  # Faust logs stdout
+    if not found:
+        raise RuntimeError(f"the plain Faust agent failed:\n{out.stdout[-1500:]}{out.stderr[-1500:]}")
+    result = json.loads(found[0])
+    return result["records"] / result["seconds"]
+
+
+class Worker:
+    """``lossguard worker`` as a subprocess with its web port, read through /lossguard/stats/."""
+
+    def __init__(self, bootstrap: str, prefix: str, data_dir: str):
+        self.port = free_port()
+        env = {**os.environ, "LOSSGUARD_BOOTSTRAP": bootstrap, "LOSSGUARD_TOPIC_PREFIX": prefix,
+               "LOSSGUARD_APP_ID": f"{prefix}-app", "LOSSGUARD_PARTITIONS": str(PARTITIONS),
+               "LOSSGUARD_DATA_DIR": data_dir, "LOSSGUARD_WEB_PORT": str(self.port)}
+        self.log = open(Path(data_dir) / "worker.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream_app", "worker"], env=env, cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/lossguard/stats/", timeout=2) as r:
+            return json.load(r)
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def wait_events(self, base: int, events: int, timeout: float) -> tuple[float, dict]:
+        """Seconds from the first step past ``base`` until ``events`` more steps were processed."""
+        deadline = time.monotonic() + timeout
+        start = None
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            if start is None and stats["events"] > base:
+                start = time.perf_counter()
+            if stats["events"] - base >= events:
+                return time.perf_counter() - (start or time.perf_counter()), stats
+            time.sleep(0.05)
+        raise TimeoutError(f"worker processed {self.stats()['events'] - base} of {events} steps: {self.stats()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def wait_ready(worker: Worker, bootstrap: str, topic: str, timeout: float = 60.0) -> None:
+    """Send one event and wait until the worker processed it (the worker joined and recovered)."""
+    produce(bootstrap, topic, [(b"warmup", event("warmup", 0).to_json())])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if worker.stats()["events"] >= 1:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the worker did not start")
+
+
+def measure_latency(bootstrap: str, prefix: str, samples: int, rate_hz: float) -> list[float]:
+    """Send a NaN step for ``samples`` fresh runs at ``rate_hz``; latency = alert arrival − event ts."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=5)
+    tps = [TopicPartition(f"{prefix}.alerts", p) for p in range(PARTITIONS)]
+    consumer.assign(tps)
+    consumer.seek_to_end(*tps)
+    for tp in tps:
+        consumer.position(tp)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    latencies: dict[str, float] = {}
+    sent: set[str] = set()
+    next_send = time.perf_counter()
+    deadline = time.monotonic() + samples / rate_hz + 15
+    while time.monotonic() < deadline and len(latencies) < samples:
+        if len(sent) < samples and time.perf_counter() >= next_send:
+            run = f"lat-{len(sent)}"
+            producer.send(f"{prefix}.metrics", key=run.encode(), value=event(run, 1, loss=float("nan")).to_json())
+            producer.flush()
+            sent.add(run)
+            next_send += 1 / rate_hz
+        for records in consumer.poll(timeout_ms=2).values():
+            now = time.time()
+            for record in records:
+                alert = decode_alert(record.value)
+                if alert.run_id in sent and alert.alert_type == "nonfinite_metric":
+                    latencies.setdefault(alert.run_id, now - alert.ts)
+    producer.close()
+    consumer.close()
+    return sorted(v * 1000 for v in latencies.values())
+
+
+def pct(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw-events", type=int, default=100_000)
+    parser.add_argument("--faust-events", type=int, default=30_000)
+    parser.add_argument("--single-events", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--steps-per-run", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=40, help="steps per batched record")
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--latency-rate", type=float, default=50.0, help="NaN events per second")
+    args = parser.parse_args()
+
+    broker = None
+    bootstrap = os.environ.get("LOSSGUARD_BOOTSTRAP")
+    if not bootstrap:
+        broker = EmbeddedBroker(port=free_port()).start()
+        bootstrap = broker.bootstrap
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    kinds = ("metrics", "alerts", "control", "dlq", "raw")
+    ensure_topics(bootstrap, [f"{prefix}.{k}" for k in kinds], PARTITIONS)
+    results: dict = {"broker": "embedded (Tansu)" if broker else bootstrap, "detectors": sorted(DETECTORS),
+                     "partitions": PARTITIONS, "cpu_count": os.cpu_count()}
+    workdir = tempfile.mkdtemp(prefix="lossguard-bench-")
+    worker = None
+    t0 = time.monotonic()
+    try:
+        # 1 + 2: the ceiling and the floor, over the same single events
+        raw = [(f"r{i % 1000}".encode(), event(f"r{i % 1000}", i // 1000, ts=1e9 + i).to_json())
+               for i in range(args.raw_events)]
+        produce(bootstrap, f"{prefix}.raw", raw)
+        results["raw_aiokafka_events_per_s"] = raw_consume_rate(bootstrap, f"{prefix}.raw", args.raw_events)
+        results["plain_faust_events_per_s"] = plain_faust_rate(bootstrap, f"{prefix}.raw", args.faust_events)
+
+        # 3: the lossguard worker
+        worker = Worker(bootstrap, prefix, workdir)
+        wait_ready(worker, bootstrap, f"{prefix}.metrics")
+        singles = [(f"s{i % 200}".encode(), event(f"s{i % 200}", i // 200, ts=1e9 + i // 200).to_json())
+                   for i in range(args.single_events)]
+        base = worker.stats()["events"]
+        produce(bootstrap, f"{prefix}.metrics", singles)
+        seconds, _ = worker.wait_events(base, args.single_events, timeout=120)
+        results["worker_single_steps_per_s"] = args.single_events / seconds
+
+        rss_before = worker.rss_kb()
+        batched = []
+        for start in range(0, args.steps_per_run, args.batch):
+            for r in range(args.runs):
+                run = f"b{r}"
+                steps = range(start, min(start + args.batch, args.steps_per_run))
+                batched.append((run.encode(), encode_metric_batch([event(run, s, ts=1e9 + s) for s in steps])))
+        total_steps = args.runs * args.steps_per_run
+        base = worker.stats()["events"]
+        produce(bootstrap, f"{prefix}.metrics", batched)
+        seconds, stats = worker.wait_events(base, total_steps, timeout=150)
+        results["worker_batched_steps_per_s"] = total_steps / seconds
+        results["batch_steps_per_record"] = args.batch
+        results["tracked_runs"] = args.runs
+        results["memory_per_run_kb"] = (worker.rss_kb() - rss_before) / args.runs
+
+        latencies = measure_latency(bootstrap, prefix, args.latency_samples, args.latency_rate)
+        results["alert_latency_ms"] = {"samples": len(latencies), "p50": pct(latencies, 0.5),
+                                       "p99": pct(latencies, 0.99), "max": latencies[-1] if latencies else None,
+                                       "mean": statistics.fmean(latencies) if latencies else None}
+        results["worker_counters"] = worker.stats()
+    finally:
+        if worker:
+            worker.stop()
+        if broker:
+            broker.stop()
+    results["bench_seconds"] = time.monotonic() - t0
+
+    lat = results["alert_latency_ms"]
+    rows = [
+        ("raw aiokafka consume (ceiling)", f"{results['raw_aiokafka_events_per_s']:,.0f} events/s", ""),
+        ("plain Faust agent (floor)", f"{results['plain_faust_events_per_s']:,.0f} events/s", ""),
+        ("lossguard worker, single events", f"{results['worker_single_steps_per_s']:,.0f} steps/s", "≥ 100k"),
+        (f"lossguard worker, batched ×{args.batch}", f"{results['worker_batched_steps_per_s']:,.0f} steps/s", "≥ 100k"),
+        ("alert latency p50 / p99", f"{lat['p50']:.0f} / {lat['p99']:.0f} ms", "p99 ≤ 200 ms"),
+        (f"memory per tracked run ({args.runs:,} runs)", f"{results['memory_per_run_kb']:.1f} KB", "≤ 64 KB"),
+    ]
+    print(f"\nlossguard stream benchmark — {len(DETECTORS)} detectors, {PARTITIONS} partitions, "
+          f"{results['broker']}, {results['bench_seconds']:.0f} s")
+    print(f"{'':<44} {'measured':>22}  target")
+    for name, value, target in rows:
+        print(f"{name:<44} {value:>22}  {target}")
+    out = ROOT / "benchmarks" / "results" / "stream.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
