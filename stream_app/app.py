@@ -8,7 +8,7 @@
 Every record of a run lands on one partition, so one worker owns a run's state; more workers with the
 same app id split the partitions, and a worker that takes a partition over recovers both tables from
 their changelog topics and carries on where the run was (warm-up not repeated, windows not lost).
-A record is one metric event or a batch of steps of one run (:mod:`stream_app.records`); each step is
+A record is one metric event or a batch of steps of one run (:func:`detectors.events.decode_metric_record`); each step is
 classified by :class:`~stream_app.aggregates.RunSummary` (new / resumed / duplicate / out of order) and
 the new and resumed ones go through the run's :class:`~detectors.DetectorSuite`. Alerts carry the run's
 ``source`` and ``tags`` in ``metadata`` so routing can match on them; the stream-level alert policy
@@ -26,11 +26,10 @@ from typing import Any
 import faust
 
 from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
-from detectors.events import dumps
+from detectors.events import decode_metric_record, dumps
 
 from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
-from .records import decode_metric_record
 from .settings import load_settings
 
 log = logging.getLogger("lossguard.worker")

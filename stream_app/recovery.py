@@ -20,8 +20,14 @@ __all__ = ["install"]
 _installed = False
 
 
-def _real_ends(bootstrap: str, reported: dict[Any, int], quiet_s: float = 0.3) -> dict[Any, int]:
-    """The offset after the last record of each partition, reading on from the reported end."""
+def _real_ends(bootstrap: str, reported: dict[Any, int], quiet_s: float = 0.3,
+               limit_s: float = 15.0) -> dict[Any, int]:
+    """The offset after the last record of each partition, reading on from the reported end.
+
+    "Nothing more" only counts once every partition has answered a fetch (``highwater`` known): a new
+    consumer's first fetch can take longer than ``quiet_s`` on a loaded machine, and stopping before it
+    answered would keep the under-reported end. ``limit_s`` bounds the whole probe.
+    """
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
@@ -32,12 +38,19 @@ def _real_ends(bootstrap: str, reported: dict[Any, int], quiet_s: float = 0.3) -
         consumer.assign(list(tps))
         for ktp, tp in tps.items():
             consumer.seek(ktp, max(0, reported[tp]))
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < quiet_s:
+        deadline = time.monotonic() + limit_s
+        quiet_since: float | None = None
+        while time.monotonic() < deadline:
             for ktp, records in consumer.poll(timeout_ms=50).items():
                 if records:
-                    quiet_since = time.monotonic()
                     ends[tps[ktp]] = max(ends[tps[ktp]], records[-1].offset + 1)
+                    if quiet_since is not None:
+                        quiet_since = time.monotonic()
+            if quiet_since is None:
+                if all(consumer.highwater(ktp) is not None for ktp in tps):
+                    quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                break
     finally:
         consumer.close()
     return ends

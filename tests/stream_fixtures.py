@@ -8,8 +8,8 @@ from collections.abc import Callable
 from kafka import KafkaProducer
 
 from detectors import MetricEvent
+from detectors.events import encode_metric_batch
 from stream_app.aggregates import RunSummary
-from stream_app.records import encode_metric_batch
 from stream_app.runs_cli import read_runs
 
 

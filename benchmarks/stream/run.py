@@ -3,7 +3,7 @@
 1. raw aiokafka consume rate of single metric events (the ceiling);
 2. a plain Faust agent that only counts them (the floor);
 3. ``lossguard worker`` with every registered detector at default settings:
-   - metric steps/s per worker process, single events and batched records (``stream_app.records``),
+   - metric steps/s per worker process, single events and batched records (``detectors.events.encode_metric_batch``),
      over 10k runs — and the worker's memory per tracked run (RSS growth / runs);
    - end-to-end latency from ``log()`` (the event's ``ts``) to the alert on the alert topic, p50/p99.
 
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
 from detectors import DETECTORS, MetricEvent, decode_alert  # noqa: E402
+from detectors.events import encode_metric_batch  # noqa: E402
 from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
-from stream_app.records import encode_metric_batch  # noqa: E402
 
 PARTITIONS = 6
 
