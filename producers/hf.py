@@ -30,8 +30,8 @@ from transformers.trainer_callback import ExportableState
 
 from detectors.aliases import canonical_name
 
+from .callback import CallbackReporting
 from .timing import Every
-from .torch import Reporter, _default_attempt, watch
 
 __all__ = ["LossguardCallback"]
 
@@ -39,7 +39,7 @@ __all__ = ["LossguardCallback"]
 _SKIP_LOG_KEYS = frozenset({"step", "total_flos", "train_runtime", "train_steps_per_second"})
 
 
-class LossguardCallback(TrainerCallback, ExportableState):
+class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
     """Reports a ``Trainer`` run to lossguard and stops it on request.
 
     Args:
@@ -60,16 +60,9 @@ class LossguardCallback(TrainerCallback, ExportableState):
                  tags: Mapping[str, str] | None = None, every: int = 1, report_rank: int | None = 0,
                  stop_on_request: bool = True, eval_every_seconds: float | None = None,
                  attempt: int | None = None):
-        self.run_id = run_id
-        self.bootstrap = bootstrap
-        self.topic = topic
-        self.tags = dict(tags or {})
-        self.every = every
-        self.report_rank = report_rank
-        self.stop_on_request = stop_on_request
+        super().__init__(run_id, bootstrap=bootstrap, topic=topic, tags=tags, every=every,
+                         report_rank=report_rank, stop_on_request=stop_on_request, attempt=attempt)
         self.eval_every_seconds = eval_every_seconds
-        self.attempt = attempt
-        self.reporter: Reporter | None = None
         self._eval_due: Every | None = None
         self._attached = False
         self._losses: list[Any] = []
@@ -116,14 +109,8 @@ class LossguardCallback(TrainerCallback, ExportableState):
             tags.setdefault("model", str(model_type))
         if state.global_step:
             tags["resumed_at_step"] = str(state.global_step)
-        if self.attempt is None:
-            self.attempt = _default_attempt() or 0
         self.run_id = self.run_id or os.environ.get("LOSSGUARD_RUN_ID") or getattr(args, "run_name", None) or None
-        self.reporter = watch(self.run_id, model=model, optimizer=optimizer, every=self.every,
-                              bootstrap=self.bootstrap, topic=self.topic, tags=tags, attempt=self.attempt,
-                              rank=args.process_index, report_rank=self.report_rank, source="hf",
-                              grad_norm_hook=False)
-        self.run_id = self.reporter.run_id
+        self._start_reporter(model, optimizer, tags, rank=args.process_index, source="hf")
         self._eval_due = Every(self.eval_every_seconds) if self.eval_every_seconds else None
         self._losses.clear()
         if not self._attached and model is not None and self.reporter.enabled:

@@ -15,12 +15,12 @@ from typing import Any
 
 from lightning.pytorch import Callback
 
-from .torch import Reporter, _default_attempt, watch
+from .callback import CallbackReporting
 
 __all__ = ["LossguardCallback"]
 
 
-class LossguardCallback(Callback):
+class LossguardCallback(CallbackReporting, Callback):
     """Reports a Lightning run to lossguard and stops it on request.
 
     Args:
@@ -37,29 +37,16 @@ class LossguardCallback(Callback):
     def __init__(self, run_id: str | None = None, *, bootstrap: str | None = None, topic: str | None = None,
                  tags: Mapping[str, str] | None = None, every: int = 1, report_rank: int | None = 0,
                  stop_on_request: bool = True, attempt: int | None = None):
-        self.run_id = run_id
-        self.bootstrap = bootstrap
-        self.topic = topic
-        self.tags = dict(tags or {})
-        self.every = every
-        self.report_rank = report_rank
-        self.stop_on_request = stop_on_request
-        self.attempt = attempt
+        super().__init__(run_id, bootstrap=bootstrap, topic=topic, tags=tags, every=every,
+                         report_rank=report_rank, stop_on_request=stop_on_request, attempt=attempt)
         self.last_step = -1
-        self.reporter: Reporter | None = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         tags = {"model": type(pl_module).__name__, **self.tags}
         if self.last_step >= 0:
             tags["resumed_at_step"] = str(self.last_step)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if self.attempt is None:
-            self.attempt = _default_attempt() or 0
-        self.reporter = watch(self.run_id, model=pl_module, optimizer=optimizer, every=self.every,
-                              bootstrap=self.bootstrap, topic=self.topic, tags=tags,
-                              attempt=self.attempt, rank=trainer.global_rank, report_rank=self.report_rank,
-                              source="lightning", grad_norm_hook=False)
-        self.run_id = self.reporter.run_id
+        self._start_reporter(pl_module, optimizer, tags, rank=trainer.global_rank, source="lightning")
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if self.reporter is not None and self.reporter.enabled and trainer.global_step % self.every == 0:
