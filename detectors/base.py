@@ -4,6 +4,11 @@ A detector is a small object with one verb, ``update(event) -> list[Alert]``, wh
 handful of plain attributes named in ``state_fields``; ``state_dict()`` / ``load_state_dict()`` turn that
 state into JSON-able data and back, so the same detector runs in-process and inside a Faust table.
 
+``update_batch(events)`` feeds several consecutive events of the run at once; by default it loops over
+``update``, and the heavy detectors override it with a screen that proves cheaply that no event of the
+batch can raise anything (then they update their state in bulk) and fall back to the loop otherwise.
+Either way the alerts and the state afterwards are exactly those of ``update`` called event by event.
+
 One problem gives one alert: ``_report`` opens an *episode* when a condition first holds (a ``firing``
 alert), re-fires only when the severity rises (escalation), and closes the episode with a ``resolved``
 alert once the condition has been clear for ``resolve_after`` consecutive observations.
@@ -11,7 +16,6 @@ alert once the condition has been clear for ``resolve_after`` consecutive observ
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 from .alerts import Alert, severity_rank
@@ -40,8 +44,11 @@ class Detector:
     section: ClassVar[str] = ""
     #: parameter name → default; the config file may override each under ``[section]``
     defaults: ClassVar[dict[str, Any]] = {}
-    #: attributes that make up the per-run state
+    #: attributes that make up the per-run state: numbers, None, lists of numbers, dicts of those
     state_fields: ClassVar[tuple[str, ...]] = ()
+    #: the canonical metrics it reads; an event with none of them leaves it untouched, so the suite does
+    #: not call it. None: every event matters (it reads all metrics, the clock, or counts events)
+    metrics: tuple[str, ...] | None = None
 
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.defaults) - {"resolve_after"}
@@ -59,22 +66,26 @@ class Detector:
     def update(self, event: MetricEvent) -> list[Alert]:
         raise NotImplementedError
 
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        """``update`` over consecutive events; each alert comes with the index of the event that raised it."""
+        return [(i, alert) for i, event in enumerate(events) for alert in self.update(event)]
+
     def tick(self, now: float) -> list[Alert]:
         """Called periodically with the wall clock (unix seconds); only time-based detectors use it."""
         return []
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {name: copy.deepcopy(getattr(self, name)) for name in self.state_fields}
-        state["episodes"] = copy.deepcopy(self.episodes)
+        state = {name: _copy(getattr(self, name)) for name in self.state_fields}
+        state["episodes"] = _copy(self.episodes)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reset()
         for name in self.state_fields:
             if name in state:
-                setattr(self, name, copy.deepcopy(state[name]))
-        self.episodes = copy.deepcopy(state.get("episodes", {}))
+                setattr(self, name, _copy(state[name]))
+        self.episodes = _copy(state.get("episodes", {}))
 
     # -- alert episodes ----------------------------------------------------------------------------------
     def _report(self, event: MetricEvent, alert_type: str, active: bool, *, severity: str = "high",
@@ -110,3 +121,12 @@ class Detector:
         return Alert.new(run_id=event.run_id, step=event.step, ts=event.ts, detector=self.name,
                          category=self.category, alert_type=alert_type, severity=severity, message=message,
                          value=value, threshold=threshold, metadata=metadata, episode_step=episode_step)
+
+
+def _copy(value: Any) -> Any:
+    """A copy of state data (see ``state_fields``) that shares nothing mutable, without ``deepcopy``'s cost."""
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return value.copy()
+    return value

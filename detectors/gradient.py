@@ -38,6 +38,7 @@ class _GradientNormReader(Detector):
     category = "gradients"
     defaults = GRADIENT_DEFAULTS
     state_fields = ("loss_ema", "prev_loss_ema")
+    metrics = ("grad_norm", "loss")
 
     def reset(self) -> None:
         self.loss_ema: float | None = None

@@ -75,6 +75,10 @@ class LossSpikeDetector(Detector):
     }
     state_fields = ("history", "run_length", "off", "initial")
 
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,)
+
     def reset(self) -> None:
         self.history: list[float] = []
         self.run_length = 0
@@ -172,6 +176,10 @@ class _SmoothedLoss(Detector):
     section = "convergence"
     defaults = CONVERGENCE_DEFAULTS
     state_fields = ("smooth", "absdev", "seen", "off")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,)
 
     def reset(self) -> None:
         self.smooth: float | None = None
@@ -371,6 +379,10 @@ class LossOscillationDetector(Detector):
     section = "convergence"
     defaults = CONVERGENCE_DEFAULTS
     state_fields = ("recent", "run_length", "off")
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,)
 
     def reset(self) -> None:
         self.recent: list[float] = []

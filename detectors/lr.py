@@ -69,6 +69,7 @@ class LearningRateRangeDetector(Detector):
     category = "learning_rate"
     section = "learning_rate"
     defaults = LEARNING_RATE_DEFAULTS
+    metrics = ("lr",)
     state_fields = ("low_since", "low_seen", "prev_lr", "moves", "dropped", "loss_best", "loss_first",
                     "recent_losses", "high_seen")
 
@@ -171,6 +172,7 @@ class LearningRateChangeDetector(Detector):
     category = "learning_rate"
     section = "learning_rate"
     defaults = LEARNING_RATE_DEFAULTS
+    metrics = ("lr",)
     state_fields = ("prev_lr", "peak_lr", "changes")
 
     def reset(self) -> None:

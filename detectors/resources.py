@@ -53,6 +53,7 @@ class StepTimeDetector(Detector):
     section = "resources"
     defaults = RESOURCES_DEFAULTS
     state_fields = ("recent", "run_length")
+    metrics = ("step_time",)
 
     def reset(self) -> None:
         self.recent: list[float] = []
@@ -109,6 +110,7 @@ class MemoryGrowthDetector(Detector):
     section = "resources"
     defaults = RESOURCES_DEFAULTS
     state_fields = ("tracks",)
+    metrics = MEMORY_METRICS
 
     def reset(self) -> None:
         #: metric → {"n", "ref", "ema", "mark", "prev_mark"}

@@ -189,6 +189,7 @@ class RewardDistributionDriftDetector(Detector):
     section = "reward_drift"
     defaults = REWARD_DRIFT_DEFAULTS
     state_fields = ("early_means", "early_stds", "mean", "std", "run_length")
+    metrics = ("reward_mean",)
 
     def reset(self) -> None:
         self.early_means: list[float] = []
@@ -248,6 +249,10 @@ class _LaggingRatio(Detector):
     defaults = RLHF_DEFAULTS
     state_fields = ("recent", "run_length")
     metric = ""
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return (self.metric,)
 
     def reset(self) -> None:
         self.recent: list[float] = []
@@ -413,6 +418,7 @@ class RewardHackingDetector(Detector):
     section = "rlhf"
     defaults = RLHF_DEFAULTS
     state_fields = ("n", "ref", "ema", "run_length")
+    metrics = ("reward_mean",)
 
     def reset(self) -> None:
         self.n = 0
@@ -480,6 +486,7 @@ class PPOClipDetector(Detector):
     section = "rlhf"
     defaults = RLHF_DEFAULTS
     state_fields = ("run_length",)
+    metrics = ("clipfrac", "ratio")
 
     def reset(self) -> None:
         self.run_length = 0
@@ -523,6 +530,7 @@ class DPOMarginCollapseDetector(Detector):
     section = "rlhf"
     defaults = RLHF_DEFAULTS
     state_fields = ("margin", "peak", "accuracy", "peak_accuracy", "run_length")
+    metrics = ("reward_margin", "reward_accuracy")
 
     def reset(self) -> None:
         self.margin: float | None = None

@@ -1,7 +1,9 @@
 """A run's detectors together: one object per run, one ``update`` per event, one serializable state.
 
 The suite canonicalizes metric names, drops events it has already seen (at-least-once delivery
-re-sends them with the same step and timestamp), and fans the event out to every enabled detector.
+re-sends them with the same step and timestamp), and fans the event out to the enabled detectors that
+read one of its metrics. ``update_batch`` takes several consecutive events of the run (a batched record)
+and hands each detector its events in one call; alerts come in the order ``update`` would give them.
 Its ``state_dict()`` is what the stream app keeps per run in a changelog-backed table.
 
 >>> from detectors.events import MetricEvent
@@ -13,16 +15,19 @@ Its ``state_dict()`` is what the stream app keeps per run in a changelog-backed 
 >>> restored = DetectorSuite(); restored.load_state_dict(suite.state_dict())
 >>> restored.state_dict() == suite.state_dict()
 True
+>>> [(a.step, a.status) for a in suite.update_batch([MetricEvent("r", s, {"loss": 1.0}, ts=float(s)) for s in range(2, 40)])]
+[(21, 'resolved')]
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from functools import lru_cache
 from typing import Any
 
 from .alerts import Alert
-from .aliases import canonical_metrics
+from .aliases import canonical_metrics, canonical_name
 from .base import DETECTORS, Detector
 from .config import DETECTORS_SECTION, build_config
 from .events import MetricEvent
@@ -45,17 +50,44 @@ class DetectorSuite:
         self.last_step: int | None = None
         self.last_ts: float | None = None
         self.events_seen = 0
+        self._routes: dict[tuple[str, ...], frozenset[int]] = {}
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        if self.last_step is not None and event.step <= self.last_step and event.ts <= self.last_ts:
-            return []  # a re-delivery of an event already processed
-        self.last_step, self.last_ts = event.step, event.ts
-        self.events_seen += 1
-        event = replace(event, metrics=canonical_metrics(event.metrics))
-        alerts: list[Alert] = []
-        for detector in self.detectors.values():
-            alerts.extend(detector.update(event))
-        return alerts
+        return self.update_batch([event])
+
+    def update_batch(self, events: Iterable[MetricEvent]) -> list[Alert]:
+        """``update`` for consecutive events of the run, each detector called once for all of them."""
+        fresh: list[MetricEvent] = []
+        for event in events:
+            if self.last_step is not None and event.step <= self.last_step and event.ts <= self.last_ts:
+                continue  # a re-delivery of an event already processed
+            self.last_step, self.last_ts = event.step, event.ts
+            fresh.append(_canonical(event))
+        self.events_seen += len(fresh)
+        if not fresh:
+            return []
+        routes = [self._route(tuple(e.metrics)) for e in fresh]
+        same = routes.count(routes[0]) == len(routes)
+        raised: list[tuple[int, int, Alert]] = []
+        for rank, detector in enumerate(self.detectors.values()):
+            if same:
+                if rank in routes[0]:
+                    raised += [(i, rank, a) for i, a in detector.update_batch(fresh)]
+                continue
+            picked = [i for i, route in enumerate(routes) if rank in route]
+            if picked:
+                raised += [(picked[i], rank, a) for i, a in detector.update_batch([fresh[i] for i in picked])]
+        raised.sort(key=lambda r: r[:2])  # event by event, detectors in suite order, as update() gives them
+        return [alert for _, _, alert in raised]
+
+    def _route(self, names: tuple[str, ...]) -> frozenset[int]:
+        """The ranks of the detectors that read one of the metrics ``names`` (cached per name tuple)."""
+        route = self._routes.get(names)
+        if route is None:
+            route = self._routes[names] = frozenset(
+                rank for rank, d in enumerate(self.detectors.values())
+                if d.metrics is None or any(name in names for name in d.metrics))
+        return route
 
     def tick(self, now: float) -> list[Alert]:
         """Time-based checks (a run that went silent); the stream app calls this periodically."""
@@ -82,3 +114,16 @@ class DetectorSuite:
         for name, det_state in state.get("detectors", {}).items():
             if name in self.detectors:
                 self.detectors[name].load_state_dict(det_state)
+
+
+@lru_cache(maxsize=1024)
+def _is_canonical(names: tuple[str, ...]) -> bool:
+    return all(canonical_name(name) == name for name in names)
+
+
+def _canonical(event: MetricEvent) -> MetricEvent:
+    """The event with canonical metric names (the same object when they already are)."""
+    if _is_canonical(tuple(event.metrics)):
+        return event
+    return replace(event, metrics=canonical_metrics(event.metrics))
+

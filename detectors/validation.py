@@ -58,6 +58,7 @@ class ValTrainDivergenceDetector(Detector):
     category = "validation"
     section = "validation"
     defaults = VALIDATION_DEFAULTS
+    metrics = ("loss", "val_loss")
     state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals")
 
     def reset(self) -> None:

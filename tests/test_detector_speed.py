@@ -1,0 +1,103 @@
+"""The fast paths change nothing: batched updates and state round trips give the per-event alerts.
+
+Every run is replayed through ``DetectorSuite.update`` event by event (the reference), then through
+``update_batch`` in chunks of 1, 7 and 50, with and without a JSON round trip of ``state_dict()`` into a
+fresh suite every few chunks. Alerts are compared in full (id, step, status, severity, message, value,
+metadata) and so is the final state. Runs: corpus runs of several failure types, and synthetic runs
+with every metric the detectors read, bursts, NaNs, LR and batch-size jumps, gaps and resumed steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from detectors import DetectorSuite, MetricEvent
+from stream_app.replay import read_events
+
+CORPUS = Path(__file__).resolve().parent.parent / "benchmarks" / "detection" / "corpus"
+RUNS = ("charlm-gradient_explosion-01", "digits-nonfinite-00", "rl-reward_hacking-00", "rl-entropy_collapse-01",
+        "wine-lr_zero-05", "diabetes-overfitting-03", "breast_cancer-batch_size_change-02",
+        "digits-lr_schedule_bug-00", "digits-corrupted_batches-03", "charlm-healthy-00")
+
+
+def synthetic(seed: int, steps: int = 700) -> list[MetricEvent]:
+    """A run that moves every detector: noisy losses with spikes and zig-zags, rare NaNs, jumps, gaps."""
+    rng = random.Random(seed)
+    loss, g, lr, bs, mem, ent, kl, reward, length, margin, ts = 2.5, 1.0, 1e-3, 64.0, 2e9, 2.0, 0.01, 0.1, 150.0, 0.0, 1e9
+    zigzag, negative, events = False, seed % 5 == 4, []
+    for s in range(steps):
+        ts += rng.choice([1.0] * 30 + [0.0, 200.0, 2000.0, 0.5])
+        zigzag ^= rng.random() < 0.02
+        loss = max(0.01, loss * (0.997 if rng.random() < 0.8 else 1.02)) + (rng.random() - 0.5) * 0.02
+        x = loss * (2.5 if zigzag and s % 2 else 1.0) * rng.choice([1] * 60 + [8, 40]) - 3.0 * negative
+        m = {"train/loss" if s % 3 == 0 else "loss": x, "batch_size": bs}
+        if rng.random() < 0.9:
+            g = abs(g + (rng.random() - 0.5) * 0.1)
+            m["grad_norm"] = g * rng.choice([1] * 50 + [30, 1e-8, 500])
+        lr = rng.choice([lr * 10, lr / 10, 0.0, 3.0, 1e-3, 1e-9]) if rng.random() < 0.01 else lr * 0.999
+        if rng.random() < 0.95:
+            m["learning_rate" if seed % 2 else "lr"] = lr
+        bs = rng.choice([4.0, 16.0, 64.0, 256.0]) if rng.random() < 0.01 else bs
+        m["step_time"] = 0.1 * rng.choice([1] * 40 + [5, 20]) + rng.random() * 0.01
+        m["throughput"] = 1000.0 / m["step_time"]
+        mem *= rng.choice([1.0] * 8 + [1.002, 1.01])
+        m["mem_allocated"] = mem
+        if seed % 3 == 0:
+            m["rss"] = mem / 2
+        if s % 25 == 0:
+            m["val_loss"] = loss * (1 + max(0, s - 300) / 300) + rng.random() * 0.01
+        if seed % 2:
+            ent *= rng.choice([1.0] * 30 + [0.9, 0.3])
+            kl = kl * rng.choice([1.0] * 20 + [1.5, 3]) + 0.01
+            reward += rng.random() * 0.02 - 0.005
+            length *= rng.choice([1.0] * 20 + [1.1, 1.5])
+            m.update(entropy=ent, kl=kl, reward_mean=reward, reward_std=0.5 + rng.random() * 0.1,
+                     response_length=length, clipfrac=rng.random() * 0.5, ratio=1 + (rng.random() - 0.5) * 0.8)
+            if s % 10 == 0:
+                m["ece"] = rng.random() * 0.5
+            if s % 7 == 0:
+                m.update(reward_confidence=rng.random(), reward_accuracy=rng.random())
+        else:
+            margin = margin + 0.05 if s < 300 else margin * 0.9
+            m.update(reward_margin=margin + rng.random() * 0.1,
+                     reward_accuracy=0.5 + min(s, 300) / 700 - max(0, s - 400) / 500)
+        if rng.random() < 0.01:
+            m[rng.choice(list(m))] = rng.choice([math.nan, math.inf, -math.inf])
+        step = s if rng.random() > 0.01 else max(0, s - 5)  # a resumed run, or a re-delivery
+        events.append(MetricEvent(f"syn{seed}", step, m, ts=ts, source="syn",
+                                  tags={"status": "finished"} if rng.random() < 0.01 else {}))
+    return events
+
+
+def replay(events: list[MetricEvent], chunk: int | None, round_trip_every: int | None = None) -> tuple[list, str]:
+    """Alerts (as full dicts) and final state; ``chunk`` None feeds ``update`` one event at a time."""
+    suite, alerts = DetectorSuite(), []
+    size = chunk or 1
+    for n, start in enumerate(range(0, len(events), size)):
+        if round_trip_every and n and n % round_trip_every == 0:
+            state = json.loads(json.dumps(suite.state_dict()))
+            suite = DetectorSuite()
+            suite.load_state_dict(state)
+        part = events[start:start + size]
+        alerts += suite.update(part[0]) if chunk is None else suite.update_batch(part)
+    return [json.dumps(a.to_dict(), sort_keys=True) for a in alerts], json.dumps(suite.state_dict(), sort_keys=True)
+
+
+RUN_EVENTS = {**{name: lambda name=name: read_events(CORPUS / f"{name}.csv") for name in RUNS},
+              **{f"synthetic-{seed}": lambda seed=seed: synthetic(seed) for seed in range(6)}}
+
+
+@pytest.mark.parametrize("run", sorted(RUN_EVENTS))
+def test_batched_and_restored_replays_match_the_per_event_replay(run: str) -> None:
+    events = RUN_EVENTS[run]()
+    reference = replay(events, None)
+    assert reference[0] or run.endswith("healthy-00")
+    for chunk, round_trip_every in ((1, None), (7, None), (50, None), (7, 13), (50, 3), (None, 97)):
+        alerts, state = replay(events, chunk, round_trip_every)
+        assert alerts == reference[0], (chunk, round_trip_every)
+        assert state == reference[1], (chunk, round_trip_every)
