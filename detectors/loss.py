@@ -34,13 +34,14 @@ span ``span`` first: a minibatch loss is a noisy sample, its trend is what conve
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 
 from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
-from .stats import compact, ema, push
+from .stats import compact, ema, lower_median_bound, median, push
 
 __all__ = ["LossSpikeDetector", "LossDivergenceDetector", "LossPlateauDetector", "LossOscillationDetector",
            "CONVERGENCE_DEFAULTS", "POLICY_GRADIENT_METRICS"]
@@ -54,6 +55,16 @@ POLICY_GRADIENT_METRICS = ("reward_mean", "kl", "approx_kl", "clipfrac", "value_
 def _not_a_convergence_curve(event: MetricEvent, x: float) -> bool:
     """A negative loss, or an event of a policy-gradient run: the loss detectors stand down for the run."""
     return x < 0 or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
+
+
+def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
+    """The batch's losses when every one is finite, non-negative and from a run that is not RL, else None
+    (a batch the loss detectors' screens leave to the step-by-step path)."""
+    xs = [e.metrics[metric] for e in events]
+    if all(0 <= x < math.inf for x in xs) and not any(
+            name in e.metrics for e in events for name in POLICY_GRADIENT_METRICS):
+        return xs
+    return None
 
 
 @register_detector
@@ -96,28 +107,42 @@ class LossSpikeDetector(Detector):
             self.initial = compact(x)
         if len(self.history) < self.warmup:
             return self._early(event, x)
-        window = np.asarray(self.history)
-        median = float(np.median(window))
-        floor = median + abs(median) * self.min_rel_increase
-        if x > 0 and window.min() > 0:
+        center = median(self.history)
+        floor = center + abs(center) * self.min_rel_increase
+        if x > 0 and min(self.history) > 0:
             # a positive loss is tested in log space: minibatch losses are skewed (a few hard batches
             # of several times the median are normal late in small-batch training), their logs are not
-            logs = np.log(window)
+            logs = np.log(self.history)
             log_median = float(np.median(logs))
             log_sigma = 1.4826 * float(np.median(np.abs(logs - log_median)))
             limit = max(math.exp(log_median + self.threshold * log_sigma), floor)
             sigma = log_sigma
             z = (math.log(x) - log_median) / log_sigma if log_sigma > 0 else math.inf
         else:
-            sigma = 1.4826 * float(np.median(np.abs(window - median)))
-            limit = max(median + self.threshold * sigma, floor)
-            z = (x - median) / sigma if sigma > 0 else math.inf
+            sigma = 1.4826 * median([abs(v - center) for v in self.history])
+            limit = max(center + self.threshold * sigma, floor)
+            z = (x - center) / sigma if sigma > 0 else math.inf
         if x <= limit:
             self.run_length = 0
             self._remember(x)
             return self._report(event, "loss_spike", False)
-        return self._spike(event, x, median, limit, f"its recent median {median:.4g} ({z:.1f} robust sigma)",
+        return self._spike(event, x, center, limit, f"its recent median {center:.4g} ({z:.1f} robust sigma)",
                            {"robust_sigma": sigma})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # every limit is at least the window's median raised by min_rel_increase: a batch below that for
+        # the lowest median it can meet has no spike, and every loss joins the window
+        xs = None if self.off or len(self.history) < self.warmup or "loss_spike" in self.episodes \
+            else _plain_losses(events, self.metric)
+        if xs is None:
+            return super().update_batch(events)
+        low = lower_median_bound(self.history, [compact(x) for x in xs], self.window)
+        if max(xs) > low + abs(low) * self.min_rel_increase:
+            return super().update_batch(events)
+        self.run_length = 0
+        for x in xs:
+            self._remember(x)
+        return []
 
     def _early(self, event: MetricEvent, x: float) -> list[Alert]:
         """Warm-up: no window yet, but a loss far above the run's first one is already a blow-up."""
@@ -352,7 +377,7 @@ class LossPlateauDetector(_SmoothedLoss):
         # a run picked up mid-way (resumed, or monitoring started late) did not start at this level
         from_start = self.first_step <= self.warmup * (self.interval or 1)
         warming_up = self.seen - self.lr_rose_at < self.plateau_window
-        start, now = float(np.median(self.early)), float(np.median(self.recent))
+        start, now = median(self.early), median(self.recent)
         stagnant = from_start and not warming_up and start > 0 and now > start * (1 - self.stagnation_improvement)
         return stagnant, start, now
 
@@ -399,18 +424,19 @@ class LossOscillationDetector(Detector):
         push(self.recent, x, self.oscillation_window + 1)
         if len(self.recent) <= self.oscillation_window:
             return []
-        values = np.asarray(self.recent)
-        diffs = np.diff(values)
-        signs = np.sign(diffs)
-        flips = float(np.mean(signs[1:] * signs[:-1] < 0))
-        level = float(np.median(np.abs(values)))
-        amplitude = float(np.median(np.abs(diffs))) / level if level > 0 else 0.0
-        # lag-1 autocorrelation of the values: ≈0 for independent minibatch noise (whose differences
-        # still flip sign 2/3 of the time), ≈-1 for a real zig-zag
-        centred = values - values.mean()
-        denom = float(np.dot(centred, centred))
-        r1 = float(np.dot(centred[1:], centred[:-1])) / denom if denom > 0 else 0.0
-        active = flips >= 0.85 and r1 <= -0.5 and amplitude >= self.oscillation_amplitude
+        values = self.recent
+        diffs = [b - a for a, b in pairwise(values)]
+        flips = sum(d * e < 0 for d, e in pairwise(diffs)) / (len(diffs) - 1)
+        level = median([abs(v) for v in values])
+        amplitude = median([abs(d) for d in diffs]) / level if level > 0 else 0.0
+        active = flips >= 0.85 and amplitude >= self.oscillation_amplitude
+        if active:
+            # lag-1 autocorrelation of the values: ≈0 for independent minibatch noise (whose differences
+            # still flip sign 2/3 of the time), ≈-1 for a real zig-zag
+            centred = np.asarray(values) - np.mean(values)
+            denom = float(np.dot(centred, centred))
+            r1 = float(np.dot(centred[1:], centred[:-1])) / denom if denom > 0 else 0.0
+            active = r1 <= -0.5
         self.run_length = self.run_length + 1 if active else 0
         if not active:
             return self._report(event, "loss_oscillation", False)
@@ -421,3 +447,21 @@ class LossOscillationDetector(Detector):
             message=(f"{self.metric} zig-zags: {flips:.0%} of the last {self.oscillation_window} steps reverse "
                      f"direction, swinging {amplitude:.0%} of its level"),
             metadata={"sign_flip_fraction": flips, "lag1_autocorrelation": r1, "consecutive": self.run_length})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # the swing must reach oscillation_amplitude of the level: bound the median step from above and
+        # the median level from below over every window the batch can make; below that, nothing fires
+        xs = None if self.off or len(self.recent) <= self.oscillation_window or "loss_oscillation" in self.episodes \
+            else _plain_losses(events, self.metric)
+        if xs is None:
+            return super().update_batch(events)
+        values = [*self.recent, *(compact(x) for x in xs)]
+        steps = [-abs(b - a) for a, b in pairwise(values)]
+        largest_step = -lower_median_bound(steps[:self.oscillation_window], steps[self.oscillation_window:],
+                                           self.oscillation_window)
+        lowest_level = lower_median_bound(values[:len(self.recent)], values[len(self.recent):], len(self.recent))
+        if lowest_level <= 0 or largest_step / lowest_level >= self.oscillation_amplitude:
+            return super().update_batch(events)
+        self.run_length = 0
+        self.recent = values[-len(self.recent):]
+        return []

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
-from .stats import compact, push
+from .stats import compact, median, push
 
 __all__ = ["LearningRateRangeDetector", "LearningRateChangeDetector", "LEARNING_RATE_DEFAULTS"]
 
@@ -136,7 +134,7 @@ class LearningRateRangeDetector(Detector):
                     self.loss_first = compact(loss)
                 if self.loss_best is None or loss < self.loss_best:
                     self.loss_best = compact(loss)
-                typical = float(np.median(self.recent_losses))
+                typical = median(self.recent_losses)
                 rising = self.loss_best > 0 and typical >= self.confirm_factor * self.loss_best
                 stuck = self.high_seen >= self.window and typical >= self.loss_first
                 confirmed = len(self.recent_losses) == 5 and (rising or stuck)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .alerts import Alert, severity_rank
 from .base import Detector, register_detector
 from .events import MetricEvent
-from .stats import compact, ema, push, robust_center_scale
+from .stats import compact, ema, lower_median_bound, median, push, robust_center_scale
 
 __all__ = ["StepTimeDetector", "MemoryGrowthDetector", "StalledRunDetector", "MEMORY_METRICS"]
 
@@ -82,6 +80,21 @@ class StepTimeDetector(Detector):
                             message=f"step time {x:.3g}s is {ratio:.1f}x the recent median {median:.3g}s "
                                     f"for {self.run_length} step(s)",
                             metadata={"median": median, "ratio": ratio, "consecutive": self.run_length})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # the limit is at least step_time_ratio x the median: a batch below that times the lowest median
+        # it can meet has no slow step, and every step joins the window
+        xs = [e.metrics.get("step_time") for e in events]
+        if (len(self.recent) < self.warmup or self.step_time_ratio < 1 or "step_time_anomaly" in self.episodes
+                or not all(x is not None and 0 <= x < math.inf for x in xs)):
+            return super().update_batch(events)
+        floor = lower_median_bound(self.recent, [compact(x) for x in xs], self.window)
+        if max(xs) > floor + (self.step_time_ratio - 1) * floor:
+            return super().update_batch(events)
+        self.run_length = 0
+        for x in xs:
+            push(self.recent, x, self.window)
+        return []
 
 
 @register_detector
@@ -191,7 +204,7 @@ class StalledRunDetector(Detector):
 
     def _judge(self, gap: float) -> str | None:
         """The severity of a silence of ``gap`` seconds, or None when it is not a stall."""
-        typical = float(np.median(self.intervals)) if len(self.intervals) >= 5 else None
+        typical = median(self.intervals) if len(self.intervals) >= 5 else None
         if typical is None or gap <= max(self.min_seconds, self.stall_factor * typical):
             return None
         if gap > 6 * self.stall_seconds:
@@ -202,7 +215,7 @@ class StalledRunDetector(Detector):
         return self._report(event, "stalled_run", severity is not None, severity=severity or "medium",
                             value=gap, threshold=self.stall_seconds,
                             message=f"no metrics for {gap:.0f}s after step {self.last_step} "
-                                    f"(usually every {np.median(self.intervals or [0]):.3g}s)",
+                                    f"(usually every {median(self.intervals or [0]):.3g}s)",
                             metadata={"last_step": self.last_step, "last_ts": self.last_ts})
 
     def update(self, event: MetricEvent) -> list[Alert]:
@@ -220,6 +233,24 @@ class StalledRunDetector(Detector):
         # the last word counts: a run that reports again after "finished" was resumed
         self.finished = str(event.tags.get("status", "")).lower() in self.FINISHED
         return alerts
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # a gap of at most min_seconds is never a stall: with no episode open, such a batch only
+        # records its intervals
+        last, gaps = self.last_ts, []
+        for event in events:
+            if last is not None and event.ts >= last:
+                gaps.append(event.ts - last)
+            last = event.ts
+        if "stalled_run" in self.episodes or any(gap > self.min_seconds for gap in gaps):
+            return super().update_batch(events)
+        for gap in gaps:
+            if gap > 0:
+                push(self.intervals, gap, 20)
+        event = events[-1]
+        self.run_id, self.last_step, self.last_ts = event.run_id, event.step, event.ts
+        self.finished = str(event.tags.get("status", "")).lower() in self.FINISHED
+        return []
 
     def tick(self, now: float) -> list[Alert]:
         if self.finished or self.last_ts is None or self.run_id is None:

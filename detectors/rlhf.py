@@ -17,6 +17,7 @@ from .alerts import Alert
 from .base import Detector, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, push
+from .stats import median as _median
 
 __all__ = [
     "CalibrationDetector", "RewardDistributionDriftDetector", "KLBlowupDetector", "EntropyCollapseDetector",
@@ -151,7 +152,7 @@ class CalibrationDetector(Detector):
             metadata={"ece": ece})
         if len(self.early) < self.baseline:
             return alerts
-        base = float(np.median(self.early))
+        base = _median(self.early)
         drift = ece - base > self.drift_threshold
         self.drift_run = self.drift_run + 1 if drift else 0
         alerts += self._report(
@@ -266,7 +267,7 @@ class _LaggingRatio(Detector):
         if len(self.recent) < min(self.window, 10):
             push(self.recent, x, self.window)
             return None
-        median = float(np.median(self.recent))
+        median = _median(self.recent)
         tripped = self._tripped(x, median)
         self.run_length = self.run_length + 1 if tripped else 0
         if not tripped:
@@ -339,7 +340,7 @@ class EntropyCollapseDetector(_LaggingRatio):
         self.early: list[float] = []
 
     def _early_level(self) -> float:
-        return float(np.median(self.early)) if self.early else math.nan
+        return _median(self.early) if self.early else math.nan
 
     def _tripped(self, x: float, median: float) -> bool:
         early = self._early_level()

@@ -1,12 +1,16 @@
 """Small online statistics shared by the detectors: robust centre/scale, EMAs and bounded windows.
 
-Everything here works on plain floats and lists so a detector's state stays JSON-able. Values kept in
+Everything here works on plain floats and lists so a detector's state stays JSON-able, and in pure
+Python: numpy's per-call overhead is larger than the work on a 50-value window. ``median`` is the
+same number ``np.median`` gives (an order statistic, or the mean of the middle two). Values kept in
 windows are rounded to 7 significant digits: the per-run state stays small (the stream app stores it in
 a changelog table), and because rounding happens *before* a value is used, a restored detector computes
 exactly what the live one did.
 
 >>> robust_center_scale([1.0, 1.1, 0.9, 1.0, 5.0])
 (1.0, 0.14826)
+>>> median([3.0, 1.0, 2.0, 10.0]), lower_median_bound([1.0, 5.0, 2.0], [0.5, 9.0], 3)
+(2.5, 1.0)
 >>> ema(None, 3.0, 0.5), ema(2.0, 4.0, 0.5)
 (3.0, 3.0)
 """
@@ -16,9 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
-__all__ = ["compact", "push", "robust_center_scale", "ema", "ema_var"]
+__all__ = ["compact", "push", "median", "lower_median_bound", "robust_center_scale", "ema", "ema_var"]
 
 
 def compact(x: float) -> float:
@@ -35,11 +37,29 @@ def push(window: list[float], x: float, size: int) -> None:
         del window[: len(window) - size]
 
 
+def median(values: Sequence[float]) -> float:
+    """The median of finite ``values`` (not empty)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def lower_median_bound(window: Sequence[float], new: Sequence[float], size: int) -> float:
+    """A value no median of a window can be below while ``new`` values are pushed into ``window``.
+
+    Each window on the way is ``size`` (or, before it fills, fewer but at least ``len(window)``)
+    consecutive values of ``window + new``; a median of n values is at least their ``(n-1)//2``-th
+    smallest, and a subset's k-th smallest is at least the whole set's. The batch screens use it to
+    prove that no value of a batch can cross a median-based limit. ``window`` must not be empty.
+    """
+    n = min(size, len(window))
+    return sorted([*window, *new])[(n - 1) // 2]
+
+
 def robust_center_scale(values: Sequence[float]) -> tuple[float, float]:
     """Median and 1.4826·MAD (a σ estimate that a few outliers cannot inflate)."""
-    arr = np.asarray(values, dtype=float)
-    median = float(np.median(arr))
-    return median, round(1.4826 * float(np.median(np.abs(arr - median))), 12)
+    center = median(values)
+    return center, round(1.4826 * median([abs(x - center) for x in values]), 12)
 
 
 def ema(previous: float | None, x: float, alpha: float) -> float:

@@ -7,8 +7,7 @@ of the training loss between evaluations to know which way training is going.
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from itertools import pairwise
 
 from .alerts import Alert
 from .base import Detector, register_detector
@@ -85,7 +84,7 @@ class ValTrainDivergenceDetector(Detector):
         train_falling = (self.train is not None and self.train_at_best is not None
                          and self.train < self.train_at_best)
         push(self.vals, val, self.noise_window)
-        noise = robust_center_scale(np.diff(self.vals))[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
+        noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
         active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
         self.run_length = self.run_length + 1 if active else 0
