@@ -20,7 +20,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from detectors import Alert
+from detectors import Alert, severity_rank
 
 from .alerts_cli import format_alert, read_alerts
 from .broker import EmbeddedBroker, ensure_topics, free_port
@@ -50,7 +50,8 @@ def _kill(proc: subprocess.Popen, grace: float = 8.0) -> None:
 
 
 def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, max_wait: float = 90.0,
-             out_dir: str | None = None) -> dict[str, dict]:
+             out_dir: str | None = None, show: str = "medium") -> dict[str, dict]:
+    """Run the demo; alerts of severity ``show`` and above are printed as they arrive (all are summarized)."""
     out = Path(out_dir or tempfile.mkdtemp(prefix="lossguard-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     settings = load_settings(env={})
@@ -77,7 +78,8 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
         def reader():
             for alert in read_alerts(broker.bootstrap, settings.topic("alerts"), stop=stop_reading.is_set):
                 alerts.append(alert)
-                print(format_alert(alert, colour=sys.stdout.isatty()), flush=True)
+                if alert.rank >= severity_rank(show):
+                    print(format_alert(alert, colour=sys.stdout.isatty()), flush=True)
 
         thread = threading.Thread(target=reader, daemon=True)
         thread.start()
@@ -88,7 +90,7 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
             procs.append(proc)
             trainers[run_id] = proc
             print(f"training   {run_id:<13} scenario={scenario} steps={steps} pid {proc.pid}")
-        print("alerts     (as they arrive on the alert topic)", flush=True)
+        print(f"alerts     ({show} and above, as they arrive on the alert topic)", flush=True)
         for proc in trainers.values():
             proc.wait()
         results = {}
@@ -123,7 +125,7 @@ def _summary(results: dict[str, dict], alerts: list[Alert], out: Path) -> dict[s
     for alert in alerts:
         by_run[alert.run_id].append(alert)
     print("\nsummary")
-    print(f"  {'run':<14} {'scenario':<9} {'steps':>5} {'final loss':>10}  {'alerts (firing by severity)':<32} types")
+    print(f"  {'run':<14} {'scenario':<9} {'steps':>5} {'final loss':>10}  {'alerts (firing by severity)':<38} types")
     summary = {}
     for run_id, _scenario in RUNS:
         r = results.get(run_id, {})
@@ -132,7 +134,7 @@ def _summary(results: dict[str, dict], alerts: list[Alert], out: Path) -> dict[s
         types = sorted({a.alert_type for a in firing})
         sev_text = ", ".join(f"{sev[s]} {s}" for s in ("critical", "high", "medium", "low") if sev[s]) or "none"
         print(f"  {run_id:<14} {r.get('scenario', '?'):<9} {r.get('steps', 0):>5} {r.get('final_loss', float('nan')):>10.4g}"
-              f"  {sev_text:<32} {', '.join(types) or '-'}")
+              f"  {sev_text:<38} {', '.join(types) or '-'}")
         summary[run_id] = {**r, "alerts": [a.to_dict() for a in by_run[run_id]], "by_severity": dict(sev),
                            "types": types}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -143,7 +145,7 @@ def _summary(results: dict[str, dict], alerts: list[Alert], out: Path) -> dict[s
 def cmd_demo(args: argparse.Namespace) -> int:
     steps, delay = (200, 0.0) if args.fast else (args.steps, args.delay)
     try:
-        summary = run_demo(steps=steps, delay=delay, out_dir=args.out)
+        summary = run_demo(steps=steps, delay=delay, out_dir=args.out, show=args.severity)
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
         return 130
@@ -157,4 +159,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--delay", type=float, default=0.02, help="seconds per step spent sleeping (default 0.02)")
     p.add_argument("--fast", action="store_true", help="short runs, no sleeping (used by the test suite)")
     p.add_argument("--out", help="folder for logs and summary.json (default a temp folder)")
+    p.add_argument("--severity", default="medium", choices=["low", "medium", "high", "critical"],
+                   help="print alerts of this severity and above as they arrive (default medium)")
     p.set_defaults(func=cmd_demo)
