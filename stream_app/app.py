@@ -152,17 +152,22 @@ def process(events: list[MetricEvent]) -> list[Alert]:
     """One record's steps through the run's step-order check and detectors; saves the run's state."""
     run_id = events[0].run_id
     suite, summary = suite_for(run_id)
-    alerts: list[Alert] = []
+    fed: list[MetricEvent] = []
+    #: (step, ts) → the event's source and the run's tags as of that event, for its alerts' metadata
+    context: dict[tuple[int, float], tuple[str, dict[str, str]]] = {}
     for event in events:
         kind = summary.observe(event)
         counters[_COUNTER[kind]] += 1
         counters["resumes"] += kind == "resumed"
         if kind in ("duplicate", "out_of_order"):
             continue
-        for alert in suite.update(event):
-            alert.metadata.update(source=event.source, run_tags=summary.tags)
-            summary.count_alert(alert)
-            alerts.append(alert)
+        fed.append(event)
+        context[event.step, event.ts] = (event.source, summary.tags)
+    alerts = suite.update_batch(fed)
+    for alert in alerts:
+        source, tags = context[alert.step, alert.ts]
+        alert.metadata.update(source=source, run_tags=tags)
+        summary.count_alert(alert)
     run_state[run_id] = suite.state_dict()
     run_summary[run_id] = summary.to_dict()
     return alerts
