@@ -104,6 +104,9 @@ class Emitter:
             record (e.g. several steps of a run). A record per run per round instead of one per step is
             what keeps kafka-python's pure-Python ``send()`` from taking GIL time away from training.
         max_batch: most values packed into one record by ``encode_batch`` (500).
+        transport: ``"thread"`` runs kafka-python in this process; ``"process"`` runs it in a sender
+            subprocess (:mod:`producers.sender`), so its pure-Python network layer never holds this
+            process's GIL — what a training loop wants.
         producer_config: extra kafka-python ``KafkaProducer`` settings.
         flush_timeout: longest wait in ``flush()``/``close()`` and at interpreter exit (5 s).
         linger: seconds the sender waits after a batch before it drains again (50 ms): fewer, bigger
@@ -113,7 +116,11 @@ class Emitter:
     def __init__(self, topic: str, *, bootstrap: str | None = None, max_queue: int = 10_000,
                  encode: Callable[[Any], bytes] | None = None, producer_config: dict[str, Any] | None = None,
                  flush_timeout: float = 5.0, linger: float = 0.05,
-                 encode_batch: Callable[[list[Any]], bytes] | None = None, max_batch: int = 500):
+                 encode_batch: Callable[[list[Any]], bytes] | None = None, max_batch: int = 500,
+                 transport: str = "thread"):
+        if transport not in ("thread", "process"):
+            raise ValueError(f"transport must be 'thread' or 'process', got {transport!r}")
+        self.transport = transport
         self.topic = topic
         self.bootstrap = bootstrap or default_bootstrap()
         self.stats = EmitterStats()
@@ -134,6 +141,7 @@ class Emitter:
                                  **(producer_config or {})}
         self._warned = False
         self._partitions: dict[bytes, int] = {}
+        self._producer: Any = None  # the sender thread's current producer (close() may need to end it)
         quiet_kafka_logs()
         self._thread = threading.Thread(target=self._run, name=f"lossguard-emitter[{topic}]", daemon=True)
         self._thread.start()
@@ -177,6 +185,11 @@ class Emitter:
         self._closed = True
         self._wake.set()
         self._thread.join(timeout=self.flush_timeout if timeout is None else timeout)
+        producer = self._producer
+        if self._thread.is_alive() and self.transport == "process" and producer is not None:
+            # still waiting on the sender process: end it, which fails (and so counts) what it held
+            _close_producer(producer, 0)
+            self._thread.join(timeout=1.0)
         if self._queue:  # the broker did not take them in time: they are lost, and counted as such
             self._drop_all()
 
@@ -193,7 +206,10 @@ class Emitter:
                     break
                 continue
             if producer is None:
-                producer = self._connect()
+                if self._closed:
+                    self._drop_all()
+                    break
+                producer = self._producer = self._connect()
                 if producer is None:
                     self._wake.wait(backoff)  # stay responsive to close() while backing off
                     backoff = min(backoff * 2, 5.0)
@@ -234,7 +250,7 @@ class Emitter:
                 batch.clear()  # callbacks that still fire now count nothing: the loss is counted here
                 self.stats.dropped += lost
                 _close_producer(producer, 0)
-                producer = None
+                producer = self._producer = None
                 self._wake.set()
         if producer is not None:
             _close_producer(producer, 1)
@@ -254,6 +270,10 @@ class Emitter:
 
     def _connect(self):
         try:
+            if self.transport == "process":
+                from .sender import SenderProcess
+
+                return SenderProcess(self.topic, self.bootstrap, self._producer_config, self.flush_timeout)
             from kafka import KafkaProducer
 
             return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **self._producer_config)

@@ -394,7 +394,7 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
           bootstrap: str | None = None, topic: str | None = None, tags: Mapping[str, str] | None = None,
           attempt: int | None = None, rank: int | None = None, report_rank: int | None = 0,
           listen: bool = True, raise_on_stop: bool = False, max_queue: int = 10_000, source: str = "torch",
-          grad_norm_hook: bool = True) -> Reporter:
+          grad_norm_hook: bool = True, transport: str = "process") -> Reporter:
     """Start reporting a training run; returns a :class:`Reporter`.
 
     Args:
@@ -420,6 +420,8 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
         source: the event's ``source`` field (default ``"torch"``).
         grad_norm_hook: take the grad norm in an optimizer step pre-hook (default ``True``); integrations
             that see gradients before clipping turn it off and call ``capture_grad_norm()`` themselves.
+        transport: ``"process"`` (default) sends from a sender subprocess, so kafka-python's Python
+            network code never competes with training for the GIL; ``"thread"`` sends in-process.
     """
     run_id = run_id or os.environ.get("LOSSGUARD_RUN_ID") or f"run-{uuid.uuid4().hex[:8]}"
     rank = _default_rank() if rank is None else rank
@@ -431,7 +433,7 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
     emitter = None
     if report_rank is None or rank == report_rank:
         emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode=_encode,
-                          encode_batch=_encode_batch)
+                          encode_batch=_encode_batch, transport=transport)
     reporter = Reporter(run_id, model=model, optimizer=optimizer, every=every, emitter=emitter, tags=all_tags,
                         source=source, grad_norm_hook=grad_norm_hook, raise_on_stop=raise_on_stop)
     if listen:

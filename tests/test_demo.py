@@ -29,5 +29,5 @@ def test_demo_fast_runs_end_to_end_and_cleans_up(tmp_path):
     assert not [a for a in healthy if a["severity"] in ("high", "critical")]
     assert "summary" in proc.stdout and "[demo-nan]" in proc.stdout  # alerts were printed as they arrived
     # nothing left behind: no worker or trainer of this demo still running
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout  # -ww: never cut
     assert str(out) not in ps

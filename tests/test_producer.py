@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -207,3 +208,47 @@ def test_producers_never_import_faust():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("faust", "stream_app") for n in names), path
+
+
+def _sender_children(marker: str) -> list[int]:
+    """Pids of sender subprocesses whose command line mentions ``marker`` (read from /proc, never cut)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "sender_child.py" in args and marker in args:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_the_sender_subprocess_imports_no_torch_and_ends_with_a_killed_training_process(tmp_path):
+    with EmbeddedBroker(port=free_port()) as broker:
+        topic = f"killedjob{os.getpid()}.metrics"
+        ensure_topics(broker.bootstrap, [topic], 1)
+        script = tmp_path / "job.py"
+        script.write_text(
+            "import sys, time\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import producers\n"
+            f"r = producers.watch('job', bootstrap={broker.bootstrap!r}, topic={topic!r}, listen=False)\n"
+            "for s in range(20):\n"
+            "    r.log(s, loss=1.0)\n"
+            "r.flush(10)\n"
+            "print(r.emitter.stats.sent, flush=True)\n"
+            "time.sleep(60)\n")
+        job = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert job.stdout.readline().strip() == "20"  # delivered through the sender subprocess
+            children = _sender_children(topic)
+            assert len(children) == 1
+            maps = Path(f"/proc/{children[0]}/maps").read_text()
+            assert "libtorch" not in maps  # kafka-python and the stdlib only
+        finally:
+            job.kill()
+            job.wait(10)
+        deadline = time.monotonic() + 15
+        while _sender_children(topic) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _sender_children(topic) == []  # EOF on its stdin ended it: no orphan
