@@ -138,7 +138,17 @@ def _as_numpy(values: Any):
     return values
 
 
+class _NormParts(tuple):
+    """Per-parameter-group gradient norms (tensors) whose total the sender thread computes."""
+
+    def total(self) -> Any:
+        device = self[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in self]), 2.0)
+
+
 def _to_float(value: Any) -> float:
+    if isinstance(value, _NormParts):
+        value = value.total()
     if torch is not None and isinstance(value, torch.Tensor):
         return float(value.item())  # runs on the sender thread: the host sync (if any) happens here
     return float(value)
@@ -259,10 +269,9 @@ class Reporter:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return None
-        # one fused kernel per device/dtype group; the result stays a tensor (no host sync here)
-        norms = torch._foreach_norm(grads, 2.0)
-        device = norms[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+        # one fused kernel per device/dtype group, and nothing more on the training thread: the norms are
+        # new tensors (later steps cannot change them), so the sender thread adds them up, no host sync here
+        return _NormParts(torch._foreach_norm(grads, 2.0))
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, **kwargs: Any) -> Any:
         """Clip the watched parameters' gradients like ``torch.nn.utils.clip_grad_norm_`` and report
