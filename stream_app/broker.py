@@ -12,7 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterable
 
-__all__ = ["BrokerError", "EmbeddedBroker", "ensure_topics", "free_port", "wait_for_broker"]
+__all__ = ["BrokerError", "EmbeddedBroker", "ensure_topics", "free_port", "topic_partitions", "wait_for_broker"]
 
 log = logging.getLogger("lossguard.broker")
 
@@ -71,6 +71,18 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> lis
         return missing
     finally:
         admin.close()
+
+
+def topic_partitions(bootstrap: str, topic: str) -> int | None:
+    """How many partitions ``topic`` has (``None`` when it does not exist)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), request_timeout_ms=10000)
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        return len(partitions) if partitions else None
+    finally:
+        consumer.close()
 
 
 class EmbeddedBroker:

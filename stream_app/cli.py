@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from detectors.config import ConfigError
 
-from .broker import BrokerError, EmbeddedBroker, ensure_topics, wait_for_broker
+from .broker import BrokerError, EmbeddedBroker, ensure_topics, topic_partitions, wait_for_broker
 from .settings import Settings, load_settings
 
 __all__ = ["main", "resolve_bootstrap"]
@@ -78,6 +78,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     bootstrap, broker = resolve_bootstrap(settings)
     try:
         ensure_topics(bootstrap, settings.topics.values(), settings.partitions)
+        actual = topic_partitions(bootstrap, settings.topic("metrics"))
+        if actual and actual != settings.partitions:
+            # a producer that ran before lossguard set up its topics let the broker auto-create the metrics
+            # topic with its own default; Faust tables must match the source topic, so follow the topic
+            print(f"lossguard: {settings.topic('metrics')} has {actual} partitions, not the configured "
+                  f"{settings.partitions} (created before lossguard set it up?); this worker uses {actual}",
+                  file=sys.stderr, flush=True)
+            args.partitions = actual
         os.environ["LOSSGUARD_BOOTSTRAP"] = bootstrap
         if args.config:
             os.environ["LOSSGUARD_CONFIG"] = args.config

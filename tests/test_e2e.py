@@ -60,3 +60,22 @@ def test_malformed_events_go_to_the_dead_letter_topic_and_processing_continues(t
     reasons = sorted(d["reason"].split(":")[0] for d in dead)
     assert reasons == ["event", "step"]
     assert {d["original"] for d in dead} == {"{not json", '{"v":1,"run_id":"bad","step":"x","metrics":{}}'}
+
+
+def test_a_worker_follows_a_metrics_topic_created_with_another_partition_count(topics, start_worker):
+    """A job that started before lossguard set up its topics lets the broker pick the partition count;
+    the worker must follow it (Faust tables must match their source topic), not dead-letter every record."""
+    from kafka import KafkaProducer
+
+    from detectors import MetricEvent
+
+    worker = start_worker(extra_env={"LOSSGUARD_PARTITIONS": "6"})  # the topics were made with 3
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
+    producer.send(topics.name("metrics"), key=b"early", value=MetricEvent("early", 5, {"loss": float("nan")},
+                                                                           ts=1.0).to_json())
+    producer.flush()
+    producer.close()
+    alerts = collect_alerts(topics, lambda al: any(a.run_id == "early" for a in al), timeout=60)
+    assert any(a.run_id == "early" and a.alert_type == "nonfinite_metric" for a in alerts), worker.log()[-2000:]
+    assert "has 3 partitions, not the configured 6" in worker.log()
+    assert read_topic(topics.bootstrap, topics.name("dlq"), topics.partitions, 1) == []
