@@ -21,7 +21,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any
@@ -39,14 +39,28 @@ class DetectorSuite:
     """All enabled detectors for one run."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, detectors: Iterable[str] | None = None):
-        self.config = build_config(config)
-        disabled = set(self.config[DETECTORS_SECTION]["disabled"])
-        names = list(detectors) if detectors is not None else [n for n in DETECTORS if n not in disabled]
-        self.detectors: dict[str, Detector] = {}
-        for name in names:
-            cls = DETECTORS[name]
-            section = self.config[cls.section]
-            self.detectors[name] = cls(**{k: section[k] for k in cls.defaults})
+        self._setup(*_plan(build_config(config), detectors))
+
+    @classmethod
+    def factory(cls, config: Mapping[str, Any] | None = None,
+                detectors: Iterable[str] | None = None) -> Callable[[], DetectorSuite]:
+        """A maker of fresh suites equal to ``DetectorSuite(config, detectors)``: the config is validated
+        and each detector's parameters are picked once, not per suite (the stream app makes one per run).
+        The suites share the validated config dict; nothing writes to it."""
+        built = build_config(config)
+        plan = _plan(built, detectors)
+
+        def make() -> DetectorSuite:
+            suite = cls.__new__(cls)
+            suite._setup(*plan)
+            return suite
+
+        return make
+
+    def _setup(self, config: dict[str, dict[str, Any]],
+               plan: tuple[tuple[str, type[Detector], dict[str, Any]], ...]) -> None:
+        self.config = config
+        self.detectors: dict[str, Detector] = {name: det_cls(**params) for name, det_cls, params in plan}
         self.last_step: int | None = None
         self.last_ts: float | None = None
         self.events_seen = 0
@@ -114,6 +128,19 @@ class DetectorSuite:
         for name, det_state in state.get("detectors", {}).items():
             if name in self.detectors:
                 self.detectors[name].load_state_dict(det_state)
+
+
+def _plan(config: dict[str, dict[str, Any]], detectors: Iterable[str] | None
+          ) -> tuple[dict[str, dict[str, Any]], tuple[tuple[str, type[Detector], dict[str, Any]], ...]]:
+    """The validated ``config`` and, per detector to run (suite order), its class and parameters."""
+    disabled = set(config[DETECTORS_SECTION]["disabled"])
+    names = list(detectors) if detectors is not None else [n for n in DETECTORS if n not in disabled]
+    plan = []
+    for name in names:
+        cls = DETECTORS[name]
+        section = config[cls.section]
+        plan.append((name, cls, {k: section[k] for k in cls.defaults}))
+    return config, tuple(plan)
 
 
 @lru_cache(maxsize=1024)

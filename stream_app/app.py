@@ -89,6 +89,8 @@ counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letter
                             "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
 #: RunSummary.observe's verdict → the counter it bumps (new and resumed steps are processed events)
 _COUNTER = {"new": "events", "resumed": "events", "duplicate": "duplicates", "out_of_order": "out_of_order"}
+#: fresh suites for new runs: the detector config is validated once per worker, not once per run
+new_suite = DetectorSuite.factory(settings.detector_config)
 
 
 @app.on_partitions_revoked.connect
@@ -102,7 +104,7 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
     if live is not None:
         _suites.move_to_end(run_id)
         return live
-    suite = DetectorSuite(settings.detector_config)
+    suite = new_suite()
     state = run_state.get(run_id)
     if state:
         suite.load_state_dict(state)
