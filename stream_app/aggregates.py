@@ -87,16 +87,21 @@ class RunSummary:
     def _add(self, event: MetricEvent) -> None:
         self.events += 1
         self.last_step, self.last_ts = event.step, event.ts
-        self.first_ts = event.ts if self.first_ts is None else self.first_ts
+        if self.first_ts is None:
+            self.first_ts = event.ts
         self.source = event.source
-        if event.tags:
+        if event.tags and event.tags != self.tags:  # a copy, replaced (never changed in place) on a change
             self.tags = dict(event.tags)
-        self.recent_steps.append(event.step)
-        if len(self.recent_steps) > _RECENT_STEPS:
-            del self.recent_steps[0]
-        window = self._window_for(event.ts, create=True)
-        if window is None:
-            return
+        recent = self.recent_steps
+        recent.append(event.step)
+        if len(recent) > _RECENT_STEPS:
+            del recent[0]
+        windows = self._windows
+        window = windows[-1] if windows else None
+        if window is None or window["start"] != math.floor(event.ts / self.window_s) * self.window_s:
+            window = self._window_for(event.ts, create=True)
+            if window is None:
+                return
         window["count"] += 1
         stats = window["metrics"]
         for name, x in event.metrics.items():
@@ -108,8 +113,10 @@ class RunSummary:
                 stats[name] = [1, x, x, x]
             else:
                 acc[0] += 1
-                acc[1] = min(acc[1], x)
-                acc[2] = max(acc[2], x)
+                if x < acc[1]:
+                    acc[1] = x
+                if x > acc[2]:
+                    acc[2] = x
                 acc[3] += x
 
     def _window_for(self, ts: float, create: bool = False) -> dict[str, Any] | None:
