@@ -97,13 +97,15 @@ def plain_faust_rate(bootstrap: str, topic: str, total: int) -> float:
 class Worker:
     """``lossguard worker`` as a subprocess with its web port, read through /lossguard/stats/."""
 
-    def __init__(self, bootstrap: str, prefix: str, data_dir: str):
+    def __init__(self, bootstrap: str, prefix: str, data_dir: str, profile: str | None = None):
         self.port = free_port()
         env = {**os.environ, "LOSSGUARD_BOOTSTRAP": bootstrap, "LOSSGUARD_TOPIC_PREFIX": prefix,
                "LOSSGUARD_APP_ID": f"{prefix}-app", "LOSSGUARD_PARTITIONS": str(PARTITIONS),
                "LOSSGUARD_DATA_DIR": data_dir, "LOSSGUARD_WEB_PORT": str(self.port)}
         self.log = open(Path(data_dir) / "worker.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream_app", "worker"], env=env, cwd=ROOT,
+        # --profile-worker: the whole worker under cProfile (written when it stops; slows it down)
+        command = ["-m", "cProfile", "-o", str(Path(profile).resolve()), "-m"] if profile else ["-m"]
+        self.proc = subprocess.Popen([sys.executable, *command, "stream_app", "worker"], env=env, cwd=ROOT,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stats(self) -> dict:
@@ -198,6 +200,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=40, help="steps per batched record")
     parser.add_argument("--latency-samples", type=int, default=200)
     parser.add_argument("--latency-rate", type=float, default=50.0, help="NaN events per second")
+    parser.add_argument("--profile-worker", metavar="PATH",
+                        help="run the worker under cProfile and write its profile to PATH (figures are slower)")
     args = parser.parse_args()
 
     broker = None
@@ -222,7 +226,7 @@ def main() -> int:
         results["plain_faust_events_per_s"] = plain_faust_rate(bootstrap, f"{prefix}.raw", args.faust_events)
 
         # 3: the lossguard worker
-        worker = Worker(bootstrap, prefix, workdir)
+        worker = Worker(bootstrap, prefix, workdir, args.profile_worker)
         wait_ready(worker, bootstrap, f"{prefix}.metrics")
         singles = [(f"s{i % 200}".encode(), event(f"s{i % 200}", i // 200, ts=1e9 + i // 200).to_json())
                    for i in range(args.single_events)]
