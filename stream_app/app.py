@@ -175,6 +175,22 @@ def process(events: list[MetricEvent]) -> list[Alert]:
     return alerts
 
 
+@app.task
+async def _quiet_debug_logging() -> None:
+    """Faust's worker sets the root logger to DEBUG so that its start-up spinner (a log handler) turns on
+    every log call; from then on each aiokafka/Faust debug call (several per record: every send logs)
+    builds a log record that only the spinner sees. Put the root back at its handlers' level. A worker
+    started with ``--loglevel debug`` keeps DEBUG (its console handler is at DEBUG)."""
+    root = logging.getLogger()
+    spinners = [h for h in root.handlers if type(h).__name__ == "SpinnerHandler"]
+    others = [h for h in root.handlers if h not in spinners]
+    level = min((h.level for h in others), default=logging.NOTSET)
+    if spinners and root.level == logging.DEBUG and level > logging.DEBUG:
+        for handler in spinners:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
 @app.timer(interval=settings.tick_interval)
 async def tick() -> None:
     """Time-based checks (a run gone silent) for the live runs. Tables cannot be written outside a
