@@ -175,7 +175,8 @@ def process(events: list[MetricEvent]) -> list[Alert]:
         context[event.step, event.ts] = (event.source, summary.tags)
     alerts = suite.update_batch(fed)
     for alert in alerts:
-        source, tags = context[alert.step, alert.ts]
+        # every alert comes from one of this record's steps; the run's own source/tags are the safe default
+        source, tags = context.get((alert.step, alert.ts), (summary.source, summary.tags))
         alert.metadata.update(source=source, run_tags=tags)
         summary.count_alert(alert)
     run_summary[run_id] = {**summary.to_dict(), SUITE_KEY: suite.state_dict()}

@@ -7,18 +7,31 @@ created up front with the partition count we want. :func:`ensure_topics` works o
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterable
 
-__all__ = ["BrokerError", "EmbeddedBroker", "ensure_topics", "free_port", "topic_partitions", "wait_for_broker"]
+__all__ = ["BrokerError", "EmbeddedBroker", "die_with_parent", "ensure_topics", "free_port", "topic_partitions",
+           "wait_for_broker"]
 
 log = logging.getLogger("lossguard.broker")
 
 
 class BrokerError(RuntimeError):
     pass
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for children in their own session: on Linux, SIGTERM them when their parent dies,
+    even by SIGKILL, so no broker or worker outlives the command that started it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the caller's own cleanup still applies
 
 
 def free_port() -> int:
@@ -115,7 +128,8 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         self.process = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent)
         try:
             wait_for_broker(self.bootstrap, timeout)
         except BrokerError:

@@ -23,7 +23,7 @@ from pathlib import Path
 from detectors import Alert, severity_rank
 
 from .alerts_cli import format_alert, read_alerts
-from .broker import EmbeddedBroker, ensure_topics, free_port
+from .broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
 from .settings import load_settings
 
 __all__ = ["run_demo", "add_parser"]
@@ -33,7 +33,7 @@ RUNS = (("demo-healthy", "healthy"), ("demo-lr-jump", "lr_jump"), ("demo-nan", "
 
 def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _kill(proc: subprocess.Popen, grace: float = 8.0) -> None:
