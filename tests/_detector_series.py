@@ -112,11 +112,11 @@ def supervised(scenario: str, steps: int = 300, seed: int = 0) -> Series:
         opt.step()
         if sched is not None:
             sched.step()
-        if scenario == "memory_leak" and step < 150:
-            # tensors kept in a list every step (the classic leak): 1 % of the process's starting RSS each,
+        if scenario == "memory_leak":
+            # tensors kept in a list every step (the classic leak): 0.7 % of the process's starting RSS each,
             # so the leak is the same size relative to a small test process and to a whole suite's
             if not leak:
-                leak_floats = int(_rss() * 0.01 / 4)
+                leak_floats = int(_rss() * 0.007 / 4)
             leak.append(torch.ones(leak_floats))
         if scenario == "slow_steps" and inject_at <= step < inject_at + 30:
             time.sleep(0.02)  # a starved data loader
