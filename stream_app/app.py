@@ -67,6 +67,7 @@ app = faust.App(
     web_port=settings.web_port,
     web_bind=settings.web_bind,
     table_cleanup_interval=30.0,
+    **({"producer_max_batch_size": settings.max_batch_bytes} if settings.max_batch_bytes else {}),
 )
 
 metrics_topic = app.topic(settings.topic("metrics"), key_serializer="raw", value_serializer="raw",

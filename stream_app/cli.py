@@ -87,6 +87,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             args.partitions = actual
         os.environ["LOSSGUARD_BOOTSTRAP"] = bootstrap
+        if not settings.bootstrap:  # the bundled broker: one record per batch (see settings.max_batch_bytes)
+            os.environ.setdefault("LOSSGUARD_MAX_BATCH_BYTES", "1")
         if args.config:
             os.environ["LOSSGUARD_CONFIG"] = args.config
         if args.prefix:

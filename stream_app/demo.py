@@ -69,7 +69,8 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
         ensure_topics(broker.bootstrap, settings.topics.values(), settings.partitions)
         print(f"broker     embedded Tansu on {broker.bootstrap}, topics {', '.join(settings.topics.values())}")
         env = {**os.environ, "LOSSGUARD_BOOTSTRAP": broker.bootstrap, "PYTHONUNBUFFERED": "1",
-               "LOSSGUARD_DATA_DIR": str(out / "worker-data"), "LOSSGUARD_WEB_PORT": str(free_port())}
+               "LOSSGUARD_DATA_DIR": str(out / "worker-data"), "LOSSGUARD_WEB_PORT": str(free_port()),
+               "LOSSGUARD_MAX_BATCH_BYTES": "1"}  # the bundled broker: one record per batch (settings.py)
         env.pop("LOSSGUARD_CONFIG", None)
         env.pop("LOSSGUARD_TOPIC_PREFIX", None)
         procs.append(_spawn([sys.executable, "-m", "stream_app", "worker"], env, out / "worker.log"))

@@ -35,6 +35,10 @@ class Settings:
     heartbeat_interval: float = 1.0
     #: Faust hard-codes 1500 ms; a short fetch wait is what keeps alert latency in milliseconds
     fetch_max_wait_ms: int = 10
+    #: Kafka producer batch limit in bytes for the worker's writes (0: Faust's default). 1 sends every
+    #: record alone — for the bundled Tansu broker, which under-reports the end of multi-record batches
+    #: (STACK_NOTES.md), so a worker taking over a partition could miss a run's last changelog record
+    max_batch_bytes: int = 0
     #: embedded broker port
     broker_port: int = 9092
     log_level: str = "warning"

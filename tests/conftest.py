@@ -42,6 +42,9 @@ def bootstrap() -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     with EmbeddedBroker(port=free_port()) as broker:
+        # the bundled Tansu broker under-reports the end of multi-record batches: workers send records
+        # one per batch there (settings.max_batch_bytes), as `lossguard worker` and the demo do
+        os.environ.setdefault("LOSSGUARD_MAX_BATCH_BYTES", "1")
         yield broker.bootstrap
 
 
