@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from detectors import SEVERITIES, Alert, severity_rank
 from detectors.config import ConfigError
+
+from .settings import read_toml
 
 __all__ = ["Route", "Router", "RoutingConfig", "load_routing"]
 
@@ -129,12 +129,7 @@ def load_routing(path: str | os.PathLike | None = None, webhook_url: str = "") -
             sinks["webhook"] = {"kind": "webhook"}
             routes.append(Route(match={"severity": ">=high"}, sinks=["webhook"]))
         return RoutingConfig(sinks, Router(routes))
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError("routes", f"file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("routes", f"{path} is not valid TOML ({exc})") from None
+    doc = read_toml(path, "routes")
     unknown = set(doc) - {"sinks", "routes"}
     if unknown:
         raise ConfigError("routes", f"unknown section(s) {sorted(unknown)} in {path} (known: routes, sinks)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from detectors.config import ConfigError, build_config
 
-__all__ = ["Settings", "load_settings", "ConfigError"]
+__all__ = ["Settings", "load_settings", "read_toml", "ConfigError"]
 
 
 @dataclass
@@ -101,19 +101,22 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
         raise ConfigError(key, f"expected {kind}, got {value!r}") from None
 
 
+def read_toml(path: str | os.PathLike, key: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or unparsable file is a ConfigError naming ``key``."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(key, f"file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(key, f"{path} is not valid TOML ({exc})") from None
+
+
 def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
                   **overrides: Any) -> Settings:
     """Settings from defaults ← TOML file (``LOSSGUARD_CONFIG``) ← environment ← keyword overrides."""
     env = os.environ if env is None else env
     path = config_path or env.get("LOSSGUARD_CONFIG")
-    doc: dict[str, Any] = {}
-    if path:
-        try:
-            doc = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError("config", f"file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("config", f"{path} is not valid TOML ({exc})") from None
+    doc: dict[str, Any] = read_toml(path, "config") if path else {}
     stream = doc.pop("stream", {})
     values: dict[str, Any] = {}
     for key, value in stream.items():
