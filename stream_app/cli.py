@@ -19,7 +19,14 @@ from collections.abc import Sequence
 
 from detectors.config import ConfigError
 
-from .broker import BrokerError, EmbeddedBroker, ensure_topics, topic_partitions, wait_for_broker
+from .broker import (
+    BUNDLED_BROKER_WORKER_ENV,
+    BrokerError,
+    EmbeddedBroker,
+    ensure_topics,
+    topic_partitions,
+    wait_for_broker,
+)
 from .settings import Settings, load_settings
 
 __all__ = ["main", "resolve_bootstrap"]
@@ -87,8 +94,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
             args.partitions = actual
         os.environ["LOSSGUARD_BOOTSTRAP"] = bootstrap
-        if not settings.bootstrap:  # the bundled broker: one record per batch (see settings.max_batch_bytes)
-            os.environ.setdefault("LOSSGUARD_MAX_BATCH_BYTES", "1")
+        if not settings.bootstrap:
+            for name, value in BUNDLED_BROKER_WORKER_ENV.items():
+                os.environ.setdefault(name, value)
         if args.config:
             os.environ["LOSSGUARD_CONFIG"] = args.config
         if args.prefix:

@@ -23,7 +23,7 @@ from pathlib import Path
 from detectors import Alert, severity_rank
 
 from .alerts_cli import format_alert, read_alerts
-from .broker import EmbeddedBroker, die_with_parent, ensure_topics, free_port
+from .broker import BUNDLED_BROKER_WORKER_ENV, EmbeddedBroker, die_with_parent, ensure_topics, free_port
 from .settings import load_settings
 
 __all__ = ["run_demo", "add_parser"]
@@ -70,7 +70,7 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
         print(f"broker     embedded Tansu on {broker.bootstrap}, topics {', '.join(settings.topics.values())}")
         env = {**os.environ, "LOSSGUARD_BOOTSTRAP": broker.bootstrap, "PYTHONUNBUFFERED": "1",
                "LOSSGUARD_DATA_DIR": str(out / "worker-data"), "LOSSGUARD_WEB_PORT": str(free_port()),
-               "LOSSGUARD_MAX_BATCH_BYTES": "1"}  # the bundled broker: one record per batch (settings.py)
+               **BUNDLED_BROKER_WORKER_ENV}
         env.pop("LOSSGUARD_CONFIG", None)
         env.pop("LOSSGUARD_TOPIC_PREFIX", None)
         procs.append(_spawn([sys.executable, "-m", "stream_app", "worker"], env, out / "worker.log"))

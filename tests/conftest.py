@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from detectors import Alert, decode_alert
-from stream_app.broker import EmbeddedBroker, ensure_topics, free_port, wait_for_broker
+from stream_app.broker import (
+    BUNDLED_BROKER_WORKER_ENV,
+    EmbeddedBroker,
+    ensure_topics,
+    free_port,
+    wait_for_broker,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,9 +48,8 @@ def bootstrap() -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     with EmbeddedBroker(port=free_port()) as broker:
-        # the bundled Tansu broker under-reports the end of multi-record batches: workers send records
-        # one per batch there (settings.max_batch_bytes), as `lossguard worker` and the demo do
-        os.environ.setdefault("LOSSGUARD_MAX_BATCH_BYTES", "1")
+        for name, value in BUNDLED_BROKER_WORKER_ENV.items():  # inherited by the tests' workers
+            os.environ.setdefault(name, value)
         yield broker.bootstrap
 
 
