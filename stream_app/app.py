@@ -83,9 +83,6 @@ dlq_topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_seriali
 #: send path (benchmarks/stream), and the summary and detector state of a run can no longer be saved
 #: one without the other. (Untyped JSON values: with ``value_type=dict`` RocksDB cannot decode them.)
 run_summary = app.Table("run_summary", default=None, partitions=settings.partitions, key_type=str)
-#: run_id → DetectorSuite.state_dict(), as workers before the merge into ``run_summary`` saved it: read
-#: only, for a run whose summary has no ``"suite"`` yet (its next record saves it the new way)
-run_state = app.Table("run_state", default=None, partitions=settings.partitions, key_type=str)
 #: the key of the detector state inside a ``run_summary`` value
 SUITE_KEY = "suite"
 
@@ -114,8 +111,6 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
     suite = new_suite()
     summary_state = run_summary.get(run_id)
     state = summary_state.get(SUITE_KEY) if summary_state else None
-    if state is None:
-        state = run_state.get(run_id)  # saved by a worker from before the merge
     if state:
         suite.load_state_dict(state)
     summary = (RunSummary.from_dict(summary_state) if summary_state

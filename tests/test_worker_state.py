@@ -1,5 +1,5 @@
 """The worker keeps a run's detector state inside its ``run_summary`` value (one changelog message per
-record) and still resumes runs that an older worker saved in the ``run_state`` table.
+record) and restores it exactly.
 
 Runs in a subprocess: importing ``stream_app.app`` builds the Faust app and installs its Faust fixes.
 """
@@ -16,10 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import stream_app.app as A
-    from detectors import DetectorSuite, MetricEvent
-    from stream_app.aggregates import RunSummary
+    from detectors import MetricEvent
 
-    A.run_state, A.run_summary = {}, {}
+    A.run_summary = {}
 
     def steps(run, start, stop):
         return [MetricEvent(run, s, {"loss": 2.0 - s * 1e-3, "grad_norm": 1.0}, ts=1e9 + s)
@@ -28,28 +27,18 @@ SCRIPT = textwrap.dedent("""
     # new layout: one value with the summary and the suite's state
     A.process(steps("r", 0, 30))
     saved = A.run_summary["r"]
-    assert set(saved) >= {"run_id", "windows", A.SUITE_KEY} and "r" not in A.run_state
+    assert set(saved) >= {"run_id", "windows", A.SUITE_KEY}
     live = A._suites["r"][0].state_dict()
     A._suites.clear()  # as after a restart or rebalance
     suite, summary = A.suite_for("r")
     assert suite.state_dict() == live and summary.last_step == 29
-
-    # a run saved by a worker from before the merge: summary without "suite", state in run_state
-    old = DetectorSuite(A.settings.detector_config)
-    old.update_batch(steps("old", 0, 30))
-    old_summary = RunSummary("old", A.settings.window_s, A.settings.keep_windows)
-    for event in steps("old", 0, 30):
-        old_summary.observe(event)
-    A.run_state["old"], A.run_summary["old"] = old.state_dict(), old_summary.to_dict()
-    suite, summary = A.suite_for("old")
-    assert suite.state_dict() == old.state_dict() and summary.last_step == 29
-    A.process(steps("old", 30, 31))
-    assert A.run_summary["old"][A.SUITE_KEY]["last_step"] == 30
+    A.process(steps("r", 30, 31))  # the restored suite carries on and saves the run the same way
+    assert A.run_summary["r"][A.SUITE_KEY]["last_step"] == 30
     print("ok")
 """)
 
 
-def test_state_rides_in_the_summary_and_old_run_state_still_resumes(tmp_path):
+def test_state_rides_in_the_summary_and_restores_exactly(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSSGUARD_DATA_DIR": str(tmp_path),
            "LOSSGUARD_WEB_ENABLED": "false"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
