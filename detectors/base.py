@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from .alerts import Alert, severity_rank
 from .events import MetricEvent
 
-__all__ = ["Detector", "DETECTORS", "register_detector"]
+__all__ = ["Detector", "DETECTORS", "Steps", "column", "register_detector"]
 
 #: name → detector class; the stream app and the in-process API build detectors from here.
 DETECTORS: dict[str, type[Detector]] = {}
@@ -33,6 +33,32 @@ def register_detector(cls: type[Detector]) -> type[Detector]:
         raise TypeError(f"{cls.__name__} needs a class attribute 'name'")
     DETECTORS[cls.name] = cls
     return cls
+
+
+class Steps(list):
+    """Consecutive events of one run, as the suite hands them to ``update_batch``, with each metric's
+    column (:func:`column`) built once and shared by every detector that reads it."""
+
+    __slots__ = ("columns",)
+
+    def __init__(self, events: list[MetricEvent]):
+        super().__init__(events)
+        self.columns: dict[str, list[float | None]] = {}
+
+
+def column(events: list[MetricEvent], name: str) -> list[float | None]:
+    """The values of metric ``name`` over ``events``, None where an event lacks it.
+
+    >>> column([MetricEvent("r", 1, {"loss": 2.0}), MetricEvent("r", 2, {})], "loss")
+    [2.0, None]
+    """
+    columns = getattr(events, "columns", None)
+    if columns is None:
+        return [e.metrics.get(name) for e in events]
+    values = columns.get(name)
+    if values is None:
+        values = columns[name] = [e.metrics.get(name) for e in events]
+    return values
 
 
 class Detector:

@@ -39,9 +39,9 @@ from itertools import pairwise
 import numpy as np
 
 from .alerts import Alert
-from .base import Detector, register_detector
+from .base import Detector, column, register_detector
 from .events import MetricEvent
-from .stats import compact, ema, lower_median_bound, median, push
+from .stats import compact, ema, lower_median_bound, median, push, upper_median_bound
 
 __all__ = ["LossSpikeDetector", "LossDivergenceDetector", "LossPlateauDetector", "LossOscillationDetector",
            "CONVERGENCE_DEFAULTS", "POLICY_GRADIENT_METRICS"]
@@ -58,13 +58,14 @@ def _not_a_convergence_curve(event: MetricEvent, x: float) -> bool:
 
 
 def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
-    """The batch's losses when every one is finite, non-negative and from a run that is not RL, else None
-    (a batch the loss detectors' screens leave to the step-by-step path)."""
-    xs = [e.metrics[metric] for e in events]
-    if all(0 <= x < math.inf for x in xs) and not any(
-            name in e.metrics for e in events for name in POLICY_GRADIENT_METRICS):
-        return xs
-    return None
+    """The batch's losses when every one is present, finite, non-negative and from a run that is not RL,
+    else None (a batch the loss detectors' screens leave to the step-by-step path)."""
+    xs = column(events, metric)
+    if None in xs or not all(0 <= x < math.inf for x in xs):
+        return None
+    if any(column(events, name) != [None] * len(xs) for name in POLICY_GRADIENT_METRICS):
+        return None
+    return xs
 
 
 @register_detector
@@ -140,8 +141,7 @@ class LossSpikeDetector(Detector):
         if max(xs) > low + abs(low) * self.min_rel_increase:
             return super().update_batch(events)
         self.run_length = 0
-        for x in xs:
-            self._remember(x)
+        self.history = [*self.history, *(compact(x) for x in xs)][-self.window:]
         return []
 
     def _early(self, event: MetricEvent, x: float) -> list[Alert]:
@@ -229,6 +229,12 @@ class _SmoothedLoss(Detector):
         self.seen += 1
         return x
 
+    def _quiet_losses(self, events: list[MetricEvent], alert_type: str) -> list[float] | None:
+        """The batch's losses when the fast path may take it: no open episode, a plain loss curve."""
+        if self.off or alert_type in self.episodes:
+            return None
+        return _plain_losses(events, self.metric)
+
 
 @register_detector
 class LossDivergenceDetector(_SmoothedLoss):
@@ -286,6 +292,34 @@ class LossDivergenceDetector(_SmoothedLoss):
             message=(f"smoothed {self.metric} {self.smooth:.4g} is {rise / abs(self.best or 1):.0%} above its "
                      f"best {self.best:.4g} for {self.run_length} step(s)"),
             metadata={"best": self.best, "start": self.start, "consecutive": self.run_length})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # update's arithmetic in one loop over the losses; the first step that would be active sends
+        # the whole batch (state untouched) to the step-by-step path
+        xs = self._quiet_losses(events, "convergence_divergence")
+        if xs is None:
+            return super().update_batch(events)
+        alpha, warmup, threshold = 2.0 / (self.span + 1), self.warmup, self.divergence_threshold
+        smooth, absdev, seen, start, best = self.smooth, self.absdev, self.seen, self.start, self.best
+        for x in xs:
+            if smooth is None:
+                smooth = float(x)
+            else:
+                absdev = absdev + alpha * (abs(x - smooth) - absdev)
+                smooth = smooth + alpha * (x - smooth)
+            seen += 1
+            if seen == 1:
+                start = smooth
+            if seen < warmup:
+                continue
+            best = smooth if best is None else min(best, smooth)
+            rise = smooth - best
+            if rise > threshold * abs(best) and rise > 2 * (1.25 * absdev):
+                return super().update_batch(events)
+        if seen >= warmup:
+            self.run_length = 0
+        self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
+        return []
 
 
 @register_detector
@@ -369,6 +403,60 @@ class LossPlateauDetector(_SmoothedLoss):
             message=(f"smoothed {self.metric} {self.smooth:.4g} has not improved by {self.plateau_threshold:.2%} "
                      f"in {self.since_best} steps"),
             metadata={"best": self.best, "since_best": self.since_best, "stagnation": False})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # update's bookkeeping in one loop; a plateau about to open, or a recent median that may sit
+        # where the run started, sends the whole batch (state untouched) to the step-by-step path
+        xs = self._quiet_losses(events, "convergence_plateau")
+        if xs is None:
+            return super().update_batch(events)
+        alpha, warmup, window = 2.0 / (self.span + 1), self.warmup, self.plateau_window
+        smooth, absdev, seen, best, since_best = self.smooth, self.absdev, self.seen, self.best, self.since_best
+        first_step, interval, prev_lr, lr_rose_at = self.first_step, self.interval, self.prev_lr, self.lr_rose_at
+        early, recent = list(self.early), [*self.recent, *(compact(x) for x in xs)]
+        lrs = column(events, "lr")
+        checked_from = None  # index in ``recent`` of the first window the stagnation test looks at
+        for i, x in enumerate(xs):
+            if smooth is None:
+                smooth = float(x)
+            else:
+                absdev = absdev + alpha * (abs(x - smooth) - absdev)
+                smooth = smooth + alpha * (x - smooth)
+            seen += 1
+            step = events[i].step
+            if first_step is None:
+                first_step = step
+            elif interval is None and step > first_step:
+                interval = step - first_step
+            lr = lrs[i]
+            if lr is not None and math.isfinite(lr):
+                if prev_lr is not None and lr > prev_lr:
+                    lr_rose_at = seen
+                prev_lr = compact(lr)
+            if len(early) < warmup:
+                early.append(compact(x))
+            if seen < warmup:
+                continue
+            if best is None:
+                best = smooth
+            if smooth < best - self.plateau_threshold * abs(best):
+                best, since_best = smooth, 0
+            else:
+                since_best += 1
+            if since_best >= window:
+                return super().update_batch(events)
+            if checked_from is None and seen >= warmup + window:
+                checked_from = len(recent) - len(xs) + i - window + 1
+        if checked_from is not None and first_step <= warmup * (interval or 1):
+            start = median(early)
+            # no window's median can exceed this bound: below the stagnation level, none is stagnant
+            if start > 0 and upper_median_bound(recent[max(0, checked_from):], window) > start * (
+                    1 - self.stagnation_improvement):
+                return super().update_batch(events)
+        self.smooth, self.absdev, self.seen, self.best, self.since_best = smooth, absdev, seen, best, since_best
+        self.first_step, self.interval, self.prev_lr, self.lr_rose_at = first_step, interval, prev_lr, lr_rose_at
+        self.early, self.recent = early, recent[-window:]
+        return []
 
     def _stagnation(self) -> tuple[bool, float, float]:
         """``(not learning, early median, recent median)`` — see the class docstring."""

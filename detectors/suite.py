@@ -28,7 +28,7 @@ from typing import Any
 
 from .alerts import Alert
 from .aliases import canonical_metrics, canonical_name
-from .base import DETECTORS, Detector
+from .base import DETECTORS, Detector, Steps
 from .config import DETECTORS_SECTION, build_config
 from .events import MetricEvent
 
@@ -80,6 +80,7 @@ class DetectorSuite:
         self.events_seen += len(fresh)
         if not fresh:
             return []
+        fresh = Steps(fresh)
         routes = [self._route(tuple(e.metrics)) for e in fresh]
         same = routes.count(routes[0]) == len(routes)
         raised: list[tuple[int, int, Alert]] = []
@@ -90,7 +91,7 @@ class DetectorSuite:
                 continue
             picked = [i for i, route in enumerate(routes) if rank in route]
             if picked:
-                raised += [(picked[i], rank, a) for i, a in detector.update_batch([fresh[i] for i in picked])]
+                raised += [(picked[i], rank, a) for i, a in detector.update_batch(Steps([fresh[i] for i in picked]))]
         raised.sort(key=lambda r: r[:2])  # event by event, detectors in suite order, as update() gives them
         return [alert for _, _, alert in raised]
 
