@@ -34,6 +34,7 @@ span ``span`` first: a minibatch loss is a noisy sample, its trend is what conve
 from __future__ import annotations
 
 import math
+from bisect import insort
 from itertools import pairwise
 
 import numpy as np
@@ -55,6 +56,11 @@ POLICY_GRADIENT_METRICS = ("reward_mean", "kl", "approx_kl", "clipfrac", "value_
 def _not_a_convergence_curve(event: MetricEvent, x: float) -> bool:
     """A negative loss, or an event of a policy-gradient run: the loss detectors stand down for the run."""
     return x < 0 or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
+
+
+def _sorted_median(ordered: list[float]) -> float:
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
@@ -93,6 +99,8 @@ class LossSpikeDetector(Detector):
 
     def reset(self) -> None:
         self.history: list[float] = []
+        #: ``history`` sorted, kept in step with it (not state: rebuilt from ``history`` when None)
+        self._ordered: list[float] | None = None
         self.run_length = 0
         self.off = False
         self.initial: float | None = None
@@ -108,14 +116,17 @@ class LossSpikeDetector(Detector):
             self.initial = compact(x)
         if len(self.history) < self.warmup:
             return self._early(event, x)
-        center = median(self.history)
+        ordered = self._ordered
+        if ordered is None:
+            ordered = self._ordered = sorted(self.history)
+        center = _sorted_median(ordered)
         floor = center + abs(center) * self.min_rel_increase
-        if x > 0 and min(self.history) > 0:
+        if x > 0 and ordered[0] > 0:
             # a positive loss is tested in log space: minibatch losses are skewed (a few hard batches
             # of several times the median are normal late in small-batch training), their logs are not
-            logs = np.log(self.history)
-            log_median = float(np.median(logs))
-            log_sigma = 1.4826 * float(np.median(np.abs(logs - log_median)))
+            logs = [math.log(v) for v in ordered]  # sorted too: log is increasing
+            log_median = _sorted_median(logs)
+            log_sigma = 1.4826 * median([abs(v - log_median) for v in logs])
             limit = max(math.exp(log_median + self.threshold * log_sigma), floor)
             sigma = log_sigma
             z = (math.log(x) - log_median) / log_sigma if log_sigma > 0 else math.inf
@@ -142,6 +153,7 @@ class LossSpikeDetector(Detector):
             return super().update_batch(events)
         self.run_length = 0
         self.history = [*self.history, *(compact(x) for x in xs)][-self.window:]
+        self._ordered = None
         return []
 
     def _early(self, event: MetricEvent, x: float) -> list[Alert]:
@@ -171,7 +183,15 @@ class LossSpikeDetector(Detector):
         )
 
     def _remember(self, x: float) -> None:
-        push(self.history, x, self.window)
+        x = compact(x)
+        history, ordered = self.history, self._ordered
+        history.append(x)
+        if ordered is not None:
+            insort(ordered, x)
+        while len(history) > self.window:
+            dropped = history.pop(0)
+            if ordered is not None:
+                ordered.remove(dropped)
 
 
 #: the ``[convergence]`` section (the first two keys are users' existing keys)

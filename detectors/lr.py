@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .alerts import Alert
-from .base import Detector, register_detector
+from .base import Detector, column, register_detector
 from .events import MetricEvent
 from .stats import compact, median, push
 
@@ -118,6 +118,26 @@ class LearningRateRangeDetector(Detector):
                                metadata={"since": self.low_since, "sudden": self.dropped})
         return alerts
 
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # a batch whose every LR is inside (min_lr, max_lr], with nothing open, only moves the schedule
+        # bookkeeping: the LR-too-high and LR-low states reset, the recent moves slide on
+        lrs = column(events, "lr")
+        if self.episodes or not all(x is None or not math.isfinite(x) or self.min_lr < x <= self.max_lr
+                                    for x in lrs):
+            return super().update_batch(events)
+        prev, moves, read = self.prev_lr, self.moves, False
+        for lr in lrs:
+            if lr is None or not math.isfinite(lr):
+                continue
+            if prev is not None:
+                moves = [*moves, compact(abs(lr - prev))][-5:]
+            prev, read = compact(lr), True
+        if read:
+            self.loss_best, self.loss_first, self.recent_losses, self.high_seen = None, None, [], 0
+            self.low_since, self.low_seen, self.dropped = None, 0, False
+            self.prev_lr, self.moves = prev, moves
+        return []
+
     def _too_high(self, event: MetricEvent, lr: float) -> list[Alert]:
         if lr <= self.max_lr:
             self.loss_best, self.loss_first, self.recent_losses, self.high_seen = None, None, [], 0
@@ -207,3 +227,25 @@ class LearningRateChangeDetector(Detector):
             message=(f"learning rate {kind}: {prev:.3g} → {lr:.3g} ({factor:.3g}x) where the schedule "
                      f"changed it by {typical:.2%} per step"),
             metadata={"previous": prev, "factor": factor, "typical_change": typical, "peak": peak})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # update's arithmetic in one loop; the first unexplained change sends the whole batch (state
+        # untouched) to the step-by-step path
+        if "lr_sudden_change" in self.episodes:
+            return super().update_batch(events)
+        prev, peak, changes = self.prev_lr, self.peak_lr, list(self.changes)
+        for lr in column(events, "lr"):
+            if lr is None or not math.isfinite(lr):
+                continue
+            last, prev, peak = prev, compact(lr), compact(max(peak, lr))
+            if last is None or last <= 0 or lr <= 0:
+                continue
+            change = abs(lr / last - 1)
+            if len(changes) >= 5 and change > self.change_threshold and change > self.explained_factor * max(
+                    changes[-5:]):
+                return super().update_batch(events)
+            changes.append(compact(change))
+            if len(changes) > self.window:
+                del changes[0]
+        self.prev_lr, self.peak_lr, self.changes = prev, peak, changes
+        return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .alerts import Alert, severity_rank
 from .base import Detector, register_detector
@@ -130,12 +131,29 @@ class MemoryGrowthDetector(Detector):
         self.tracks: dict[str, dict[str, float | None]] = {}
 
     def update(self, event: MetricEvent) -> list[Alert]:
+        worst = self._observe(self.tracks, event.metrics.get)
+        if worst is None:
+            return []
+        growth, name, rising = worst
+        active = growth > self.memory_growth_threshold
+        severity = ("critical" if rising and growth > 4 * self.memory_growth_threshold else
+                    "high" if rising and growth > 2 * self.memory_growth_threshold else "medium")
+        ref = self.tracks[name]["ref"]
+        return self._report(event, "memory_growth", active, severity=severity, value=self.tracks[name]["ema"],
+                            threshold=ref * (1 + self.memory_growth_threshold),
+                            message=f"{name} grew {growth:.0%} over its early level {ref / 2**20:.0f} MiB"
+                                    f"{' and is still rising' if rising else ''}",
+                            metadata={"metric": name, "growth": growth, "rising": rising})
+
+    def _observe(self, tracks: dict[str, dict[str, float | None]], value: Any) -> tuple[float, str, bool] | None:
+        """One step into ``tracks`` (``value(name)``: the step's metric or None); the most grown metric
+        as ``(growth, name, still rising)``, None while no metric is past its warm-up."""
         worst: tuple[float, str, bool] | None = None
         for name in MEMORY_METRICS:
-            x = event.metrics.get(name)
+            x = value(name)
             if x is None or not math.isfinite(x) or x <= 0:
                 continue
-            t = self.tracks.setdefault(name, {"n": 0, "ref": None, "ema": None, "mark": None, "prev_mark": None})
+            t = tracks.setdefault(name, {"n": 0, "ref": None, "ema": None, "mark": None, "prev_mark": None})
             t["n"] += 1
             t["ema"] = ema(t["ema"], x, 0.1)
             n = t["n"] - self.warmup
@@ -152,18 +170,20 @@ class MemoryGrowthDetector(Detector):
             rising = t["ema"] > marks[1] * 1.05 and marks[1] > marks[0] * 1.05
             if worst is None or growth > worst[0]:
                 worst = (growth, name, rising)
-        if worst is None:
-            return []
-        growth, name, rising = worst
-        active = growth > self.memory_growth_threshold
-        severity = ("critical" if rising and growth > 4 * self.memory_growth_threshold else
-                    "high" if rising and growth > 2 * self.memory_growth_threshold else "medium")
-        ref = self.tracks[name]["ref"]
-        return self._report(event, "memory_growth", active, severity=severity, value=self.tracks[name]["ema"],
-                            threshold=ref * (1 + self.memory_growth_threshold),
-                            message=f"{name} grew {growth:.0%} over its early level {ref / 2**20:.0f} MiB"
-                                    f"{' and is still rising' if rising else ''}",
-                            metadata={"metric": name, "growth": growth, "rising": rising})
+        return worst
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # the same bookkeeping on copies of the tracks; a step over the growth threshold sends the whole
+        # batch (state untouched) to the step-by-step path
+        if "memory_growth" in self.episodes:
+            return super().update_batch(events)
+        tracks = {name: dict(t) for name, t in self.tracks.items()}
+        for event in events:
+            worst = self._observe(tracks, event.metrics.get)
+            if worst is not None and worst[0] > self.memory_growth_threshold:
+                return super().update_batch(events)
+        self.tracks = tracks
+        return []
 
 
 @register_detector
