@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from .alerts import Alert
-from .base import Detector, register_detector
+from .base import Detector, column, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, ema_var
 
@@ -57,6 +57,14 @@ class _GradientNormReader(Detector):
         if self.prev_loss_ema is None or lr is None or not math.isfinite(lr) or lr <= 0:
             return None, True
         return compact(math.sqrt(abs(self.loss_ema - self.prev_loss_ema) / lr)), True
+
+    def measured_norms(self, events: list[MetricEvent], alert_type: str) -> list[float] | None:
+        """The batch's norms when every step measured a finite one and no episode is open (the batch
+        paths' precondition: no estimate, so the loss EMA does not move), else None."""
+        norms = column(events, "grad_norm")
+        if alert_type in self.episodes or None in norms or not all(math.isfinite(g) for g in norms):
+            return None
+        return norms
 
 
 @register_detector
@@ -131,6 +139,30 @@ class GradientExplosionDetector(_GradientNormReader):
             metadata={"z": z, "ratio": ratio, "ema_mean": self.mean, "consecutive": self.run_length,
                       "estimated": estimated})
 
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # update's arithmetic in one loop; the first norm over either test sends the whole batch (state
+        # untouched) to the step-by-step path
+        norms = self.measured_norms(events, "gradient_explosion")
+        if norms is None:
+            return super().update_batch(events)
+        alpha, mean, var, seen = 1.0 - self.ema_decay, self.mean, self.var, self.seen
+        for g in norms:
+            if mean is None:
+                mean, seen = compact(g), 1
+                continue
+            sigma = math.sqrt(var)
+            ratio = g / mean if mean > 0 else math.inf
+            warm = seen >= self.warmup
+            if (warm and sigma > 0 and (g - mean) / sigma > self.zscore_threshold and ratio > 2.0) or (
+                    g > self.explosion_threshold and (not warm or ratio > 1.5)):
+                return super().update_batch(events)
+            mean, var = ema_var(mean, var, g, alpha)
+            seen += 1
+        if seen != self.seen:
+            self.run_length = 0
+        self.mean, self.var, self.seen = mean, var, seen
+        return []
+
 
 @register_detector
 class GradientVanishingDetector(_GradientNormReader):
@@ -168,6 +200,13 @@ class GradientVanishingDetector(_GradientNormReader):
                             threshold=self.vanishing_threshold,
                             message=f"grad norm {g:.3g} ≤ {self.vanishing_threshold:g} for {self.run_length} step(s)",
                             metadata={"consecutive": self.run_length, "estimated": False})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        norms = self.measured_norms(events, "gradient_vanishing")
+        if norms is None or min(norms) <= self.vanishing_threshold:
+            return super().update_batch(events)
+        self.run_length = 0
+        return []
 
 
 @register_detector
@@ -219,3 +258,22 @@ class GradientVarianceDetector(_GradientNormReader):
                             message=f"grad norm spread (log-normal σ/μ) = {cv:.2f} over ~{self.window_size} "
                                     f"steps (threshold {self.variance_threshold:g})",
                             metadata={"log_sigma": math.sqrt(self.var), "estimated": estimated})
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # update's arithmetic in one loop; the first spread over the threshold sends the whole batch
+        # (state untouched) to the step-by-step path
+        norms = self.measured_norms(events, "gradient_variance")
+        if norms is None or min(norms) <= 0:
+            return super().update_batch(events)
+        alpha, mean, var, seen = 2.0 / (self.window_size + 1), self.mean, self.var, self.seen
+        for g in norms:
+            x = math.log(g)
+            if mean is None:
+                mean = compact(x)
+            else:
+                mean, var = ema_var(mean, var, x, alpha)
+            seen += 1
+            if seen >= self.window_size and math.sqrt(math.expm1(min(var, 50.0))) > self.variance_threshold:
+                return super().update_batch(events)
+        self.mean, self.var, self.seen = mean, var, seen
+        return []
