@@ -86,6 +86,11 @@ class Detector:
         self.episodes: dict[str, dict[str, Any]] = {}
         self.reset()
 
+    def reads(self, names: tuple[str, ...]) -> bool:
+        """Whether an event with these metric names matters to this detector (the suite skips it if not).
+        ``metrics`` answers it; a detector whose metrics have no fixed names overrides this."""
+        return self.metrics is None or any(name in names for name in self.metrics)
+
     def reset(self) -> None:
         """Set the initial per-run state (the attributes named in ``state_fields``)."""
 

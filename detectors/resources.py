@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .alerts import Alert, severity_rank
-from .base import Detector, register_detector
+from .base import Detector, column, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, robust_center_scale
 
@@ -173,15 +173,41 @@ class MemoryGrowthDetector(Detector):
         return worst
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # the same bookkeeping on copies of the tracks; a step over the growth threshold sends the whole
-        # batch (state untouched) to the step-by-step path
+        # update's bookkeeping one metric at a time on copies of the tracks (an alert needs some metric's
+        # growth over the threshold at some step, so the metrics need not be walked together); such a
+        # step sends the whole batch (state untouched) to the step-by-step path
         if "memory_growth" in self.episodes:
             return super().update_batch(events)
-        tracks = {name: dict(t) for name, t in self.tracks.items()}
-        for event in events:
-            worst = self._observe(tracks, event.metrics.get)
-            if worst is not None and worst[0] > self.memory_growth_threshold:
-                return super().update_batch(events)
+        tracks = {}
+        warmup, every = self.warmup, self.memory_window
+        for name in MEMORY_METRICS:
+            values = column(events, name)
+            t = self.tracks.get(name)
+            if values.count(None) == len(values):
+                if t is not None:
+                    tracks[name] = t
+                continue
+            n, ref, avg, mark, prev_mark = (0, None, None, None, None) if t is None else (
+                t["n"], t["ref"], t["ema"], t["mark"], t["prev_mark"])
+            touched = t is not None
+            for x in values:
+                if x is None or not math.isfinite(x) or x <= 0:
+                    continue
+                touched = True
+                n += 1
+                avg = float(x) if avg is None else avg + 0.1 * (x - avg)
+                k = n - warmup
+                if k <= 0:
+                    continue
+                if k <= warmup:
+                    ref = compact(x if ref is None else ref + (x - ref) / k)
+                    continue
+                if (k - warmup) % every == 0:
+                    prev_mark, mark = mark, avg
+                if avg / ref - 1 > self.memory_growth_threshold:
+                    return super().update_batch(events)
+            if touched:
+                tracks[name] = {"n": n, "ref": ref, "ema": avg, "mark": mark, "prev_mark": prev_mark}
         self.tracks = tracks
         return []
 

@@ -135,6 +135,10 @@ class CalibrationDetector(Detector):
         self.poor_run = 0
         self.drift_run = 0
 
+    def reads(self, names: tuple[str, ...]) -> bool:
+        return any(name == "ece" or name.startswith("calibration_bin") or name in ("reward_confidence", "reward_accuracy")
+                   for name in names)
+
     def update(self, event: MetricEvent) -> list[Alert]:
         ece = ece_from_metrics(event.metrics)
         if ece is None or not math.isfinite(ece):

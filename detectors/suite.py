@@ -101,7 +101,7 @@ class DetectorSuite:
         if route is None:
             route = self._routes[names] = frozenset(
                 rank for rank, d in enumerate(self.detectors.values())
-                if d.metrics is None or any(name in names for name in d.metrics))
+                if d.reads(names))
         return route
 
     def tick(self, now: float) -> list[Alert]:

@@ -16,7 +16,6 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,10 +65,7 @@ def per_detector(runs: list[list[MetricEvent]], batch: int | None) -> dict[str, 
         events = [_canonical(e) for e in events]
         suite = DetectorSuite()
         for name, detector in suite.detectors.items():
-            watched: Callable[[MetricEvent], bool] = (
-                (lambda e: True) if detector.metrics is None
-                else lambda e, d=detector: any(m in e.metrics for m in d.metrics))
-            mine = [e for e in events if watched(e)]
+            mine = [e for e in events if detector.reads(tuple(e.metrics))]
             t = time.perf_counter()
             for record in chunks(mine, batch or 1):
                 if batch is None:
