@@ -201,6 +201,9 @@ def decode_metric_record(data: bytes | str, max_bytes: int = MAX_RECORD_BYTES) -
     steps = doc["steps"]
     if not isinstance(steps, list) or not steps:
         raise SchemaError("steps", f"expected a non-empty list of steps, got {steps!r:.80}")
+    events = _plain_steps(doc, steps)
+    if events is not None:
+        return events
     run = {k: doc[k] for k in ("v", "run_id", "source") if k in doc}
     tags = doc.get("tags") or {}
     events = []
@@ -214,6 +217,29 @@ def decode_metric_record(data: bytes | str, max_bytes: int = MAX_RECORD_BYTES) -
             events.append(MetricEvent.from_dict(merged))
         except SchemaError as exc:
             raise SchemaError(f"steps[{i}].{exc.field}", exc.reason) from None
+    return events
+
+
+def _plain_steps(doc: dict[str, Any], steps: list[Any]) -> list[MetricEvent] | None:
+    """The events of a batched record in the plain form producers write — float times and values, no
+    per-step tags — read without the per-field checks (which they would pass); None: anything else,
+    which the validating path reads (and rejects with a reason when it is malformed)."""
+    run_id, source, tags = doc.get("run_id"), doc.get("source", "unknown"), doc.get("tags") or {}
+    if (doc.get("v", SCHEMA_VERSION) != SCHEMA_VERSION or type(run_id) is not str or not run_id
+            or type(source) is not str or type(tags) is not dict
+            or any(type(value) is not str for value in tags.values())):
+        return None
+    tags = dict(tags)  # one copy, shared by the record's events (nothing changes an event's tags)
+    events = []
+    isfinite = math.isfinite
+    for item in steps:
+        if type(item) is not dict or "tags" in item:
+            return None
+        step, ts, metrics = item.get("step"), item.get("ts"), item.get("metrics")
+        if (type(step) is not int or type(ts) is not float or not isfinite(ts) or type(metrics) is not dict
+                or any(type(value) is not float for value in metrics.values())):
+            return None
+        events.append(MetricEvent(run_id, step, metrics, ts, source, tags, SCHEMA_VERSION))
     return events
 
 
