@@ -28,6 +28,7 @@ Step order, explicitly (at-least-once delivery and checkpoint restores both happ
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any
 
 from detectors import SEVERITIES, Alert, MetricEvent
@@ -76,6 +77,55 @@ class RunSummary:
         self._add(event)
         return kind
 
+    def observe_new(self, events: list[MetricEvent]) -> bool:
+        """:meth:`observe` for every event of a record known to be ``new`` in one pass per metric: steps
+        past the last one seen, in time order within one window, from one source with one set of tags
+        (what a producer's batch is). False, with nothing changed, for any other record."""
+        first, last = events[0], events[-1]
+        start = math.floor(first.ts / self.window_s) * self.window_s
+        if ((self.last_step is not None and first.step <= self.last_step)
+                or start != math.floor(last.ts / self.window_s) * self.window_s
+                or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
+                       and b.tags != a.tags for a, b in pairwise(events))):
+            return False
+        self.events += len(events)
+        self.last_step, self.last_ts = last.step, last.ts
+        if self.first_ts is None:
+            self.first_ts = first.ts
+        self.source = last.source
+        if last.tags and last.tags != self.tags:
+            self.tags = dict(last.tags)
+        recent = self.recent_steps
+        recent.extend(e.step for e in events)
+        del recent[:-_RECENT_STEPS]
+        windows = self._windows
+        window = windows[-1] if windows and windows[-1]["start"] == start else self._window_for(first.ts, create=True)
+        if window is None:
+            return True
+        window["count"] += len(events)
+        stats = window["metrics"]
+        names = tuple(first.metrics)
+        if any(tuple(e.metrics) != names for e in events):
+            for event in events:
+                self._aggregate(window, stats, event.metrics)
+            return True
+        for name in names:
+            values = [e.metrics[name] for e in events]
+            total = sum(values)
+            if not math.isfinite(total):
+                for value in values:
+                    self._aggregate(window, stats, {name: value})
+                continue
+            acc = stats.get(name)
+            if acc is None:
+                stats[name] = [len(values), min(values), max(values), total]
+            else:
+                acc[0] += len(values)
+                acc[1] = min(acc[1], *values)
+                acc[2] = max(acc[2], *values)
+                acc[3] = sum(values, acc[3])
+        return True
+
     def count_alert(self, alert: Alert) -> None:
         if alert.status != "firing":
             return
@@ -103,8 +153,11 @@ class RunSummary:
             if window is None:
                 return
         window["count"] += 1
-        stats = window["metrics"]
-        for name, x in event.metrics.items():
+        self._aggregate(window, window["metrics"], event.metrics)
+
+    @staticmethod
+    def _aggregate(window: dict[str, Any], stats: dict[str, list], metrics: dict[str, float]) -> None:
+        for name, x in metrics.items():
             if not math.isfinite(x):
                 window["nonfinite"] += 1
                 continue

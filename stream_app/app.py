@@ -160,15 +160,20 @@ def process(events: list[MetricEvent]) -> list[Alert]:
     suite, summary = suite_for(run_id)
     fed: list[MetricEvent] = []
     #: (step, ts) → the event's source and the run's tags as of that event, for its alerts' metadata
+    #: (unneeded when the record's steps are all new with one source and tags: the run's are theirs)
     context: dict[tuple[int, float], tuple[str, dict[str, str]]] = {}
-    for event in events:
-        kind = summary.observe(event)
-        counters[_COUNTER[kind]] += 1
-        counters["resumes"] += kind == "resumed"
-        if kind in ("duplicate", "out_of_order"):
-            continue
-        fed.append(event)
-        context[event.step, event.ts] = (event.source, summary.tags)
+    if summary.observe_new(events):
+        counters["events"] += len(events)
+        fed = events
+    else:
+        for event in events:
+            kind = summary.observe(event)
+            counters[_COUNTER[kind]] += 1
+            counters["resumes"] += kind == "resumed"
+            if kind in ("duplicate", "out_of_order"):
+                continue
+            fed.append(event)
+            context[event.step, event.ts] = (event.source, summary.tags)
     alerts = suite.update_batch(fed)
     for alert in alerts:
         # every alert comes from one of this record's steps; the run's own source/tags are the safe default
