@@ -78,13 +78,11 @@ class RunSummary:
         return kind
 
     def observe_new(self, events: list[MetricEvent]) -> bool:
-        """:meth:`observe` for every event of a record known to be ``new`` in one pass per metric: steps
-        past the last one seen, in time order within one window, from one source with one set of tags
-        (what a producer's batch is). False, with nothing changed, for any other record."""
+        """:meth:`observe` for every event of a record known to be ``new``, one pass per metric and
+        window: steps past the last one seen, in time order, from one source with one set of tags (what
+        a producer's batch is). False, with nothing changed, for any other record."""
         first, last = events[0], events[-1]
-        start = math.floor(first.ts / self.window_s) * self.window_s
         if ((self.last_step is not None and first.step <= self.last_step)
-                or start != math.floor(last.ts / self.window_s) * self.window_s
                 or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
                        and b.tags != a.tags for a, b in pairwise(events))):
             return False
@@ -98,17 +96,29 @@ class RunSummary:
         recent = self.recent_steps
         recent.extend(e.step for e in events)
         del recent[:-_RECENT_STEPS]
+        size = self.window_s
+        begin = 0
+        while begin < len(events):  # the record's steps window by window (times only go forward)
+            start = math.floor(events[begin].ts / size) * size
+            end = begin + 1
+            while end < len(events) and math.floor(events[end].ts / size) * size == start:
+                end += 1
+            self._add_to_window(start, events[begin:end])
+            begin = end
+        return True
+
+    def _add_to_window(self, start: float, events: list[MetricEvent]) -> None:
         windows = self._windows
-        window = windows[-1] if windows and windows[-1]["start"] == start else self._window_for(first.ts, create=True)
+        window = windows[-1] if windows and windows[-1]["start"] == start else self._window_for(events[0].ts, create=True)
         if window is None:
-            return True
+            return
         window["count"] += len(events)
         stats = window["metrics"]
-        names = tuple(first.metrics)
+        names = tuple(events[0].metrics)
         if any(tuple(e.metrics) != names for e in events):
             for event in events:
                 self._aggregate(window, stats, event.metrics)
-            return True
+            return
         for name in names:
             values = [e.metrics[name] for e in events]
             total = sum(values)
@@ -124,7 +134,6 @@ class RunSummary:
                 acc[1] = min(acc[1], *values)
                 acc[2] = max(acc[2], *values)
                 acc[3] = sum(values, acc[3])
-        return True
 
     def count_alert(self, alert: Alert) -> None:
         if alert.status != "firing":
