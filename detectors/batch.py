@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .alerts import Alert
-from .base import Detector, register_detector
+from .base import Detector, column, register_detector
 from .events import MetricEvent
 from .stats import compact, push
 
@@ -103,6 +103,25 @@ class BatchSizeImpactDetector(Detector):
             self.before, self.tp_before = self.after, self.tp_after
             self.after, self.tp_after = [], []
         return alerts
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # a batch at the run's known batch size, with no change being judged, only fills the "before"
+        # windows and follows the LR
+        if self.pending or self.jump is not None or self.episodes:
+            return super().update_batch(events)
+        sizes = column(events, "batch_size")
+        if any(bs is not None and math.isfinite(bs) and bs > 0 and bs != self.batch_size for bs in sizes):
+            return super().update_batch(events)
+        lrs = [lr for lr in column(events, "lr") if lr is not None and math.isfinite(lr)]
+        if lrs:
+            self.lr = compact(lrs[-1])
+        losses = [compact(x) for x in column(events, "loss") if x is not None and math.isfinite(x)]
+        if losses:
+            self.before = [*self.before, *losses][-self.window_size:]
+        rates = [compact(x) for x in column(events, "throughput") if x is not None and math.isfinite(x) and x > 0]
+        if rates:
+            self.tp_before = [*self.tp_before, *rates][-self.window_size:]
+        return []
 
     def _judge_jump(self, event: MetricEvent, lr: float | None) -> list[Alert]:
         jump = self.jump

@@ -10,7 +10,7 @@ import math
 from itertools import pairwise
 
 from .alerts import Alert
-from .base import Detector, register_detector
+from .base import Detector, column, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, push, robust_center_scale
 
@@ -68,6 +68,20 @@ class ValTrainDivergenceDetector(Detector):
         self.evals_since_best = 0
         self.run_length = 0
         self.vals: list[float] = []
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # most steps carry only a training loss, which moves nothing but its EMA: those are folded in
+        # right here, and the evaluation steps go through update
+        alpha, train, raised = 2.0 / (self.train_span + 1), self.train, []
+        for i, (loss, val) in enumerate(zip(column(events, "loss"), column(events, "val_loss"), strict=True)):
+            if val is not None:
+                self.train = train
+                raised += [(i, alert) for alert in self.update(events[i])]
+                train = self.train
+            elif loss is not None and math.isfinite(loss):
+                train = float(loss) if train is None else train + alpha * (loss - train)
+        self.train = train
+        return raised
 
     def update(self, event: MetricEvent) -> list[Alert]:
         loss = event.metrics.get("loss")
