@@ -38,6 +38,7 @@ from bisect import insort
 from itertools import pairwise
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .alerts import Alert
 from .base import Detector, column, register_detector
@@ -149,12 +150,36 @@ class LossSpikeDetector(Detector):
         if xs is None:
             return super().update_batch(events)
         low = lower_median_bound(self.history, [compact(x) for x in xs], self.window)
-        if max(xs) > low + abs(low) * self.min_rel_increase:
+        if max(xs) > low + abs(low) * self.min_rel_increase and not self._below_every_limit(xs):
             return super().update_batch(events)
         self.run_length = 0
         self.history = [*self.history, *(compact(x) for x in xs)][-self.window:]
         self._ordered = None
         return []
+
+    def _below_every_limit(self, xs: list[float]) -> bool:
+        """Whether each loss is under the limit ``update`` would compute for it, supposing all the earlier
+        ones joined the window — then they all do. Every window of the batch at once (numpy over a sliding
+        view), for a full window of positive losses (the log-space test); the same order statistics as
+        ``update``, whose ``math.exp`` numpy's may miss by an ulp, hence the margin."""
+        n = self.window
+        values = [*self.history, *(compact(x) for x in xs)]
+        if len(self.history) != n or min(values) <= 0 or min(xs) <= 0:
+            return False
+        half = n // 2
+        windows = sliding_window_view(np.array(values[:-1]), n)  # row i: the window loss i is judged by
+        logs = sliding_window_view(np.array([math.log(v) for v in values[:-1]]), n)
+
+        def medians(rows: np.ndarray) -> np.ndarray:
+            rows = np.sort(rows, axis=1)
+            return rows[:, half] if n % 2 else (rows[:, half - 1] + rows[:, half]) / 2
+
+        center = medians(windows)
+        log_median = medians(logs)
+        log_sigma = 1.4826 * medians(np.abs(logs - log_median[:, None]))
+        limit = np.maximum(np.exp(log_median + self.threshold * log_sigma),
+                           center + np.abs(center) * self.min_rel_increase)
+        return bool(np.all(np.array(xs) <= limit * (1 - 1e-12)))
 
     def _early(self, event: MetricEvent, x: float) -> list[Alert]:
         """Warm-up: no window yet, but a loss far above the run's first one is already a blow-up."""
