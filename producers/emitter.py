@@ -5,8 +5,9 @@ everything that can block or fail — connecting, metadata, sending, reconnectin
 on the sender thread, and no exception from it ever reaches the caller. After ``fork`` (DataLoader
 workers) the child's emitter is inert: only the process that created it sends.
 
-Values may be callables: they are called on the sender thread just before encoding, which is how the
-torch reporter defers ``tensor.item()`` (a host sync on CUDA) off the training thread.
+Values are encoded on the sender thread (or, with ``pack_batch``, packed there and encoded in the sender
+subprocess), which is how the torch reporter defers ``tensor.item()`` (a host sync on CUDA) off the
+training thread.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+from .sender_child import partition_for_key
 
 __all__ = ["Emitter", "EmitterStats", "default_bootstrap", "partition_for_key", "topic_name"]
 
@@ -35,18 +38,6 @@ def default_bootstrap() -> str:
 def topic_name(kind: str, prefix: str | None = None) -> str:
     """``lossguard.metrics`` etc.; the prefix comes from ``LOSSGUARD_TOPIC_PREFIX``."""
     return f"{prefix or os.environ.get('LOSSGUARD_TOPIC_PREFIX', 'lossguard')}.{kind}"
-
-
-def partition_for_key(key: bytes, partitions: list[int] | set[int]) -> int:
-    """The partition kafka-python's default partitioner (and the Java client's) picks for ``key``.
-
-    >>> partition_for_key(b"run-1", [0, 1, 2]) in (0, 1, 2)
-    True
-    """
-    from kafka.partitioner.default import murmur2
-
-    ordered = sorted(partitions)
-    return ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
 
 
 class _OncePerMinute(logging.Filter):
@@ -103,6 +94,9 @@ class Emitter:
         encode_batch: optional; turns the values queued under one key since the last round into ONE
             record (e.g. several steps of a run). A record per run per round instead of one per step is
             what keeps kafka-python's pure-Python ``send()`` from taking GIL time away from training.
+        pack_batch: optional, with ``encode_batch``; turns a key's values into the compact form of
+            ``sender_child.pack_steps``, which the sender subprocess (transport ``"process"``) encodes: this
+            process then spends no GIL time on JSON. ``encode_batch`` is still used in-process.
         max_batch: most values packed into one record by ``encode_batch`` (500).
         transport: ``"thread"`` runs kafka-python in this process; ``"process"`` runs it in a sender
             subprocess (:mod:`producers.sender`), so its pure-Python network layer never holds this
@@ -117,7 +111,7 @@ class Emitter:
                  encode: Callable[[Any], bytes] | None = None, producer_config: dict[str, Any] | None = None,
                  flush_timeout: float = 5.0, linger: float = 0.05,
                  encode_batch: Callable[[list[Any]], bytes] | None = None, max_batch: int = 500,
-                 transport: str = "thread"):
+                 transport: str = "thread", pack_batch: Callable[[list[Any]], bytes] | None = None):
         if transport not in ("thread", "process"):
             raise ValueError(f"transport must be 'thread' or 'process', got {transport!r}")
         self.transport = transport
@@ -127,11 +121,16 @@ class Emitter:
         self.flush_timeout = flush_timeout
         self._encode = encode or (lambda v: v)
         self._encode_batch = encode_batch
+        self._pack_batch = pack_batch if transport == "process" and encode_batch is not None else None
+        self._follow: dict[str, Any] | None = None
+        self._on_control: Callable[[bytes], None] | None = None
+        self._on_warning: Callable[[str], None] | None = None
         self.max_batch = max(1, int(max_batch))
         self._queue: deque[tuple[bytes | None, Any]] = deque(maxlen=max_queue)
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
+        self._hurry = threading.Event()  # set while flush() or close() waits: no lingering then
         self._closed = False
         self._forked = False
         self._pid = os.getpid()
@@ -152,13 +151,39 @@ class Emitter:
         """Queue one event; O(1), never blocks, never raises. Dropped in a forked child."""
         if self._closed or self._forked:
             return
-        if len(self._queue) == self._queue.maxlen:
+        queue = self._queue
+        if len(queue) == queue.maxlen:
             self.stats.dropped += 1  # deque(maxlen) drops the oldest on append
-        self._queue.append((key.encode() if isinstance(key, str) else key, value))
+        queue.append((key.encode() if isinstance(key, str) else key, value))
         self.stats.queued += 1
-        self._idle.clear()
-        if not self._wake.is_set():  # one notify per batch: the sender lingers and drains everything
+        # Event.set/clear take a lock: only the first event after a round touches them (the sender lingers
+        # and then drains everything)
+        if self._idle.is_set():
+            self._idle.clear()
+        if not self._wake.is_set():
             self._wake.set()
+
+    def follow(self, topic: str, key: str, since_ms: int, on_record: Callable[[bytes], None],
+               on_warning: Callable[[str], None] | None = None) -> None:
+        """(transport ``"process"``) Have the sender subprocess tail ``topic`` for records keyed ``key``
+        written at or after ``since_ms``; ``on_record(value)`` runs on a reader thread. The subprocess
+        starts now, not at the first event, and a replacement follows too."""
+        if self.transport != "process":
+            raise ValueError("only the process transport can follow a topic")
+        self._on_control, self._on_warning = on_record, on_warning
+        self._follow = {"topic": topic, "key": key, "since_ms": int(since_ms)}
+        self._wake.set()
+
+    def unfollow(self) -> None:
+        self._follow = None
+
+    def _control_record(self, value: bytes) -> None:
+        if self._follow is not None and self._on_control is not None:
+            self._on_control(value)
+
+    def _control_warning(self, reason: str) -> None:
+        if self._follow is not None and self._on_warning is not None:
+            self._on_warning(reason)
 
     @property
     def inert(self) -> bool:
@@ -170,19 +195,25 @@ class Emitter:
         if self.inert or not self._thread.is_alive():
             return not self._queue
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
-        while True:
-            self._wake.set()
-            if not self._idle.wait(max(0.0, deadline - time.monotonic())):
-                return False
-            if not self._queue:  # idle can be set just as a new event lands: look again
-                return True
-            time.sleep(0.001)
+        self._hurry.set()
+        try:
+            while True:
+                self._wake.set()
+                if not self._idle.wait(max(0.0, deadline - time.monotonic())):
+                    return False
+                if not self._queue:  # idle can be set just as a new event lands: look again
+                    return True
+                time.sleep(0.001)
+        finally:
+            if not self._closed:
+                self._hurry.clear()
 
     def close(self, timeout: float | None = None) -> None:
         if self._closed or self.inert:
             return
         self.flush(timeout)
         self._closed = True
+        self._hurry.set()
         self._wake.set()
         self._thread.join(timeout=self.flush_timeout if timeout is None else timeout)
         producer = self._producer
@@ -204,6 +235,8 @@ class Emitter:
                 self._idle.set()
                 if self._closed:
                     break
+                if producer is None and self._follow is not None:  # listening starts before the first event
+                    producer = self._producer = self._connect()
                 continue
             if producer is None:
                 if self._closed:
@@ -226,14 +259,9 @@ class Emitter:
                 for key, values in groups:
                     unsent -= len(values)
                     try:
-                        payload = self._encode_batch(values) if self._encode_batch else self._encode(values[0])
-                    except Exception:  # noqa: BLE001 — a bad value is dropped, never raised
-                        self.stats.errors += len(values)
-                        log.exception("lossguard: could not encode an event; dropped")
+                        future = self._send(producer, key, values)
+                    except _Unencodable:
                         continue
-                    try:
-                        future = producer.send(self.topic, key=key, value=payload,
-                                               partition=self._partition(producer, key))
                     except Exception:
                         self.stats.dropped += len(values)  # taken off the queue, never handed over: lost
                         raise
@@ -241,9 +269,10 @@ class Emitter:
                     batch.append(entry)
                     future.add_callback(self._sent, batch, entry).add_errback(self._failed, batch, entry)
                 producer.flush(timeout=self.flush_timeout)
-                if not self._closed and not self._queue:
+                if not self._queue:
                     self._idle.set()
-                    time.sleep(self.linger)
+                # linger even while events keep coming: fewer, bigger rounds take less GIL time from training
+                self._hurry.wait(self.linger)
             except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
                 self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); retrying with backoff")
                 lost = unsent + sum(n for future, n in batch if not future.is_done)
@@ -254,6 +283,24 @@ class Emitter:
                 self._wake.set()
         if producer is not None:
             _close_producer(producer, 1)
+
+    def _send(self, producer: Any, key: bytes | None, values: list[Any]) -> Any:
+        packed = None
+        if self._pack_batch is not None and hasattr(producer, "send_packed"):
+            try:
+                packed = self._pack_batch(values)
+            except Exception:  # noqa: BLE001 — a value marshal cannot take: encode it here instead
+                log.debug("lossguard: could not pack a batch; encoding it in-process", exc_info=True)
+        if packed is None:
+            try:
+                payload = self._encode_batch(values) if self._encode_batch else self._encode(values[0])
+            except Exception:  # noqa: BLE001 — a bad value is dropped, never raised
+                self.stats.errors += len(values)
+                log.exception("lossguard: could not encode an event; dropped")
+                raise _Unencodable from None
+        if packed is not None:
+            return producer.send_packed(key, packed)
+        return producer.send(self.topic, key=key, value=payload, partition=self._partition(producer, key))
 
     def _partition(self, producer: Any, key: bytes | None) -> int | None:
         """The default partitioner's choice for ``key``, hashed once per key: murmur2 in pure Python
@@ -273,7 +320,9 @@ class Emitter:
             if self.transport == "process":
                 from .sender import SenderProcess
 
-                return SenderProcess(self.topic, self.bootstrap, self._producer_config, self.flush_timeout)
+                return SenderProcess(self.topic, self.bootstrap, self._producer_config, self.flush_timeout,
+                                     follow=self._follow, on_control=self._control_record,
+                                     on_warning=self._control_warning)
             from kafka import KafkaProducer
 
             return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **self._producer_config)
@@ -314,6 +363,10 @@ class Emitter:
         if not self._warned:  # log once; stats keep counting
             self._warned = True
             log.warning(message)
+
+
+class _Unencodable(Exception):
+    """A batch that could not be encoded (already counted in ``stats.errors``)."""
 
 
 def _close_producer(producer: Any, timeout: float) -> None:

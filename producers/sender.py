@@ -6,22 +6,28 @@ holding the GIL the training loop needs. :class:`SenderProcess` offers the small
 ``partitions_for``, ``close``), writes each record as a frame to ``producers/sender_child.py`` and
 resolves the futures from the child's answers on a reader thread that sleeps in ``readline``. The
 emitter's accounting — sent, dropped, flush with a time limit — is unchanged; the training process
-only encodes and writes to a pipe.
+only packs values (:meth:`SenderProcess.send_packed`: the child encodes them) and writes to a pipe. The
+child can also tail the control topic for the run (``follow``), handing each request to ``on_control``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 __all__ = ["SenderProcess", "SenderFuture"]
 
 _CHILD = Path(__file__).with_name("sender_child.py")
+
+log = logging.getLogger("lossguard.producer")
 
 
 class SenderFuture:
@@ -53,7 +59,11 @@ class SenderFuture:
 class SenderProcess:
     """A producer proxy backed by a sender subprocess (see the module docstring)."""
 
-    def __init__(self, topic: str, bootstrap: str, producer_config: dict[str, Any], flush_timeout: float = 5.0):
+    def __init__(self, topic: str, bootstrap: str, producer_config: dict[str, Any], flush_timeout: float = 5.0,
+                 follow: dict[str, Any] | None = None, on_control: Callable[[bytes], None] | None = None,
+                 on_warning: Callable[[str], None] | None = None):
+        """``follow``: ``{"topic", "key", "since_ms"}`` of a control topic the child tails for this run;
+        ``on_control(value)`` and ``on_warning(reason)`` are then called on the reader thread."""
         from .sender_child import HEADER
 
         self._header = HEADER
@@ -63,8 +73,11 @@ class SenderProcess:
         self._lock = threading.Lock()
         self._next_id = 0
         self._dead: str | None = None
+        self._on_control = on_control
+        self._on_warning = on_warning
         self.process = subprocess.Popen(
-            [sys.executable, str(_CHILD), topic, bootstrap, json.dumps(producer_config), str(flush_timeout)],
+            [sys.executable, str(_CHILD), topic, bootstrap, json.dumps(producer_config), str(flush_timeout),
+             json.dumps(follow) if follow else ""],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
         self._reader = threading.Thread(target=self._read_answers, name="lossguard-sender-answers", daemon=True)
         self._reader.start()
@@ -74,11 +87,18 @@ class SenderProcess:
 
     def send(self, topic: str, key: bytes | None = None, value: bytes = b"", partition: int | None = None
              ) -> SenderFuture:
+        return self._submit(b"S", key, value)
+
+    def send_packed(self, key: bytes | None, packed: bytes) -> SenderFuture:
+        """Send steps packed by ``sender_child.pack_steps``; the child encodes them into the record."""
+        return self._submit(b"M", key, packed)
+
+    def _submit(self, kind: bytes, key: bytes | None, value: bytes) -> SenderFuture:
         future = SenderFuture()
         with self._lock:
             fid = self._next_id = self._next_id + 1
             self._pending[fid] = future
-        self._write(b"S", fid, key, value)
+        self._write(kind, fid, key, value)
         return future
 
     def flush(self, timeout: float | None = None) -> None:
@@ -121,6 +141,9 @@ class SenderProcess:
     def _read_answers(self) -> None:
         for line in self.process.stdout:
             kind, _, rest = line.decode(errors="replace").rstrip("\n").partition(" ")
+            if kind in ("C", "W"):
+                self._control_line(kind, rest)
+                continue
             fid_text, _, reason = rest.partition(" ")
             try:
                 fid = int(fid_text)
@@ -138,6 +161,15 @@ class SenderProcess:
                 future._resolve(None if kind == "A" else ConnectionError(reason or "send failed"))
         self._dead = self._dead or "the sender process exited"
         self._fail_all(self._dead)
+
+    def _control_line(self, kind: str, rest: str) -> None:
+        handler = self._on_control if kind == "C" else self._on_warning
+        if handler is None:
+            return
+        try:
+            handler(base64.b64decode(rest) if kind == "C" else rest)
+        except Exception:  # noqa: BLE001 — a handler's bug must not stop the answers
+            log.exception("lossguard: control handler failed")
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:

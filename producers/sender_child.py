@@ -1,11 +1,17 @@
 """The sender subprocess: the only place the training job's events meet kafka-python.
 
-Run as a script (not ``-m``), so it imports kafka-python and the standard library only — never torch
-or the rest of ``producers``. It reads frames from stdin and answers on stdout, one line per frame:
+Run as a script (not ``-m``), so it imports kafka-python, orjson and the standard library only — never
+torch or the rest of ``producers``. It reads frames from stdin and answers on stdout, one line per frame:
 
     frame  = header (">cIii": kind, id, key length or -1, value length) + key + value
     kind S = send the record; answer ``A <id>`` once Kafka acked it, ``E <id> <reason>`` if it failed
+    kind M = the same for a run's steps packed by the parent (:func:`encode_steps` reads them): the
+             JSON encoding happens here, not on the training process's GIL
     kind F = flush the producer; answer ``F <id>`` when done
+
+With a control topic to follow (the fifth argument), a consumer thread tails the run's partition and
+writes ``C <base64 record value>`` for each request keyed by the run, and ``W <reason>`` when it cannot
+read the topic: the training process then runs no Kafka consumer of its own.
 
 No broker: frames are answered ``E`` at once and the connection is retried with backoff. EOF on stdin (the
 training process ended or died) flushes what is in flight for at most ``flush_timeout`` and exits.
@@ -13,14 +19,141 @@ training process ended or died) flushes what is in flight for at most ``flush_ti
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import marshal
 import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 HEADER = struct.Struct(">cIii")
+SCHEMA_VERSION = 1  # detectors.events.SCHEMA_VERSION: the child imports nothing of lossguard
+
+try:
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib writes the same JSON
+    def _dumps(doc) -> bytes:
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+_NONFINITE = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
+
+
+def pack_steps(run_id: str, source: str, tags: dict[str, str],
+               steps: list[tuple[int, float, dict[str, float], dict[str, str] | None]]) -> bytes:
+    """A run's steps — ``(step, ts, {metric: float}, tags or None when the run's)`` — in the compact form
+    a training process hands over (marshal: C speed, and parent and child are the same interpreter)."""
+    return marshal.dumps((run_id, source, tags, steps))
+
+
+def encode_steps(packed: bytes) -> bytes:
+    """The metric record for packed steps: one event for one step, else a batched record (the forms
+    ``detectors.events.decode_metric_record`` reads), with non-finite values as ``"NaN"``/``"±Infinity"``.
+
+    >>> encode_steps(pack_steps("r", "torch", {}, [(3, 1.5, {"loss": float("nan")}, None)]))
+    b'{"v":1,"run_id":"r","step":3,"ts":1.5,"source":"torch","metrics":{"loss":"NaN"},"tags":{}}'
+    """
+    run_id, source, tags, steps = marshal.loads(packed)
+    if len(steps) == 1:
+        step, ts, metrics, step_tags = steps[0]
+        return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": step, "ts": ts, "source": source,
+                       "metrics": _finite(metrics), "tags": tags if step_tags is None else step_tags})
+    entries = []
+    for step, ts, metrics, step_tags in steps:
+        entry = {"step": step, "ts": ts, "metrics": _finite(metrics)}
+        if step_tags is not None:
+            entry["tags"] = step_tags
+        entries.append(entry)
+    return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "source": source, "tags": tags, "steps": entries})
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | str]:
+    total = sum(metrics.values())
+    if total - total == 0:  # every value finite (a NaN or an infinity makes the sum non-finite)
+        return metrics
+    return {k: "NaN" if v != v else _NONFINITE.get(v, v) for k, v in metrics.items()}
+
+
+def partition_for_key(key: bytes, partitions: list[int] | set[int]) -> int:
+    """The partition kafka-python's default partitioner (and the Java client's) picks for ``key``.
+
+    >>> partition_for_key(b"run-1", [0, 1, 2]) in (0, 1, 2)
+    True
+    """
+    from kafka.partitioner.default import murmur2
+
+    ordered = sorted(partitions)
+    return ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)]
+
+
+def follow_control(bootstrap: str, topic: str, key: bytes, since_ms: int, on_record: Callable[[bytes], None],
+                   closed: threading.Event, *, poll_interval: float = 0.25,
+                   on_problem: Callable[[str], None] = lambda _reason: None) -> None:
+    """Call ``on_record(value)`` for each record keyed ``key`` on ``topic`` written at or after
+    ``since_ms``, until ``closed`` is set; a missing broker or topic is retried with backoff.
+
+    No consumer group (a restart waits for no rebalance, every rank hears every request); only the one
+    partition the key hashes to — where the auto-stop sink and ``lossguard stop`` write.
+    """
+    backoff = 0.2
+    while not closed.is_set():
+        try:
+            consumer = _assign(bootstrap, topic, key, since_ms)
+        except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable, missing topic ...
+            on_problem(f"cannot listen for stop requests on {topic} at {bootstrap} ({exc}); "
+                       "training continues, retrying in the background")
+            closed.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+            continue
+        backoff = 0.2
+        try:
+            while not closed.is_set():
+                for records in consumer.poll(timeout_ms=int(poll_interval * 1000)).values():
+                    for record in records:
+                        if record.key == key and record.timestamp >= since_ms:
+                            on_record(record.value)
+        except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
+            on_problem(f"control topic {topic} unreadable ({exc}); retrying")
+        finally:
+            _close_consumer(consumer)
+
+
+def _assign(bootstrap: str, topic: str, key: bytes, since_ms: int):
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=100,
+                             allow_auto_create_topics=False,  # Tansu would create it with 4 partitions
+                             request_timeout_ms=5000, bootstrap_timeout_ms=2000, reconnect_backoff_max_ms=2000)
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise LookupError(f"topic {topic} does not exist (yet)")
+        tp = TopicPartition(topic, partition_for_key(key, partitions))
+        consumer.assign([tp])
+        # Start at the first request not older than since_ms; fall back to the beginning of the partition
+        # (records are filtered by timestamp anyway) where the broker cannot look it up.
+        try:
+            found = consumer.offsets_for_times({tp: since_ms}).get(tp)
+        except Exception:  # noqa: BLE001
+            found = None
+        if found is not None:
+            consumer.seek(tp, found.offset)
+        else:
+            consumer.seek_to_beginning(tp)
+        return consumer
+    except BaseException:
+        _close_consumer(consumer)
+        raise
+
+
+def _close_consumer(consumer) -> None:
+    try:
+        consumer.close(autocommit=False)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _read_exact(stream, n: int) -> bytes | None:
@@ -36,6 +169,7 @@ def _read_exact(stream, n: int) -> bytes | None:
 
 def main(argv: list[str]) -> int:
     topic, bootstrap, config_json, flush_timeout = argv[0], argv[1], argv[2], float(argv[3])
+    follow = json.loads(argv[4]) if len(argv) > 4 and argv[4] else None
     config = json.loads(config_json)
     logging.basicConfig(level=logging.CRITICAL)  # the parent reports; kafka-python's logs are noise here
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -45,6 +179,14 @@ def main(argv: list[str]) -> int:
         with lock:
             stdout.write(line.encode() + b"\n")
             stdout.flush()
+
+    closed = threading.Event()
+    if follow:
+        threading.Thread(
+            target=follow_control, daemon=True, name="lossguard-control",
+            args=(bootstrap, follow["topic"], follow["key"].encode(), int(follow["since_ms"]),
+                  lambda value: answer("C " + base64.b64encode(value or b"").decode()), closed),
+            kwargs={"on_problem": lambda reason: answer("W " + reason.replace("\n", " "))}).start()
 
     producer = None
     next_try = 0.0
@@ -84,6 +226,11 @@ def main(argv: list[str]) -> int:
             answer(f"E {fid} {problem}")
             continue
         try:
+            value = encode_steps(value) if kind == b"M" else value
+        except Exception as exc:  # noqa: BLE001 — a bad batch is lost (and counted), never fatal
+            answer(f"E {fid} could not encode ({exc})".replace("\n", " "))
+            continue
+        try:
             future = producer.send(topic, key=key, value=value)
             future.add_callback(lambda _md, fid=fid: answer(f"A {fid}"))
             future.add_errback(lambda exc, fid=fid: answer(f"E {fid} {exc}".replace("\n", " ")))
@@ -94,6 +241,7 @@ def main(argv: list[str]) -> int:
             except Exception:  # noqa: BLE001
                 pass
             producer = None
+    closed.set()
     if producer is not None:
         try:
             producer.close(timeout=flush_timeout)

@@ -23,6 +23,7 @@ thread, so on CUDA ``log()`` adds no host sync. Nothing here raises into the tra
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -31,10 +32,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from detectors.aliases import canonical_metrics
-from detectors.events import SCHEMA_VERSION, ControlEvent, dumps, encode_number
+from detectors.events import ControlEvent
 
 from .control import ControlListener
 from .emitter import Emitter, topic_name
+from .sender_child import encode_steps, pack_steps
 
 __all__ = ["Reporter", "TrainingStopped", "watch"]
 
@@ -44,11 +46,6 @@ try:  # torch is optional for producers
     import torch
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
-
-try:
-    from orjson import dumps as _dumps
-except ImportError:  # pragma: no cover - orjson is a dependency, but the stdlib encoder is as correct
-    _dumps = dumps
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -141,9 +138,12 @@ def _as_numpy(values: Any):
 class _NormParts(tuple):
     """Per-parameter-group gradient norms (tensors) whose total the sender thread computes."""
 
-    def total(self) -> Any:
+    def total(self) -> float:
         device = self[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in self]), 2.0)
+        if device.type == "cpu" and len(self) <= 64:
+            return math.hypot(*[n.item() for n in self])  # a few scalar reads beat two more tensor ops
+        parts = self if all(n.device == device for n in self) else [n.to(device) for n in self]
+        return torch.linalg.vector_norm(torch.stack(parts), 2.0).item()  # one host sync, on this thread
 
 
 def _to_float(value: Any) -> float:
@@ -155,45 +155,44 @@ def _to_float(value: Any) -> float:
 
 
 _Item = tuple[str, int, float, str, dict[str, Any], dict[str, str]]  # run_id, step, ts, source, metrics, tags
+_Tensor = torch.Tensor if torch is not None else None
 
 
-def _step_metrics(metrics: dict[str, Any]) -> dict[str, float | str]:
-    """Runs on the sender thread: reads deferred tensors, expands summaries, adds RSS."""
-    values: dict[str, float | str] = {}
+def _step_metrics(metrics: dict[str, Any], rss: float | None) -> dict[str, float]:
+    """Runs on the sender thread: reads deferred tensors, expands summaries, adds RSS. Plain floats and
+    tensors take the short way: this holds the GIL the training thread wants."""
+    values: dict[str, float] = {}
     for name, value in metrics.items():
+        kind = type(value)
         try:
-            if isinstance(value, _Summary):
-                values.update((k, encode_number(v)) for k, v in value.metrics().items())
+            if kind is float:
+                values[name] = value
+            elif kind is _Tensor or kind is int:
+                values[name] = float(value.item() if kind is _Tensor else value)
+            elif kind is _Summary:
+                values.update(value.metrics())
             else:
-                values[name] = encode_number(_to_float(value))
+                values[name] = _to_float(value)
         except (TypeError, ValueError, RuntimeError):
             continue  # a value that is not a number is skipped, not fatal
-    rss = _rss_bytes()
-    if rss is not None:
-        values.setdefault("rss", rss)
+    if rss is not None and "rss" not in values:
+        values["rss"] = rss
     return values
 
 
-def _encode(item: _Item) -> bytes:
-    """One step as a MetricEvent, built directly: this holds the GIL, so it skips the dataclass round
-    trip and uses orjson when present (non-finite values are already strings)."""
-    run_id, step, ts, source, metrics, tags = item
-    return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": step, "ts": ts, "source": source,
-                   "metrics": _step_metrics(metrics), "tags": tags})
+def _pack_batch(items: list[_Item]) -> bytes:
+    """Several steps of one run, read and packed for the sender subprocess, which encodes them as one
+    record (``sender_child.encode_steps``): on this side only C-level packing, no JSON."""
+    run_id, _, _, source, _, tags = items[0]
+    rss = _rss_bytes()
+    steps = [(int(step), ts, _step_metrics(metrics, rss), None if step_tags is tags or step_tags == tags else step_tags)
+             for _, step, ts, _, metrics, step_tags in items]
+    return pack_steps(run_id, source, tags, steps)
 
 
 def _encode_batch(items: list[_Item]) -> bytes:
-    """Several steps of one run as one batched record (``detectors.events.decode_metric_record``)."""
-    if len(items) == 1:
-        return _encode(items[0])
-    run_id, _, _, source, _, tags = items[0]
-    steps = []
-    for _, step, ts, _, metrics, step_tags in items:
-        entry = {"step": step, "ts": ts, "metrics": _step_metrics(metrics)}
-        if step_tags != tags:
-            entry["tags"] = step_tags
-        steps.append(entry)
-    return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "source": source, "tags": tags, "steps": steps})
+    """The same record, encoded in this process (transport ``"thread"``)."""
+    return encode_steps(_pack_batch(items))
 
 
 def _default_rank() -> int:
@@ -232,6 +231,7 @@ class Reporter:
         self.should_stop = False
         self.stop_reason = ""
         self.control: ControlListener | None = None
+        self._key = run_id.encode()
         self._pid = os.getpid()
         self._stop_raised = False
         self._optimizer = optimizer
@@ -300,7 +300,7 @@ class Reporter:
         if self.should_stop and self.raise_on_stop and not self._stop_raised and os.getpid() == self._pid:
             self._stop_raised = True
             raise TrainingStopped(self.run_id, self.stop_reason)
-        if not self.enabled:
+        if self.emitter is None or step % self.every or os.getpid() != self._pid:
             return
         try:
             self._log(step, loss, batch_size, rewards, predictions, labels, metrics)
@@ -309,26 +309,29 @@ class Reporter:
 
     def _log(self, step: int, loss: Any, batch_size: int | None, rewards: Any, predictions: Any, labels: Any,
              metrics: dict[str, Any]) -> None:
+        # The training thread's share of a step: collect references and plain numbers, nothing more. Tensors
+        # are read, names and non-finite values encoded later, on the sender thread and in the sender process.
         now = time.perf_counter()
-        if step % self.every:
-            return
         values: dict[str, Any] = canonical_metrics(metrics) if metrics else {}
         if loss is not None:
             values["loss"] = loss.detach() if hasattr(loss, "detach") else loss
+        grad_norm, self._grad_norm = self._grad_norm, None
         if "grad_norm" not in values:
-            # without a hook (no optimizer given) the grads of this step are read where log() stands
-            grad_norm = self._grad_norm if self._grad_norm is not None else (
-                self._grad_norm_now() if self._params and self._hook is None else None)
+            if grad_norm is None and self._params and self._hook is None:
+                grad_norm = self._grad_norm_now()  # without a hook the grads of this step are read here
             if grad_norm is not None:
                 values["grad_norm"] = grad_norm
-        self._grad_norm = None
         if self._optimizer is not None:
-            for i, group in enumerate(self._optimizer.param_groups):
-                values.setdefault("lr" if i == 0 else f"lr/group{i}", group["lr"])
+            groups = self._optimizer.param_groups
+            if "lr" not in values:
+                values["lr"] = groups[0]["lr"]
+            for i in range(1, len(groups)):
+                values.setdefault(f"lr/group{i}", groups[i]["lr"])
         if batch_size is not None:
             values["batch_size"] = batch_size
-        if self._last_time is not None and self._last_step is not None and step > self._last_step:
-            values.setdefault("step_time", (now - self._last_time) / (step - self._last_step))
+        last_step = self._last_step
+        if last_step is not None and step > last_step and "step_time" not in values:
+            values["step_time"] = (now - self._last_time) / (step - last_step)
         self._last_time, self._last_step = now, step
         if self._cuda:  # allocator counters: no sync, a few hundred ns
             values["mem_allocated"] = torch.cuda.memory_allocated()
@@ -337,7 +340,7 @@ class Reporter:
             values["__rewards"] = _Summary("reward", rewards)
         if predictions is not None:
             values["__predictions"] = _Summary("prediction", predictions, labels)
-        self.emitter.emit(self.run_id, (self.run_id, step, time.time(), self.source, values, self.tags))
+        self.emitter.emit(self._key, (self.run_id, step, time.time(), self.source, values, self.tags))
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Report only ``metrics`` at ``step`` (no grad norm, lr, timing): validation results, framework logs."""
@@ -345,15 +348,17 @@ class Reporter:
             return
         try:
             values = canonical_metrics({k: v.detach() if hasattr(v, "detach") else v for k, v in metrics.items()})
-            self.emitter.emit(self.run_id, (self.run_id, step, time.time(), self.source, values, self.tags))
+            self.emitter.emit(self._key, (self.run_id, step, time.time(), self.source, values, self.tags))
         except Exception:  # noqa: BLE001 — reporting never breaks training
             log.debug("lossguard: log_metrics() failed", exc_info=True)
 
     # -- control --------------------------------------------------------------------------------------------
     def listen(self, *, bootstrap: str | None = None, topic: str | None = None) -> None:
-        """Start hearing stop requests for this run on the control topic (background thread)."""
+        """Start hearing stop requests for this run on the control topic: in the sender subprocess when this
+        process sends through one, else on a background thread."""
         if self.control is None:
-            self.control = ControlListener(self.run_id, self._on_control, bootstrap=bootstrap, topic=topic)
+            self.control = ControlListener(self.run_id, self._on_control, bootstrap=bootstrap, topic=topic,
+                                           emitter=self.emitter if self.enabled else None)
 
     def _on_control(self, event: ControlEvent) -> None:
         if event.action == "stop":
@@ -388,7 +393,7 @@ class Reporter:
         if self.enabled:
             if self._last_step is not None and not self.emitter.inert:
                 # the run's last word: tells the stalled-run detector this run ended on purpose
-                self.emitter.emit(self.run_id, (self.run_id, self._last_step, time.time(), self.source, {},
+                self.emitter.emit(self._key, (self.run_id, self._last_step, time.time(), self.source, {},
                                                 {**self.tags, "status": "finished"}))
             self.emitter.close(timeout)
 
@@ -441,8 +446,8 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
     metrics_topic = topic or topic_name("metrics")
     emitter = None
     if report_rank is None or rank == report_rank:
-        emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode=_encode,
-                          encode_batch=_encode_batch, transport=transport)
+        emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode_batch=_encode_batch,
+                          pack_batch=_pack_batch, transport=transport)
     reporter = Reporter(run_id, model=model, optimizer=optimizer, every=every, emitter=emitter, tags=all_tags,
                         source=source, grad_norm_hook=grad_norm_hook, raise_on_stop=raise_on_stop)
     if listen:

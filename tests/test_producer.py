@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,6 +128,28 @@ def test_lossguard_stop_cli_raises_training_stopped_at_the_next_log(topics):
     (record,) = records
     assert record.key == b"torch-stop"
     assert decode_control_event(record.value).action == "stop"
+
+
+@pytest.mark.parametrize("transport", ["process", "thread"])
+def test_non_finite_values_arrive_as_signals_and_stop_requests_reach_either_transport(topics, transport):
+    from detectors.events import ControlEvent
+    from stream_app.control_cli import send_control
+
+    reporter = _watch(topics, f"nonfinite-{transport}", transport=transport)
+    in_process = [t.name for t in threading.enumerate() if t.name.startswith("lossguard-control")]
+    assert bool(in_process) == (transport == "thread")  # with a sender process, the consumer runs there
+    for step, loss in enumerate([1.0, math.nan, math.inf, -math.inf]):
+        reporter.log(step, loss=torch.tensor(loss))
+    assert reporter.flush(5.0)
+    send_control(ControlEvent(f"nonfinite-{transport}", "stop", "diverged"), topics.bootstrap,
+                 topics.name("control"), topics.partitions)
+    deadline = time.monotonic() + 10
+    while not reporter.should_stop and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reporter.close()
+    assert reporter.should_stop and reporter.stop_reason == "diverged"
+    losses = [e.metrics["loss"] for e in _events(topics, f"nonfinite-{transport}")]
+    assert losses[0] == 1.0 and math.isnan(losses[1]) and losses[2:] == [math.inf, -math.inf]
 
 
 def test_broker_absent_training_completes_and_drops_are_counted():
