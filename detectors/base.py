@@ -20,8 +20,9 @@ from typing import Any, ClassVar
 
 from .alerts import Alert, severity_rank
 from .events import MetricEvent
+from .stats import compact
 
-__all__ = ["Detector", "DETECTORS", "Steps", "column", "register_detector"]
+__all__ = ["Detector", "DETECTORS", "Steps", "column", "compacted", "has_any", "register_detector"]
 
 #: name → detector class; the stream app and the in-process API build detectors from here.
 DETECTORS: dict[str, type[Detector]] = {}
@@ -39,11 +40,13 @@ class Steps(list):
     """Consecutive events of one run, as the suite hands them to ``update_batch``, with each metric's
     column (:func:`column`) built once and shared by every detector that reads it."""
 
-    __slots__ = ("columns",)
+    __slots__ = ("columns", "names")
 
-    def __init__(self, events: list[MetricEvent]):
+    def __init__(self, events: list[MetricEvent], names: tuple[str, ...] | None = None):
         super().__init__(events)
         self.columns: dict[str, list[float | None]] = {}
+        #: the metric names, when every event has the same ones (None: they vary or nobody looked)
+        self.names = names
 
 
 def column(events: list[MetricEvent], name: str) -> list[float | None]:
@@ -59,6 +62,27 @@ def column(events: list[MetricEvent], name: str) -> list[float | None]:
     if values is None:
         values = columns[name] = [e.metrics.get(name) for e in events]
     return values
+
+
+def compacted(events: list[MetricEvent], name: str) -> list[float | None]:
+    """:func:`column` with each value as a window keeps it (:func:`~detectors.stats.compact`), shared
+    by the detectors that put the same metric into their windows."""
+    columns = getattr(events, "columns", None)
+    key = name + "\0compacted"
+    values = None if columns is None else columns.get(key)
+    if values is None:
+        values = [None if x is None else compact(x) for x in column(events, name)]
+        if columns is not None:
+            columns[key] = values
+    return values
+
+
+def has_any(events: list[MetricEvent], names: tuple[str, ...]) -> bool:
+    """Whether some event of ``events`` has one of the metrics ``names``."""
+    known = getattr(events, "names", None)
+    if known is not None:
+        return any(name in known for name in names)
+    return any(name in e.metrics for e in events for name in names)
 
 
 class Detector:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .alerts import Alert
-from .base import Detector, column, register_detector
+from .base import Detector, column, compacted, register_detector
 from .events import MetricEvent
 from .stats import compact, push
 
@@ -115,10 +115,10 @@ class BatchSizeImpactDetector(Detector):
         lrs = [lr for lr in column(events, "lr") if lr is not None and math.isfinite(lr)]
         if lrs:
             self.lr = compact(lrs[-1])
-        losses = [compact(x) for x in column(events, "loss") if x is not None and math.isfinite(x)]
+        losses = [x for x in compacted(events, "loss") if x is not None and math.isfinite(x)]
         if losses:
             self.before = [*self.before, *losses][-self.window_size:]
-        rates = [compact(x) for x in column(events, "throughput") if x is not None and math.isfinite(x) and x > 0]
+        rates = [x for x in compacted(events, "throughput") if x is not None and math.isfinite(x) and x > 0]
         if rates:
             self.tp_before = [*self.tp_before, *rates][-self.window_size:]
         return []

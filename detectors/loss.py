@@ -41,7 +41,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .alerts import Alert
-from .base import Detector, column, register_detector
+from .base import Detector, column, compacted, has_any, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, upper_median_bound
 
@@ -68,9 +68,7 @@ def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
     """The batch's losses when every one is present, finite, non-negative and from a run that is not RL,
     else None (a batch the loss detectors' screens leave to the step-by-step path)."""
     xs = column(events, metric)
-    if None in xs or not all(0 <= x < math.inf for x in xs):
-        return None
-    if any(column(events, name) != [None] * len(xs) for name in POLICY_GRADIENT_METRICS):
+    if None in xs or not all(0 <= x < math.inf for x in xs) or has_any(events, POLICY_GRADIENT_METRICS):
         return None
     return xs
 
@@ -149,21 +147,22 @@ class LossSpikeDetector(Detector):
             else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
-        low = lower_median_bound(self.history, [compact(x) for x in xs], self.window)
-        if max(xs) > low + abs(low) * self.min_rel_increase and not self._below_every_limit(xs):
+        low = lower_median_bound(self.history, compacted(events, self.metric), self.window)
+        if max(xs) > low + abs(low) * self.min_rel_increase and not self._below_every_limit(
+                xs, compacted(events, self.metric)):
             return super().update_batch(events)
         self.run_length = 0
-        self.history = [*self.history, *(compact(x) for x in xs)][-self.window:]
+        self.history = [*self.history, *compacted(events, self.metric)][-self.window:]
         self._ordered = None
         return []
 
-    def _below_every_limit(self, xs: list[float]) -> bool:
+    def _below_every_limit(self, xs: list[float], compact_xs: list[float]) -> bool:
         """Whether each loss is under the limit ``update`` would compute for it, supposing all the earlier
         ones joined the window — then they all do. Every window of the batch at once (numpy over a sliding
         view), for a full window of positive losses (the log-space test); the same order statistics as
         ``update``, whose ``math.exp`` numpy's may miss by an ulp, hence the margin."""
         n = self.window
-        values = [*self.history, *(compact(x) for x in xs)]
+        values = [*self.history, *compact_xs]
         if len(self.history) != n or min(values) <= 0 or min(xs) <= 0:
             return False
         half = n // 2
@@ -458,7 +457,7 @@ class LossPlateauDetector(_SmoothedLoss):
         alpha, warmup, window = 2.0 / (self.span + 1), self.warmup, self.plateau_window
         smooth, absdev, seen, best, since_best = self.smooth, self.absdev, self.seen, self.best, self.since_best
         first_step, interval, prev_lr, lr_rose_at = self.first_step, self.interval, self.prev_lr, self.lr_rose_at
-        early, recent = list(self.early), [*self.recent, *(compact(x) for x in xs)]
+        early, recent = list(self.early), [*self.recent, *compacted(events, self.metric)]
         lrs = column(events, "lr")
         checked_from = None  # index in ``recent`` of the first window the stagnation test looks at
         for i, x in enumerate(xs):
@@ -588,7 +587,7 @@ class LossOscillationDetector(Detector):
             else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
-        values = [*self.recent, *(compact(x) for x in xs)]
+        values = [*self.recent, *compacted(events, self.metric)]
         steps = [-abs(b - a) for a, b in pairwise(values)]
         largest_step = -lower_median_bound(steps[:self.oscillation_window], steps[self.oscillation_window:],
                                            self.oscillation_window)

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from .alerts import Alert, severity_rank
-from .base import Detector, column, register_detector
+from .base import Detector, column, compacted, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, robust_center_scale
 
@@ -85,16 +85,15 @@ class StepTimeDetector(Detector):
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # the limit is at least step_time_ratio x the median: a batch below that times the lowest median
         # it can meet has no slow step, and every step joins the window
-        xs = [e.metrics.get("step_time") for e in events]
+        xs = column(events, "step_time")
         if (len(self.recent) < self.warmup or self.step_time_ratio < 1 or "step_time_anomaly" in self.episodes
-                or not all(x is not None and 0 <= x < math.inf for x in xs)):
+                or None in xs or not all(0 <= x < math.inf for x in xs)):
             return super().update_batch(events)
-        floor = lower_median_bound(self.recent, [compact(x) for x in xs], self.window)
+        floor = lower_median_bound(self.recent, compacted(events, "step_time"), self.window)
         if max(xs) > floor + (self.step_time_ratio - 1) * floor:
             return super().update_batch(events)
         self.run_length = 0
-        for x in xs:
-            push(self.recent, x, self.window)
+        self.recent = [*self.recent, *compacted(events, "step_time")][-self.window:]
         return []
 
 

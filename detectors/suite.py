@@ -80,9 +80,10 @@ class DetectorSuite:
         self.events_seen += len(fresh)
         if not fresh:
             return []
-        fresh = Steps(fresh)
-        routes = [self._route(tuple(e.metrics)) for e in fresh]
-        same = routes.count(routes[0]) == len(routes)
+        names = [tuple(e.metrics) for e in fresh]
+        same = names.count(names[0]) == len(names)
+        fresh = Steps(fresh, names[0] if same else None)
+        routes = [self._route(names[0])] if same else [self._route(n) for n in names]
         raised: list[tuple[int, int, Alert]] = []
         for rank, detector in enumerate(self.detectors.values()):
             if same:
