@@ -43,7 +43,7 @@ class ControlListener:
     """
 
     def __init__(self, run_id: str, on_event: Callable[[ControlEvent], None], *, bootstrap: str | None = None,
-                 topic: str | None = None, since: float | None = None, poll_interval: float = 0.25,
+                 topic: str | None = None, since: float | None = None, poll_interval: float = 0.5,
                  emitter: Emitter | None = None):
         self.run_id = run_id
         self.topic = topic or topic_name("control")

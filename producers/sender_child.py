@@ -23,6 +23,7 @@ import base64
 import json
 import logging
 import marshal
+import os
 import struct
 import sys
 import threading
@@ -89,7 +90,7 @@ def partition_for_key(key: bytes, partitions: list[int] | set[int]) -> int:
 
 
 def follow_control(bootstrap: str, topic: str, key: bytes, since_ms: int, on_record: Callable[[bytes], None],
-                   closed: threading.Event, *, poll_interval: float = 0.25,
+                   closed: threading.Event, *, poll_interval: float = 0.5,
                    on_problem: Callable[[str], None] = lambda _reason: None) -> None:
     """Call ``on_record(value)`` for each record keyed ``key`` on ``topic`` written at or after
     ``since_ms``, until ``closed`` is set; a missing broker or topic is retried with backoff.
@@ -100,7 +101,7 @@ def follow_control(bootstrap: str, topic: str, key: bytes, since_ms: int, on_rec
     backoff = 0.2
     while not closed.is_set():
         try:
-            consumer = _assign(bootstrap, topic, key, since_ms)
+            consumer = _assign(bootstrap, topic, key, since_ms, poll_interval)
         except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable, missing topic ...
             on_problem(f"cannot listen for stop requests on {topic} at {bootstrap} ({exc}); "
                        "training continues, retrying in the background")
@@ -120,11 +121,11 @@ def follow_control(bootstrap: str, topic: str, key: bytes, since_ms: int, on_rec
             _close_consumer(consumer)
 
 
-def _assign(bootstrap: str, topic: str, key: bytes, since_ms: int):
+def _assign(bootstrap: str, topic: str, key: bytes, since_ms: int, poll_interval: float):
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=100,
+                             fetch_max_wait_ms=int(poll_interval * 1000),  # an idle topic: 2 fetches/s
                              allow_auto_create_topics=False,  # Tansu would create it with 4 partitions
                              request_timeout_ms=5000, bootstrap_timeout_ms=2000, reconnect_backoff_max_ms=2000)
     try:
@@ -171,6 +172,10 @@ def main(argv: list[str]) -> int:
     topic, bootstrap, config_json, flush_timeout = argv[0], argv[1], argv[2], float(argv[3])
     follow = json.loads(argv[4]) if len(argv) > 4 and argv[4] else None
     config = json.loads(config_json)
+    try:  # a sender must never take a core from the training job it serves
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
     logging.basicConfig(level=logging.CRITICAL)  # the parent reports; kafka-python's logs are noise here
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     lock = threading.Lock()

@@ -446,8 +446,11 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
     metrics_topic = topic or topic_name("metrics")
     emitter = None
     if report_rank is None or rank == report_rank:
+        # A produce request costs kafka-python ~1 ms of CPU plus its pure-Python CRC over the bytes: fewer,
+        # gzip-shrunk requests (a round every 0.2 s) keep that off the cores the training job uses.
         emitter = Emitter(metrics_topic, bootstrap=bootstrap, max_queue=max_queue, encode_batch=_encode_batch,
-                          pack_batch=_pack_batch, transport=transport)
+                          pack_batch=_pack_batch, transport=transport, linger=0.2,
+                          producer_config={"compression_type": "gzip"})
     reporter = Reporter(run_id, model=model, optimizer=optimizer, every=every, emitter=emitter, tags=all_tags,
                         source=source, grad_norm_hook=grad_norm_hook, raise_on_stop=raise_on_stop)
     if listen:
