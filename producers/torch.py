@@ -434,8 +434,9 @@ def watch(run_id: str | None = None, model: Any = None, optimizer: Any = None, *
         source: the event's ``source`` field (default ``"torch"``).
         grad_norm_hook: take the grad norm in an optimizer step pre-hook (default ``True``); integrations
             that see gradients before clipping turn it off and call ``capture_grad_norm()`` themselves.
-        transport: ``"process"`` (default) sends from a sender subprocess, so kafka-python's Python
-            network code never competes with training for the GIL; ``"thread"`` sends in-process.
+        transport: ``"process"`` (default) sends from a sender subprocess, which also encodes the events
+            and hears stop requests, so neither kafka-python's Python network code nor JSON encoding
+            competes with training for the GIL; ``"thread"`` sends and listens in-process.
     """
     run_id = run_id or os.environ.get("LOSSGUARD_RUN_ID") or f"run-{uuid.uuid4().hex[:8]}"
     rank = _default_rank() if rank is None else rank
