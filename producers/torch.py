@@ -47,6 +47,7 @@ try:  # torch is optional for producers
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None
 
+_AT_FORK = hasattr(os, "register_at_fork")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _BINS = 10
@@ -300,7 +301,9 @@ class Reporter:
         if self.should_stop and self.raise_on_stop and not self._stop_raised and os.getpid() == self._pid:
             self._stop_raised = True
             raise TrainingStopped(self.run_id, self.stop_reason)
-        if self.emitter is None or step % self.every or os.getpid() != self._pid:
+        emitter = self.emitter
+        # after a fork the emitter is marked inert (os.register_at_fork): no getpid() syscall per step
+        if emitter is None or step % self.every or (emitter._forked if _AT_FORK else os.getpid() != self._pid):
             return
         try:
             self._log(step, loss, batch_size, rewards, predictions, labels, metrics)
