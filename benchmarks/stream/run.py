@@ -172,7 +172,10 @@ def wait_ready(worker: Worker, bootstrap: str, topic: str, timeout: float = 60.0
 
 
 def measure_latency(bootstrap: str, prefix: str, samples: int, rate_hz: float) -> list[float]:
-    """Send a NaN step for ``samples`` fresh runs at ``rate_hz``; latency = alert arrival − event ts."""
+    """``log()`` → alert, through the real path: a job reporting with ``producers.watch`` in its own
+    process (``latency_job.py``: sender process and send interval at their defaults), the broker, the
+    worker, the alert topic. Latency = the alert's arrival − the ``ts`` that ``log()`` stamped on the
+    NaN step (one clock: the same machine)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                              fetch_max_wait_ms=5)
     tps = [TopicPartition(f"{prefix}.alerts", p) for p in range(PARTITIONS)]
@@ -180,27 +183,24 @@ def measure_latency(bootstrap: str, prefix: str, samples: int, rate_hz: float) -
     consumer.seek_to_end(*tps)
     for tp in tps:
         consumer.position(tp)
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
-    latencies: dict[str, float] = {}
-    sent: set[str] = set()
-    next_send = time.perf_counter()
-    deadline = time.monotonic() + samples / rate_hz + 15
-    while time.monotonic() < deadline and len(latencies) < samples:
-        if len(sent) < samples and time.perf_counter() >= next_send:
-            run = f"lat-{len(sent)}"
-            producer.send(f"{prefix}.metrics", key=run.encode(), value=event(run, 1, loss=float("nan")).to_json())
-            producer.flush()
-            sent.add(run)
-            next_send += 1 / rate_hz
-        for records in consumer.poll(timeout_ms=2).values():
-            now = time.time()
-            for record in records:
-                alert = decode_alert(record.value)
-                if alert.run_id in sent and alert.alert_type == "nonfinite_metric":
-                    latencies.setdefault(alert.run_id, now - alert.ts)
-    producer.close()
-    consumer.close()
-    return sorted(v * 1000 for v in latencies.values())
+    run = f"lat-{uuid.uuid4().hex[:6]}"
+    job = subprocess.Popen([sys.executable, str(Path(__file__).with_name("latency_job.py")), bootstrap,
+                            f"{prefix}.metrics", run, str(samples), str(rate_hz)], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    latencies: list[float] = []
+    deadline = time.monotonic() + samples / rate_hz + 30
+    try:
+        while time.monotonic() < deadline and len(latencies) < samples:
+            for records in consumer.poll(timeout_ms=5).values():
+                now = time.time()
+                for record in records:
+                    alert = decode_alert(record.value)
+                    if alert.run_id == run and alert.alert_type == "nonfinite_metric" and alert.status == "firing":
+                        latencies.append(now - alert.ts)
+    finally:
+        job.wait(30)
+        consumer.close()
+    return sorted(v * 1000 for v in latencies)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -288,6 +288,7 @@ def main() -> int:
 
         latencies = measure_latency(bootstrap, prefix, args.latency_samples, args.latency_rate)
         results["alert_latency_ms"] = {"samples": len(latencies), "p50": pct(latencies, 0.5),
+                                       "p90": pct(latencies, 0.9), "p95": pct(latencies, 0.95),
                                        "p99": pct(latencies, 0.99), "max": latencies[-1] if latencies else None,
                                        "mean": statistics.fmean(latencies) if latencies else None}
         results["worker_counters"] = worker.stats()
