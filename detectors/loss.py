@@ -40,7 +40,7 @@ from itertools import pairwise
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .alerts import Alert
+from .alerts import Alert, severity_rank
 from .base import Detector, column, compacted, has_any, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, upper_median_bound
@@ -449,58 +449,98 @@ class LossPlateauDetector(_SmoothedLoss):
             metadata={"best": self.best, "since_best": self.since_best, "stagnation": False})
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # update's bookkeeping in one loop; a plateau about to open, or a recent median that may sit
-        # where the run started, sends the whole batch (state untouched) to the step-by-step path
-        xs = self._quiet_losses(events, "convergence_plateau")
+        # update's bookkeeping in one loop until a step that changes the alert stream (a plateau opens,
+        # escalates or resolves): that step goes through update, and the loop takes the rest. A recent
+        # median that may sit where the run started (stagnation) sends the rest step by step.
+        xs = None if self.off else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
+        raised: list[tuple[int, Alert]] = []
+        begin = 0
+        while begin < len(events):
+            stop = self._quiet_prefix(events, xs, begin)
+            if stop is None:  # stagnation cannot be ruled out
+                return raised + [(begin + i, a) for i, a in super().update_batch(events[begin:])]
+            if stop < len(events):
+                raised += [(stop, alert) for alert in self.update(events[stop])]
+            begin = stop + 1
+        return raised
+
+    def _quiet_prefix(self, events: list[MetricEvent], xs: list[float], begin: int) -> int | None:
+        """Take ``events[begin:stop]`` as ``update`` would, where none of them changes the alert stream;
+        returns ``stop`` (``len(events)``: all taken), or None, having taken nothing, when a recent
+        median might show stagnation."""
         alpha, warmup, window = 2.0 / (self.span + 1), self.warmup, self.plateau_window
         smooth, absdev, seen, best, since_best = self.smooth, self.absdev, self.seen, self.best, self.since_best
         first_step, interval, prev_lr, lr_rose_at = self.first_step, self.interval, self.prev_lr, self.lr_rose_at
-        early, recent = list(self.early), [*self.recent, *compacted(events, self.metric)]
+        early, new = list(self.early), compacted(events, self.metric)
+        episode = self.episodes.get("convergence_plateau")
+        clear = episode["clear"] if episode else 0
         lrs = column(events, "lr")
-        checked_from = None  # index in ``recent`` of the first window the stagnation test looks at
-        for i, x in enumerate(xs):
+        checked = 0  # steps taken that the stagnation test would look at
+        stop = len(events)
+        for i in range(begin, len(events)):
+            x = xs[i]
             if smooth is None:
-                smooth = float(x)
+                n_smooth, n_absdev = float(x), absdev
             else:
-                absdev = absdev + alpha * (abs(x - smooth) - absdev)
-                smooth = smooth + alpha * (x - smooth)
-            seen += 1
+                n_absdev = absdev + alpha * (abs(x - smooth) - absdev)
+                n_smooth = smooth + alpha * (x - smooth)
+            n_seen, n_first, n_interval, n_prev_lr, n_rose = seen + 1, first_step, interval, prev_lr, lr_rose_at
             step = events[i].step
-            if first_step is None:
-                first_step = step
-            elif interval is None and step > first_step:
-                interval = step - first_step
+            if n_first is None:
+                n_first = step
+            elif n_interval is None and step > n_first:
+                n_interval = step - n_first
             lr = lrs[i]
             if lr is not None and math.isfinite(lr):
-                if prev_lr is not None and lr > prev_lr:
-                    lr_rose_at = seen
-                prev_lr = compact(lr)
+                if n_prev_lr is not None and lr > n_prev_lr:
+                    n_rose = n_seen
+                n_prev_lr = compact(lr)
+            n_best, n_since, n_clear = best, since_best, clear
+            if n_seen >= warmup:
+                if n_best is None:
+                    n_best = n_smooth
+                if n_smooth < n_best - self.plateau_threshold * abs(n_best):
+                    n_best, n_since = n_smooth, 0
+                else:
+                    n_since += 1
+                active = n_since >= window
+                if episode is None:
+                    if active:
+                        stop = i
+                        break
+                elif active:
+                    if severity_rank("medium" if n_since >= 4 * window else "low") > severity_rank(
+                            episode["severity"]):
+                        stop = i
+                        break
+                    n_clear = 0
+                else:
+                    n_clear += 1
+                    if n_clear >= self.resolve_after:
+                        stop = i
+                        break
+                if n_seen >= warmup + window:
+                    checked += 1
+            smooth, absdev, seen, first_step, interval, prev_lr, lr_rose_at = (
+                n_smooth, n_absdev, n_seen, n_first, n_interval, n_prev_lr, n_rose)
+            best, since_best, clear = n_best, n_since, n_clear
             if len(early) < warmup:
-                early.append(compact(x))
-            if seen < warmup:
-                continue
-            if best is None:
-                best = smooth
-            if smooth < best - self.plateau_threshold * abs(best):
-                best, since_best = smooth, 0
-            else:
-                since_best += 1
-            if since_best >= window:
-                return super().update_batch(events)
-            if checked_from is None and seen >= warmup + window:
-                checked_from = len(recent) - len(xs) + i - window + 1
-        if checked_from is not None and first_step <= warmup * (interval or 1):
+                early.append(new[i])
+        recent = [*self.recent, *new[begin:stop]]
+        if checked and first_step <= warmup * (interval or 1):
             start = median(early)
             # no window's median can exceed this bound: below the stagnation level, none is stagnant
-            if start > 0 and upper_median_bound(recent[max(0, checked_from):], window) > start * (
-                    1 - self.stagnation_improvement):
-                return super().update_batch(events)
+            if start > 0 and upper_median_bound(recent[max(0, len(recent) - checked - window + 1):], window) > (
+                    start * (1 - self.stagnation_improvement)):
+                return None
         self.smooth, self.absdev, self.seen, self.best, self.since_best = smooth, absdev, seen, best, since_best
         self.first_step, self.interval, self.prev_lr, self.lr_rose_at = first_step, interval, prev_lr, lr_rose_at
         self.early, self.recent = early, recent[-window:]
-        return []
+        if episode is not None:
+            episode["clear"] = clear
+        return stop
 
     def _stagnation(self) -> tuple[bool, float, float]:
         """``(not learning, early median, recent median)`` — see the class docstring."""
