@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         cost = caller_cost(broker.bootstrap, calls=int(1000 * scale), rounds=4)
         cpu = step_overhead(broker.bootstrap, "cpu", width=256, batch=128, steps=int(150 * scale), blocks=18)
         # the same loop with a model 4x wider: how the fixed per-step cost shrinks as steps get longer
-        cpu_wide = step_overhead(broker.bootstrap, "cpu", width=1024, batch=256, steps=int(30 * scale), blocks=12)
+        cpu_wide = step_overhead(broker.bootstrap, "cpu", width=1024, batch=256, steps=int(30 * scale), blocks=30)
         cuda = None
         if torch.cuda.is_available():
             cuda = step_overhead(broker.bootstrap, "cuda", width=4096, batch=1024, steps=int(200 * scale),
