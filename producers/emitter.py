@@ -235,6 +235,12 @@ class Emitter:
                 self._idle.set()
                 if self._closed:
                     break
+                if producer is not None and getattr(producer, "gone", False):
+                    # a sender process that died while idle: with nothing to send nobody else would notice,
+                    # and stop requests would go unheard until the next step
+                    self._warn("lossguard: the sender process exited; starting a new one")
+                    _close_producer(producer, 0)
+                    producer = self._producer = None
                 if producer is None and self._follow is not None:  # listening starts before the first event
                     producer = self._producer = self._connect()
                 continue

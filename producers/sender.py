@@ -82,6 +82,11 @@ class SenderProcess:
         self._reader = threading.Thread(target=self._read_answers, name="lossguard-sender-answers", daemon=True)
         self._reader.start()
 
+    @property
+    def gone(self) -> bool:
+        """Whether the sender process has exited (or its pipe broke)."""
+        return self._dead is not None or self.process.poll() is not None
+
     def partitions_for(self, _topic: str) -> None:
         return None  # the child's producer hashes the key with the same default partitioner
 

@@ -275,3 +275,29 @@ def test_the_sender_subprocess_imports_no_torch_and_ends_with_a_killed_training_
         while _sender_children(topic) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _sender_children(topic) == []  # EOF on its stdin ended it: no orphan
+
+
+def test_a_sender_process_that_dies_while_idle_is_replaced_and_stop_requests_still_arrive(topics):
+    reporter = _watch(topics, "torch-respawn", _model())
+    try:
+        reporter.log(0, loss=1.0)
+        assert reporter.flush(10)
+        first = reporter.emitter._producer.process
+        first.kill()  # the training job is idle (a long evaluation, say) when its sender dies
+        first.wait(5)
+        deadline = time.monotonic() + 10
+        while reporter.emitter._producer is None or reporter.emitter._producer.process is first:
+            assert time.monotonic() < deadline, "no new sender process"
+            time.sleep(0.1)
+        time.sleep(1.0)  # the new sender has joined the control partition
+        out = subprocess.run([sys.executable, "-m", "stream_app", "stop", "torch-respawn", "--reason", "respawned"],
+                             cwd=ROOT, env=topics.env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        deadline = time.monotonic() + 15
+        while not reporter.should_stop and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reporter.should_stop and reporter.stop_reason == "respawned"
+        reporter.log(1, loss=1.0)
+        assert reporter.flush(10) and reporter.stats["sent"] == 2
+    finally:
+        reporter.close()
