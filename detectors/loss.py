@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from bisect import insort
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -231,6 +232,7 @@ CONVERGENCE_DEFAULTS = {
     "oscillation_window": 20,
     "oscillation_amplitude": 0.3,
     "resolve_after": 20,
+    "plateau_resolve_steps": 100,
 }
 
 
@@ -376,6 +378,9 @@ class LossPlateauDetector(_SmoothedLoss):
     started (vanishing gradients, dead or frozen weights, an LR of zero, an LR too high to descend) — and
     that is ``high`` (``metadata.stagnation``). Medians, so a few hard batches do not move either side.
     It is judged only on a run watched from its start, and not while the LR still climbs (a warm-up).
+    A plateau ends after ``plateau_resolve_steps`` observations in a row without one (instead of
+    ``resolve_after``): the run must keep improving for two windows, because on a converged run's noisy
+    floor a single lucky new best would end the plateau only for it to open again a window later.
 
     >>> import random
     >>> from detectors.events import MetricEvent
@@ -393,6 +398,10 @@ class LossPlateauDetector(_SmoothedLoss):
     name = "loss_plateau"
     state_fields = _SmoothedLoss.state_fields + ("best", "since_best", "early", "recent", "first_step",
                                                  "interval", "prev_lr", "lr_rose_at")
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        self.resolve_after = int(self.plateau_resolve_steps)
 
     def reset(self) -> None:
         super().reset()
