@@ -125,12 +125,12 @@ class LearningRateRangeDetector(Detector):
         if self.episodes or not all(x is None or not math.isfinite(x) or self.min_lr < x <= self.max_lr
                                     for x in lrs):
             return super().update_batch(events)
-        prev, moves, read = self.prev_lr, self.moves, False
+        prev, moves, read = self.prev_lr, list(self.moves), False
         for lr in lrs:
             if lr is None or not math.isfinite(lr):
                 continue
             if prev is not None:
-                moves = [*moves, compact(abs(lr - prev))][-5:]
+                push(moves, abs(lr - prev), 5)
             prev, read = compact(lr), True
         if read:
             self.loss_best, self.loss_first, self.recent_losses, self.high_seen = None, None, [], 0
@@ -244,8 +244,6 @@ class LearningRateChangeDetector(Detector):
             if len(changes) >= 5 and change > self.change_threshold and change > self.explained_factor * max(
                     changes[-5:]):
                 return super().update_batch(events)
-            changes.append(compact(change))
-            if len(changes) > self.window:
-                del changes[0]
+            push(changes, change, self.window)
         self.prev_lr, self.peak_lr, self.changes = prev, peak, changes
         return []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from .alerts import Alert, severity_rank
 from .base import Detector, column, compacted, register_detector
@@ -130,7 +129,20 @@ class MemoryGrowthDetector(Detector):
         self.tracks: dict[str, dict[str, float | None]] = {}
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        worst = self._observe(self.tracks, event.metrics.get)
+        worst: tuple[float, str, bool] | None = None
+        for name in MEMORY_METRICS:
+            x = event.metrics.get(name)
+            if x is None or not math.isfinite(x) or x <= 0:
+                continue
+            t = self.tracks.setdefault(name, _new_track())
+            growth = self._step(t, x)
+            if growth is None:
+                continue
+            # rising in each of the last two windows: a trend, not a one-off allocation
+            marks = [t["ref"] if m is None else m for m in (t["prev_mark"], t["mark"])]
+            rising = t["ema"] > marks[1] * 1.05 and marks[1] > marks[0] * 1.05
+            if worst is None or growth > worst[0]:
+                worst = (growth, name, rising)
         if worst is None:
             return []
         growth, name, rising = worst
@@ -144,71 +156,44 @@ class MemoryGrowthDetector(Detector):
                                     f"{' and is still rising' if rising else ''}",
                             metadata={"metric": name, "growth": growth, "rising": rising})
 
-    def _observe(self, tracks: dict[str, dict[str, float | None]], value: Any) -> tuple[float, str, bool] | None:
-        """One step into ``tracks`` (``value(name)``: the step's metric or None); the most grown metric
-        as ``(growth, name, still rising)``, None while no metric is past its warm-up."""
-        worst: tuple[float, str, bool] | None = None
-        for name in MEMORY_METRICS:
-            x = value(name)
-            if x is None or not math.isfinite(x) or x <= 0:
-                continue
-            t = tracks.setdefault(name, {"n": 0, "ref": None, "ema": None, "mark": None, "prev_mark": None})
-            t["n"] += 1
-            t["ema"] = ema(t["ema"], x, 0.1)
-            n = t["n"] - self.warmup
-            if n <= 0:
-                continue
-            if n <= self.warmup:
-                t["ref"] = compact(x if t["ref"] is None else t["ref"] + (x - t["ref"]) / n)
-                continue
-            if (n - self.warmup) % self.memory_window == 0:
-                t["prev_mark"], t["mark"] = t["mark"], t["ema"]
-            growth = t["ema"] / t["ref"] - 1
-            # rising in each of the last two windows: a trend, not a one-off allocation
-            marks = [t["ref"] if m is None else m for m in (t["prev_mark"], t["mark"])]
-            rising = t["ema"] > marks[1] * 1.05 and marks[1] > marks[0] * 1.05
-            if worst is None or growth > worst[0]:
-                worst = (growth, name, rising)
-        return worst
+    def _step(self, t: dict[str, float | None], x: float) -> float | None:
+        """Move one metric's track ``t`` by a valid value ``x``; its growth over the early level, or None
+        while the track is still warming up or fixing that level."""
+        t["n"] += 1
+        t["ema"] = ema(t["ema"], x, 0.1)
+        n = t["n"] - self.warmup
+        if n <= 0:
+            return None
+        if n <= self.warmup:
+            t["ref"] = compact(x if t["ref"] is None else t["ref"] + (x - t["ref"]) / n)
+            return None
+        if (n - self.warmup) % self.memory_window == 0:
+            t["prev_mark"], t["mark"] = t["mark"], t["ema"]
+        return t["ema"] / t["ref"] - 1
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # update's bookkeeping one metric at a time on copies of the tracks (an alert needs some metric's
+        # the same track steps on copies of the tracks, one metric at a time (an alert needs some metric's
         # growth over the threshold at some step, so the metrics need not be walked together); such a
         # step sends the whole batch (state untouched) to the step-by-step path
         if "memory_growth" in self.episodes:
             return super().update_batch(events)
-        tracks = {}
-        warmup, every = self.warmup, self.memory_window
+        tracks = {name: dict(t) for name, t in self.tracks.items()}
         for name in MEMORY_METRICS:
-            values = column(events, name)
-            t = self.tracks.get(name)
-            if values.count(None) == len(values):
-                if t is not None:
-                    tracks[name] = t
-                continue
-            n, ref, avg, mark, prev_mark = (0, None, None, None, None) if t is None else (
-                t["n"], t["ref"], t["ema"], t["mark"], t["prev_mark"])
-            touched = t is not None
-            for x in values:
+            t = tracks.get(name)
+            for x in column(events, name):
                 if x is None or not math.isfinite(x) or x <= 0:
                     continue
-                touched = True
-                n += 1
-                avg = float(x) if avg is None else avg + 0.1 * (x - avg)
-                k = n - warmup
-                if k <= 0:
-                    continue
-                if k <= warmup:
-                    ref = compact(x if ref is None else ref + (x - ref) / k)
-                    continue
-                if (k - warmup) % every == 0:
-                    prev_mark, mark = mark, avg
-                if avg / ref - 1 > self.memory_growth_threshold:
+                if t is None:
+                    t = tracks[name] = _new_track()
+                growth = self._step(t, x)
+                if growth is not None and growth > self.memory_growth_threshold:
                     return super().update_batch(events)
-            if touched:
-                tracks[name] = {"n": n, "ref": ref, "ema": avg, "mark": mark, "prev_mark": prev_mark}
         self.tracks = tracks
         return []
+
+
+def _new_track() -> dict[str, float | None]:
+    return {"n": 0, "ref": None, "ema": None, "mark": None, "prev_mark": None}
 
 
 @register_detector
