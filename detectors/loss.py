@@ -44,7 +44,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .alerts import Alert, severity_rank
 from .base import Detector, column, compacted, has_any, register_detector
 from .events import MetricEvent
-from .stats import compact, ema, lower_median_bound, median, push, upper_median_bound
+from .stats import compact, ema, lower_median_bound, median, push, sorted_median, upper_median_bound
 
 __all__ = ["LossSpikeDetector", "LossDivergenceDetector", "LossPlateauDetector", "LossOscillationDetector",
            "CONVERGENCE_DEFAULTS", "POLICY_GRADIENT_METRICS"]
@@ -58,11 +58,6 @@ POLICY_GRADIENT_METRICS = ("reward_mean", "kl", "approx_kl", "clipfrac", "value_
 def _not_a_convergence_curve(event: MetricEvent, x: float) -> bool:
     """A negative loss, or an event of a policy-gradient run: the loss detectors stand down for the run."""
     return x < 0 or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
-
-
-def _sorted_median(ordered: list[float]) -> float:
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
@@ -119,13 +114,13 @@ class LossSpikeDetector(Detector):
         ordered = self._ordered
         if ordered is None:
             ordered = self._ordered = sorted(self.history)
-        center = _sorted_median(ordered)
+        center = sorted_median(ordered)
         floor = center + abs(center) * self.min_rel_increase
         if x > 0 and ordered[0] > 0:
             # a positive loss is tested in log space: minibatch losses are skewed (a few hard batches
             # of several times the median are normal late in small-batch training), their logs are not
             logs = [math.log(v) for v in ordered]  # sorted too: log is increasing
-            log_median = _sorted_median(logs)
+            log_median = sorted_median(logs)
             log_sigma = 1.4826 * median([abs(v - log_median) for v in logs])
             limit = max(math.exp(log_median + self.threshold * log_sigma), floor)
             sigma = log_sigma
@@ -275,12 +270,6 @@ class _SmoothedLoss(Detector):
         self.seen += 1
         return x
 
-    def _quiet_losses(self, events: list[MetricEvent], alert_type: str) -> list[float] | None:
-        """The batch's losses when the fast path may take it: no open episode, a plain loss curve."""
-        if self.off or alert_type in self.episodes:
-            return None
-        return _plain_losses(events, self.metric)
-
 
 @register_detector
 class LossDivergenceDetector(_SmoothedLoss):
@@ -342,7 +331,7 @@ class LossDivergenceDetector(_SmoothedLoss):
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # update's arithmetic in one loop over the losses; the first step that would be active sends
         # the whole batch (state untouched) to the step-by-step path
-        xs = self._quiet_losses(events, "convergence_divergence")
+        xs = None if self.off or "convergence_divergence" in self.episodes else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
         alpha, warmup, threshold = 2.0 / (self.span + 1), self.warmup, self.divergence_threshold

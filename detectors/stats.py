@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["compact", "push", "median", "lower_median_bound", "upper_median_bound", "robust_center_scale", "ema",
+__all__ = ["compact", "push", "median", "sorted_median", "lower_median_bound", "upper_median_bound", "robust_center_scale", "ema",
            "ema_var"]
 
 
@@ -53,7 +53,11 @@ def push(window: list[float], x: float, size: int) -> None:
 
 def median(values: Sequence[float]) -> float:
     """The median of finite ``values`` (not empty)."""
-    ordered = sorted(values)
+    return sorted_median(sorted(values))
+
+
+def sorted_median(ordered: Sequence[float]) -> float:
+    """The median of ``ordered``, already sorted (not empty)."""
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
