@@ -81,35 +81,25 @@ class RunSummary:
         """:meth:`observe` for every event of a record known to be ``new``, one pass per metric and
         window: steps past the last one seen, in time order, from one source with one set of tags (what
         a producer's batch is). False, with nothing changed, for any other record."""
-        first, last = events[0], events[-1]
+        first = events[0]
         if ((self.last_step is not None and first.step <= self.last_step)
                 or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
                        and b.tags != a.tags for a, b in pairwise(events))):
             return False
-        self.events += len(events)
-        self.last_step, self.last_ts = last.step, last.ts
-        if self.first_ts is None:
-            self.first_ts = first.ts
-        self.source = last.source
-        if last.tags and last.tags != self.tags:
-            self.tags = dict(last.tags)
-        recent = self.recent_steps
-        recent.extend(e.step for e in events)
-        del recent[:-_RECENT_STEPS]
-        size = self.window_s
+        self._take(events)
         begin = 0
         while begin < len(events):  # the record's steps window by window (times only go forward)
-            start = math.floor(events[begin].ts / size) * size
+            start = self._window_start(events[begin].ts)
             end = begin + 1
-            while end < len(events) and math.floor(events[end].ts / size) * size == start:
+            while end < len(events) and self._window_start(events[end].ts) == start:
                 end += 1
-            self._add_to_window(start, events[begin:end])
+            self._add_to_window(events[begin:end])
             begin = end
         return True
 
-    def _add_to_window(self, start: float, events: list[MetricEvent]) -> None:
-        windows = self._windows
-        window = windows[-1] if windows and windows[-1]["start"] == start else self._window_for(events[0].ts, create=True)
+    def _add_to_window(self, events: list[MetricEvent]) -> None:
+        """Aggregate ``events``, all of one window, into it."""
+        window = self._open_window(events[0].ts)
         if window is None:
             return
         window["count"] += len(events)
@@ -144,25 +134,37 @@ class RunSummary:
             window["alerts"] += 1
 
     def _add(self, event: MetricEvent) -> None:
-        self.events += 1
-        self.last_step, self.last_ts = event.step, event.ts
-        if self.first_ts is None:
-            self.first_ts = event.ts
-        self.source = event.source
-        if event.tags and event.tags != self.tags:  # a copy, replaced (never changed in place) on a change
-            self.tags = dict(event.tags)
-        recent = self.recent_steps
-        recent.append(event.step)
-        if len(recent) > _RECENT_STEPS:
-            del recent[0]
-        windows = self._windows
-        window = windows[-1] if windows else None
-        if window is None or window["start"] != math.floor(event.ts / self.window_s) * self.window_s:
-            window = self._window_for(event.ts, create=True)
-            if window is None:
-                return
+        self._take([event])
+        window = self._open_window(event.ts)
+        if window is None:
+            return
         window["count"] += 1
         self._aggregate(window, window["metrics"], event.metrics)
+
+    def _take(self, events: list[MetricEvent]) -> None:
+        """Count consecutive new ``events`` into the run's position, source, tags and recent steps."""
+        first, last = events[0], events[-1]
+        self.events += len(events)
+        self.last_step, self.last_ts = last.step, last.ts
+        if self.first_ts is None:
+            self.first_ts = first.ts
+        self.source = last.source
+        if last.tags and last.tags != self.tags:  # a copy, replaced (never changed in place) on a change
+            self.tags = dict(last.tags)
+        recent = self.recent_steps
+        recent.extend(e.step for e in events)
+        del recent[:-_RECENT_STEPS]
+
+    def _window_start(self, ts: float) -> float:
+        return math.floor(ts / self.window_s) * self.window_s
+
+    def _open_window(self, ts: float) -> dict[str, Any] | None:
+        """The window ``ts`` falls in, opened when it is past the newest; None for a step whose window
+        has closed (a late step)."""
+        windows = self._windows
+        if windows and windows[-1]["start"] == self._window_start(ts):
+            return windows[-1]
+        return self._window_for(ts, create=True)
 
     @staticmethod
     def _aggregate(window: dict[str, Any], stats: dict[str, list], metrics: dict[str, float]) -> None:
@@ -182,7 +184,7 @@ class RunSummary:
                 acc[3] += x
 
     def _window_for(self, ts: float, create: bool = False) -> dict[str, Any] | None:
-        start = math.floor(ts / self.window_s) * self.window_s
+        start = self._window_start(ts)
         for window in reversed(self._windows):
             if window["start"] == start:
                 return window
