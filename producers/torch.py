@@ -238,6 +238,7 @@ class Reporter:
         self._optimizer = optimizer
         self._params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
         self._cuda = torch is not None and bool(self._params) and self._params[0].is_cuda
+        self._cpu = torch is not None and bool(self._params) and self._params[0].is_cpu
         self._grad_norm: Any = None
         self._hook = None
         self._hook_calls = 0
@@ -270,9 +271,15 @@ class Reporter:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return None
-        # one fused kernel per device/dtype group, and nothing more on the training thread: the norms are
-        # new tensors (later steps cannot change them), so the sender thread adds them up, no host sync here
-        return _NormParts(torch._foreach_norm(grads, 2.0))
+        # one fused kernel per device/dtype group, and nothing more on the training thread
+        norms = torch._foreach_norm(grads, 2.0)
+        if not self._cpu or len(norms) > 64:
+            # the norms are new tensors (later steps cannot change them): the sender thread adds them up,
+            # so there is no host sync here
+            return _NormParts(norms)
+        # on CPU the values are ready: reading them now (~0.1 µs each) frees the tensors on the thread that
+        # made them and leaves the sender thread less to do while it holds the GIL
+        return math.hypot(*[n.item() for n in norms])
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, **kwargs: Any) -> Any:
         """Clip the watched parameters' gradients like ``torch.nn.utils.clip_grad_norm_`` and report
@@ -317,6 +324,8 @@ class Reporter:
         now = time.perf_counter()
         values: dict[str, Any] = canonical_metrics(metrics) if metrics else {}
         if loss is not None:
+            if type(loss) is _Tensor and loss.is_cpu and loss.numel() == 1:
+                loss = loss.item()  # no device to wait for: cheaper than keeping a detached tensor
             values["loss"] = loss.detach() if hasattr(loss, "detach") else loss
         grad_norm, self._grad_norm = self._grad_norm, None
         if "grad_norm" not in values:

@@ -87,8 +87,10 @@ def test_watch_adds_grad_norm_lr_per_group_timing_memory_and_summaries(topics):
     assert any("val_loss" in e.metrics for e in events)
 
 
-def test_grad_norm_hook_without_clipping_matches_torch(topics):
-    model = _model()
+@pytest.mark.parametrize("layers", [1, 40])
+def test_grad_norm_hook_without_clipping_matches_torch(topics, layers):
+    # 1 layer: the norms are read on the training thread; 40 (over 64 tensors): added up on the sender thread
+    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(layers - 1)], _model())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reporter = _watch(topics, "torch-norm", model, optimizer, listen=False)
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
