@@ -79,9 +79,10 @@ dlq_topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_seriali
 
 #: run_id → RunSummary.to_dict() (step order, counts, tumbling windows: read by runs/report/dashboard) with
 #: the run's DetectorSuite.state_dict() under ``"suite"``; the changelog makes both survive restarts and
-#: rebalances. One value, one changelog message per record: each message costs the worker ~0.2 ms on the
-#: send path (benchmarks/stream), and the summary and detector state of a run can no longer be saved
-#: one without the other. (Untyped JSON values: with ``value_type=dict`` RocksDB cannot decode them.)
+#: rebalances. One value, one changelog message per run per take of records: each message costs the worker
+#: ~0.25 ms on the send path (benchmarks/stream), and the summary and detector state of a run can no longer
+#: be saved one without the other. (Untyped JSON values: with ``value_type=dict`` RocksDB cannot decode
+#: them.)
 run_summary = app.Table("run_summary", default=None, partitions=settings.partitions, key_type=str)
 #: the key of the detector state inside a ``run_summary`` value
 SUITE_KEY = "suite"
@@ -116,7 +117,7 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
     summary = (RunSummary.from_dict(summary_state) if summary_state
                else RunSummary(run_id, settings.window_s, settings.keep_windows))
     _suites[run_id] = live = (suite, summary)
-    if len(_suites) > settings.live_runs:
+    if len(_suites) > max(settings.live_runs, settings.take_records):  # a take's runs stay until saved
         _suites.popitem(last=False)
     return live
 
@@ -137,27 +138,50 @@ async def publish(alert: Alert) -> None:
 
 @app.agent(metrics_topic)
 async def detect(stream: faust.StreamT) -> None:
-    async for key, raw in stream.items():
-        counters["records"] += 1
-        try:
-            events = decode_metric_record(raw, settings.max_record_bytes)
-        except SchemaError as exc:
-            await dead_letter(key, raw, str(exc))
-            continue
-        try:
-            alerts = process(events)
-        except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
-            log.exception("record of run %s failed in the detectors", events[0].run_id)
-            await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
-            continue
-        for alert in alerts:
-            await publish(alert)
+    """Records are taken a few hundred at a time when they are waiting (one at a time when they trickle in)
+    and each run's state is saved once per take, before the take's records are acked: a restarted worker
+    replays from the last commit, never past a step whose state was not saved."""
+    async for events in stream.take_events(settings.take_records, within=settings.take_wait_s):
+        unsaved: dict[str, tuple[faust.types.EventT, DetectorSuite, RunSummary]] = {}
+        for event in events:
+            counters["records"] += 1
+            key, raw = event.key, event.value
+            try:
+                steps = decode_metric_record(raw, settings.max_record_bytes)
+            except SchemaError as exc:
+                await dead_letter(key, raw, str(exc))
+                continue
+            run_id = steps[0].run_id
+            try:
+                alerts, live = _process(steps)
+            except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
+                log.exception("record of run %s failed in the detectors", run_id)
+                await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
+                continue
+            unsaved[run_id] = (event, *live)
+            for alert in alerts:
+                await publish(alert)
+        for run_id, (event, suite, summary) in unsaved.items():
+            with faust_fixes.as_current(event):  # the table writes to the partition of the run's records
+                run_summary[run_id] = _saved_value(suite, summary)
 
 
 def process(events: list[MetricEvent]) -> list[Alert]:
-    """One record's steps through the run's step-order check and detectors; saves the run's state."""
+    """One record's steps through the run's step-order check and detectors; saves the run's state (in a
+    stream's iteration, to the partition of its current record)."""
+    alerts, (suite, summary) = _process(events)
+    run_summary[events[0].run_id] = _saved_value(suite, summary)
+    return alerts
+
+
+def _saved_value(suite: DetectorSuite, summary: RunSummary) -> dict[str, Any]:
+    return {**summary.to_dict(), SUITE_KEY: suite.state_dict()}
+
+
+def _process(events: list[MetricEvent]) -> tuple[list[Alert], tuple[DetectorSuite, RunSummary]]:
     run_id = events[0].run_id
-    suite, summary = suite_for(run_id)
+    live = suite_for(run_id)
+    suite, summary = live
     fed: list[MetricEvent] = []
     #: (step, ts) → the event's source and the run's tags as of that event, for its alerts' metadata
     #: (unneeded when the record's steps are all new with one source and tags: the run's are theirs)
@@ -180,8 +204,7 @@ def process(events: list[MetricEvent]) -> list[Alert]:
         source, tags = context.get((alert.step, alert.ts), (summary.source, summary.tags))
         alert.metadata.update(source=source, run_tags=tags)
         summary.count_alert(alert)
-    run_summary[run_id] = {**summary.to_dict(), SUITE_KEY: suite.state_dict()}
-    return alerts
+    return alerts, live
 
 
 @app.task

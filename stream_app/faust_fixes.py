@@ -1,4 +1,4 @@
-"""Two small, documented adjustments to faust-streaming, installed once by :func:`install`.
+"""Two small, documented adjustments to faust-streaming, installed once by :func:`install`, and one helper.
 
 1. **Duplicate acked offsets stop commits** (faust-streaming#596, robinhood/faust#625). When
    ``Consumer._new_offset`` fills gaps it ``extend``-s the per-partition acked list with offsets that
@@ -10,14 +10,21 @@
 2. **Fetch wait.** Faust hard-codes aiokafka ``fetch_max_wait_ms=1500``; against a broker that holds
    fetches that long, alert latency is ~0.4 s p50. We set the consumer's fetch wait from settings
    (default 10 ms) right after Faust creates it and before it starts.
+
+:func:`as_current` makes an event the stream's current one for a table write made after a take
+(``Stream.take_events``) has moved on: Faust's tables and stores read the changelog partition and the
+RocksDB partition of a write from the current event, which a take leaves unset in the agent.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["AckedOffsets", "install"]
+__all__ = ["AckedOffsets", "as_current", "install"]
 
 _installed = False
 _fetch_max_wait_ms = 1500
@@ -34,6 +41,18 @@ class AckedOffsets(list):
                 present.add(offset)
                 fresh.append(offset)
         super().extend(fresh)
+
+
+@contextmanager
+def as_current(event: Any) -> Iterator[None]:
+    """Within the block, ``faust.streams.current_event()`` is ``event``."""
+    from faust.streams import _current_event
+
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 def install(fetch_max_wait_ms: int = 10) -> None:

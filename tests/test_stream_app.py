@@ -50,7 +50,7 @@ def test_a_restarted_worker_continues_each_run_where_it_was(store, topics, start
     runs = wait_runs(topics.bootstrap, topics.app_id, lambda r: r["warm"].out_of_order == 1)
     warm = runs["warm"]
     # duplicates: the two re-sent steps, plus whatever the new worker replayed past the last commit
-    assert (warm.events, warm.resumes, warm.out_of_order) == (30, 1, 1) and warm.duplicates >= 2
+    assert (warm.events, warm.resumes, warm.out_of_order) == (30, 1, 1) and warm.duplicates >= 2, worker.log()[-4000:]
     assert warm.last_step == 25
     windows = warm.windows  # 60 s tumbling windows over ts 1000…1031: [960, 1020) and [1020, 1080)
     assert [w["start"] for w in windows] == [960, 1020]
