@@ -16,13 +16,15 @@ alert once the condition has been clear for ``resolve_after`` consecutive observ
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from .alerts import Alert, severity_rank
 from .events import MetricEvent
 from .stats import compact
 
-__all__ = ["Detector", "DETECTORS", "Steps", "column", "compacted", "has_any", "register_detector"]
+__all__ = ["Detector", "DETECTORS", "Steps", "all_finite", "column", "compacted", "has_any", "last_finite",
+           "may_have", "register_detector"]
 
 #: name → detector class; the stream app and the in-process API build detectors from here.
 DETECTORS: dict[str, type[Detector]] = {}
@@ -75,6 +77,27 @@ def compacted(events: list[MetricEvent], name: str) -> list[float | None]:
         if columns is not None:
             columns[key] = values
     return values
+
+
+def may_have(events: list[MetricEvent], name: str) -> bool:
+    """False when ``events`` are known (``Steps.names``) to have no metric ``name``: its column is all None."""
+    known = getattr(events, "names", None)
+    return known is None or name in known
+
+
+def all_finite(values: list[float | None]) -> bool:
+    """Whether ``values`` is not empty and all finite numbers (no None, NaN or inf), in C: one containment
+    test and one sum (a sum that overflows says no, which only sends a caller to its slower exact path)."""
+    return bool(values) and None not in values and math.isfinite(sum(values))
+
+
+def last_finite(values: list[float | None], k: int, positive: bool = False) -> list[float]:
+    """The last ``k`` finite values of ``values`` (only those > 0 with ``positive``), in order."""
+    tail = values[-k:]
+    if all_finite(tail) and (not positive or min(tail) > 0):
+        return tail
+    kept = [x for x in values if x is not None and math.isfinite(x) and (x > 0 or not positive)]
+    return kept[-k:]
 
 
 def has_any(events: list[MetricEvent], names: tuple[str, ...]) -> bool:

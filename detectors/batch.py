@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from .alerts import Alert
-from .base import Detector, column, compacted, register_detector
+from .base import Detector, column, compacted, last_finite, may_have, register_detector
 from .events import MetricEvent
 from .stats import compact, push
 
@@ -109,18 +109,24 @@ class BatchSizeImpactDetector(Detector):
         # windows and follows the LR
         if self.pending or self.jump is not None or self.episodes:
             return super().update_batch(events)
-        sizes = column(events, "batch_size")
-        if any(bs is not None and math.isfinite(bs) and bs > 0 and bs != self.batch_size for bs in sizes):
-            return super().update_batch(events)
-        lrs = [lr for lr in column(events, "lr") if lr is not None and math.isfinite(lr)]
-        if lrs:
-            self.lr = compact(lrs[-1])
-        losses = [x for x in compacted(events, "loss") if x is not None and math.isfinite(x)]
-        if losses:
-            self.before = [*self.before, *losses][-self.window_size:]
-        rates = [x for x in compacted(events, "throughput") if x is not None and math.isfinite(x) and x > 0]
-        if rates:
-            self.tp_before = [*self.tp_before, *rates][-self.window_size:]
+        if may_have(events, "batch_size"):
+            sizes = column(events, "batch_size")
+            if sizes.count(self.batch_size) != len(sizes) and any(
+                    bs is not None and math.isfinite(bs) and bs > 0 and bs != self.batch_size for bs in sizes):
+                return super().update_batch(events)
+        # only the last LR and the last window_size losses and rates are kept
+        if may_have(events, "lr"):
+            lrs = last_finite(column(events, "lr"), 1)
+            if lrs:
+                self.lr = compact(lrs[-1])
+        if may_have(events, "loss"):
+            losses = last_finite(compacted(events, "loss"), self.window_size)  # the loss detectors share it
+            if losses:
+                self.before = [*self.before, *losses][-self.window_size:]
+        if may_have(events, "throughput"):
+            rates = [compact(x) for x in last_finite(column(events, "throughput"), self.window_size, positive=True)]
+            if rates:
+                self.tp_before = [*self.tp_before, *rates][-self.window_size:]
         return []
 
     def _judge_jump(self, event: MetricEvent, lr: float | None) -> list[Alert]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from .alerts import Alert
-from .base import Detector, column, register_detector
+from .base import Detector, all_finite, column, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, ema_var
 
@@ -62,7 +62,7 @@ class _GradientNormReader(Detector):
         """The batch's norms when every step measured a finite one and no episode is open (the batch
         paths' precondition: no estimate, so the loss EMA does not move), else None."""
         norms = column(events, "grad_norm")
-        if alert_type in self.episodes or None in norms or not all(math.isfinite(g) for g in norms):
+        if alert_type in self.episodes or not all_finite(norms):
             return None
         return norms
 
@@ -146,17 +146,21 @@ class GradientExplosionDetector(_GradientNormReader):
         if norms is None:
             return super().update_batch(events)
         alpha, mean, var, seen = 1.0 - self.ema_decay, self.mean, self.var, self.seen
+        keep, zscore, ceiling, warmup, sqrt = 1 - alpha, self.zscore_threshold, self.explosion_threshold, \
+            self.warmup, math.sqrt
         for g in norms:
             if mean is None:
                 mean, seen = compact(g), 1
                 continue
-            sigma = math.sqrt(var)
+            sigma = sqrt(var)
             ratio = g / mean if mean > 0 else math.inf
-            warm = seen >= self.warmup
-            if (warm and sigma > 0 and (g - mean) / sigma > self.zscore_threshold and ratio > 2.0) or (
-                    g > self.explosion_threshold and (not warm or ratio > 1.5)):
+            warm = seen >= warmup
+            if (warm and sigma > 0 and (g - mean) / sigma > zscore and ratio > 2.0) or (
+                    g > ceiling and (not warm or ratio > 1.5)):
                 return super().update_batch(events)
-            mean, var = ema_var(mean, var, g, alpha)
+            diff = g - mean  # stats.ema_var, inline: a call per step costs as much as its arithmetic
+            incr = alpha * diff
+            mean, var = mean + incr, keep * (var + diff * incr)
             seen += 1
         if seen != self.seen:
             self.run_length = 0
@@ -266,14 +270,21 @@ class GradientVarianceDetector(_GradientNormReader):
         if norms is None or min(norms) <= 0:
             return super().update_batch(events)
         alpha, mean, var, seen = 2.0 / (self.window_size + 1), self.mean, self.var, self.seen
+        keep, log, window = 1 - alpha, math.log, self.window_size
+        # sqrt(expm1(var)) > threshold exactly when var > log1p(threshold²); a var within a hair of that
+        # (or past it) leaves the decision to update's own arithmetic
+        bound = min(math.log1p(self.variance_threshold ** 2), 50.0) * (1 - 1e-9) if self.variance_threshold >= 0 \
+            else -math.inf
         for g in norms:
-            x = math.log(g)
+            x = log(g)
             if mean is None:
                 mean = compact(x)
             else:
-                mean, var = ema_var(mean, var, x, alpha)
+                diff = x - mean  # stats.ema_var, inline
+                incr = alpha * diff
+                mean, var = mean + incr, keep * (var + diff * incr)
             seen += 1
-            if seen >= self.window_size and math.sqrt(math.expm1(min(var, 50.0))) > self.variance_threshold:
+            if seen >= window and var > bound:
                 return super().update_batch(events)
         self.mean, self.var, self.seen = mean, var, seen
         return []

@@ -42,7 +42,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .alerts import Alert, severity_rank
-from .base import Detector, column, compacted, has_any, register_detector
+from .base import Detector, all_finite, column, compacted, has_any, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, sorted_median, upper_median_bound
 
@@ -64,7 +64,7 @@ def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
     """The batch's losses when every one is present, finite, non-negative and from a run that is not RL,
     else None (a batch the loss detectors' screens leave to the step-by-step path)."""
     xs = column(events, metric)
-    if None in xs or not all(0 <= x < math.inf for x in xs) or has_any(events, POLICY_GRADIENT_METRICS):
+    if not all_finite(xs) or min(xs) < 0 or has_any(events, POLICY_GRADIENT_METRICS):
         return None
     return xs
 
@@ -347,7 +347,8 @@ class LossDivergenceDetector(_SmoothedLoss):
                 start = smooth
             if seen < warmup:
                 continue
-            best = smooth if best is None else min(best, smooth)
+            if best is None or smooth < best:
+                best = smooth
             rise = smooth - best
             if rise > threshold * abs(best) and rise > 2 * (1.25 * absdev):
                 return super().update_batch(events)
@@ -477,7 +478,31 @@ class LossPlateauDetector(_SmoothedLoss):
         lrs = column(events, "lr")
         checked = 0  # steps taken that the stagnation test would look at
         stop = len(events)
-        for i in range(begin, len(events)):
+        later = lrs[begin:]
+        fast = (episode is None and smooth is not None and best is not None and seen >= warmup and window > 0
+                and interval is not None and len(early) >= warmup
+                and (later.count(prev_lr) == len(later) or later.count(None) == len(later)))
+        if fast:
+            # past the warm-up, nothing open, the LR unchanged (compact already, so it stays itself): only
+            # the smoothing, the best level and the count since it move — the loop below, pared down
+            threshold, limit = self.plateau_threshold, best - self.plateau_threshold * abs(best)
+            for i in range(begin, stop):
+                x = xs[i]
+                n_smooth = smooth + alpha * (x - smooth)
+                if n_smooth < limit:
+                    best, since_best = n_smooth, 0
+                    limit = best - threshold * abs(best)
+                elif since_best + 1 >= window:
+                    stop = i  # a plateau opens here: update takes this step
+                    break
+                else:
+                    since_best += 1
+                absdev = absdev + alpha * (abs(x - smooth) - absdev)
+                smooth = n_smooth
+            taken = stop - begin
+            checked = max(0, min(taken, seen + taken - (warmup + window) + 1))
+            seen += taken
+        for i in range(begin, begin if fast else len(events)):
             x = xs[i]
             if smooth is None:
                 n_smooth, n_absdev = float(x), absdev

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from .alerts import Alert
-from .base import Detector, column, register_detector
+from .base import Detector, all_finite, column, register_detector
 from .events import MetricEvent
 from .stats import compact, median, push
 
@@ -122,10 +122,17 @@ class LearningRateRangeDetector(Detector):
         # a batch whose every LR is inside (min_lr, max_lr], with nothing open, only moves the schedule
         # bookkeeping: the LR-too-high and LR-low states reset, the recent moves slide on
         lrs = column(events, "lr")
-        if self.episodes or not all(x is None or not math.isfinite(x) or self.min_lr < x <= self.max_lr
-                                    for x in lrs):
+        if self.episodes:
             return super().update_batch(events)
-        prev, moves, read = self.prev_lr, list(self.moves), False
+        prev = self.prev_lr
+        if all_finite(lrs):
+            if not (self.min_lr < min(lrs) and max(lrs) <= self.max_lr):
+                return super().update_batch(events)
+            if len(lrs) > 5:  # only the last 5 moves are kept: they need the last 6 LRs
+                prev, lrs = compact(lrs[-6]), lrs[-5:]
+        elif not all(x is None or not math.isfinite(x) or self.min_lr < x <= self.max_lr for x in lrs):
+            return super().update_batch(events)
+        moves, read = list(self.moves), False
         for lr in lrs:
             if lr is None or not math.isfinite(lr):
                 continue
@@ -234,7 +241,12 @@ class LearningRateChangeDetector(Detector):
         if "lr_sudden_change" in self.episodes:
             return super().update_batch(events)
         prev, peak, changes = self.prev_lr, self.peak_lr, list(self.changes)
-        for lr in column(events, "lr"):
+        lrs = column(events, "lr")
+        if prev is not None and prev > 0 and peak is not None and peak >= prev and lrs.count(prev) == len(lrs):
+            # a constant LR (already compact, so it stays itself): every change is 0.0, which never fires
+            self.changes = [*changes, *[0.0] * len(lrs)][-self.window:]
+            return []
+        for lr in lrs:
             if lr is None or not math.isfinite(lr):
                 continue
             last, prev, peak = prev, compact(lr), compact(max(peak, lr))

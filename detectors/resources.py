@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import operator
 
 from .alerts import Alert, severity_rank
-from .base import Detector, column, compacted, register_detector
+from .base import Detector, all_finite, column, compacted, may_have, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, robust_center_scale
 
@@ -86,7 +87,7 @@ class StepTimeDetector(Detector):
         # it can meet has no slow step, and every step joins the window
         xs = column(events, "step_time")
         if (len(self.recent) < self.warmup or self.step_time_ratio < 1 or "step_time_anomaly" in self.episodes
-                or None in xs or not all(0 <= x < math.inf for x in xs)):
+                or not all_finite(xs) or min(xs) < 0):
             return super().update_batch(events)
         floor = lower_median_bound(self.recent, compacted(events, "step_time"), self.window)
         if max(xs) > floor + (self.step_time_ratio - 1) * floor:
@@ -179,8 +180,13 @@ class MemoryGrowthDetector(Detector):
             return super().update_batch(events)
         tracks = {name: dict(t) for name, t in self.tracks.items()}
         for name in MEMORY_METRICS:
+            if not may_have(events, name):
+                continue
             t = tracks.get(name)
-            for x in column(events, name):
+            xs = column(events, name)
+            if t is not None and self._steady(t, xs):
+                continue
+            for x in xs:
                 if x is None or not math.isfinite(x) or x <= 0:
                     continue
                 if t is None:
@@ -190,6 +196,21 @@ class MemoryGrowthDetector(Detector):
                     return super().update_batch(events)
         self.tracks = tracks
         return []
+
+    def _steady(self, t: dict[str, float | None], xs: list[float | None]) -> bool:
+        """Move track ``t`` over ``xs`` at once when every value equals its EMA past the warm-up (memory
+        that holds still: the EMA stays put and the growth is constant) and that growth cannot fire."""
+        ema_now, ref, n = t["ema"], t["ref"], t["n"]
+        if (ema_now is None or ref is None or not ema_now > 0 or n < 2 * self.warmup or xs.count(ema_now) != len(xs)
+                or ema_now / ref - 1 > self.memory_growth_threshold):
+            return False
+        # the marks move at each multiple of memory_window after the warm-up: to the (unchanged) EMA
+        before, after = n - 2 * self.warmup, n + len(xs) - 2 * self.warmup
+        moves = after // self.memory_window - before // self.memory_window
+        if moves >= 1:
+            t["prev_mark"], t["mark"] = (t["mark"] if moves == 1 else ema_now), ema_now
+        t["n"] = n + len(xs)
+        return True
 
 
 def _new_track() -> dict[str, float | None]:
@@ -267,16 +288,25 @@ class StalledRunDetector(Detector):
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # a gap of at most min_seconds is never a stall: with no episode open, such a batch only
         # records its intervals
-        last, gaps = self.last_ts, []
-        for event in events:
-            if last is not None and event.ts >= last:
-                gaps.append(event.ts - last)
-            last = event.ts
-        if "stalled_run" in self.episodes or any(gap > self.min_seconds for gap in gaps):
+        times = [e.ts for e in events]
+        if self.last_ts is not None:
+            times.insert(0, self.last_ts)
+        if sorted(times) == times:  # times never go back: every gap counts, in C
+            gaps = list(map(operator.sub, times[1:], times[:-1]))
+        else:
+            last, gaps = self.last_ts, []
+            for ts in times[self.last_ts is not None:]:
+                if last is not None and ts >= last:
+                    gaps.append(ts - last)
+                last = ts
+        if "stalled_run" in self.episodes or (gaps and max(gaps) > self.min_seconds):
             return super().update_batch(events)
-        for gap in gaps:
-            if gap > 0:
-                push(self.intervals, gap, 20)
+        if gaps and min(gaps) > 0:  # only the last 20 are kept
+            self.intervals = [*self.intervals, *map(compact, gaps[-20:])][-20:]
+        else:
+            for gap in gaps:
+                if gap > 0:
+                    push(self.intervals, gap, 20)
         event = events[-1]
         self.run_id, self.last_step, self.last_ts = event.run_id, event.step, event.ts
         self.finished = str(event.tags.get("status", "")).lower() in self.FINISHED
