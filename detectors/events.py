@@ -37,6 +37,8 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import itemgetter
 from typing import Any
 
 __all__ = [
@@ -230,17 +232,23 @@ def _plain_steps(doc: dict[str, Any], steps: list[Any]) -> list[MetricEvent] | N
             or any(type(value) is not str for value in tags.values())):
         return None
     tags = dict(tags)  # one copy, shared by the record's events (nothing changes an event's tags)
-    events = []
-    isfinite = math.isfinite
-    for item in steps:
-        if type(item) is not dict or "tags" in item:
-            return None
-        step, ts, metrics = item.get("step"), item.get("ts"), item.get("metrics")
-        if (type(step) is not int or type(ts) is not float or not isfinite(ts) or type(metrics) is not dict
-                or any(type(value) is not float for value in metrics.values())):
-            return None
-        events.append(MetricEvent(run_id, step, metrics, ts, source, tags, SCHEMA_VERSION))
-    return events
+    # every check in C (map, set, sum) over the record at once: items that are dicts of exactly step, ts
+    # and metrics (no per-step tags), int steps, finite float times, float values
+    if set(map(type, steps)) != _DICT or set(map(len, steps)) != _THREE:
+        return None
+    try:
+        numbers, times, metrics = (list(map(itemgetter(key), steps)) for key in ("step", "ts", "metrics"))
+    except KeyError:
+        return None
+    if (set(map(type, numbers)) != _INT or set(map(type, times)) != _FLOAT or not math.isfinite(sum(times))
+            or set(map(type, metrics)) != _DICT
+            or not set(map(type, chain.from_iterable(map(dict.values, metrics)))) <= _FLOAT):
+        return None
+    return list(map(MetricEvent, repeat(run_id), numbers, metrics, times, repeat(source), repeat(tags),
+                    repeat(SCHEMA_VERSION)))
+
+
+_DICT, _THREE, _INT, _FLOAT = {dict}, {3}, {int}, {float}
 
 
 def encode_metric_batch(events: list[MetricEvent]) -> bytes:

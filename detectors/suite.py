@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from functools import lru_cache
+from operator import attrgetter, lt
 from typing import Any
 
 from .alerts import Alert
@@ -71,17 +72,27 @@ class DetectorSuite:
 
     def update_batch(self, events: Iterable[MetricEvent]) -> list[Alert]:
         """``update`` for consecutive events of the run, each detector called once for all of them."""
-        fresh: list[MetricEvent] = []
-        for event in events:
-            if self.last_step is not None and event.step <= self.last_step and event.ts <= self.last_ts:
-                continue  # a re-delivery of an event already processed
-            self.last_step, self.last_ts = event.step, event.ts
-            fresh.append(_canonical(event))
+        events = events if isinstance(events, list) else list(events)
+        steps = list(map(_STEP, events))
+        if steps and (self.last_step is None or steps[0] > self.last_step) and all(map(lt, steps, steps[1:])):
+            fresh = events  # steps past the last one, in order (a producer's batch): all of them are new
+            self.last_step, self.last_ts = steps[-1], events[-1].ts
+        else:
+            fresh = []
+            for event in events:
+                if self.last_step is not None and event.step <= self.last_step and event.ts <= self.last_ts:
+                    continue  # a re-delivery of an event already processed
+                self.last_step, self.last_ts = event.step, event.ts
+                fresh.append(event)
         self.events_seen += len(fresh)
         if not fresh:
             return []
-        names = [tuple(e.metrics) for e in fresh]
+        names = list(map(tuple, map(_METRICS, fresh)))
         same = names.count(names[0]) == len(names)
+        if not (same and _is_canonical(names[0])):
+            fresh = [_canonical(e) for e in fresh]
+            names = list(map(tuple, map(_METRICS, fresh)))
+            same = names.count(names[0]) == len(names)
         fresh = Steps(fresh, names[0] if same else None)
         routes = [self._route(names[0])] if same else [self._route(n) for n in names]
         raised: list[tuple[int, int, Alert]] = []
@@ -143,6 +154,9 @@ def _plan(config: dict[str, dict[str, Any]], detectors: Iterable[str] | None
         section = config[cls.section]
         plan.append((name, cls, {k: section[k] for k in cls.defaults}))
     return config, tuple(plan)
+
+
+_STEP, _METRICS = attrgetter("step"), attrgetter("metrics")
 
 
 @lru_cache(maxsize=1024)

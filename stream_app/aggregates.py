@@ -28,6 +28,7 @@ Step order, explicitly (at-least-once delivery and checkpoint restores both happ
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from itertools import pairwise
 from typing import Any
 
@@ -87,12 +88,20 @@ class RunSummary:
                        and b.tags != a.tags for a, b in pairwise(events))):
             return False
         self._take(events)
+        window_start = self._window_start
+        if window_start(first.ts) == window_start(events[-1].ts):  # times only go forward: one window
+            self._add_to_window(events)
+            return True
+        times = [e.ts for e in events]
         begin = 0
-        while begin < len(events):  # the record's steps window by window (times only go forward)
-            start = self._window_start(events[begin].ts)
-            end = begin + 1
-            while end < len(events) and self._window_start(events[end].ts) == start:
-                end += 1
+        while begin < len(events):  # the record's steps window by window
+            start = window_start(times[begin])
+            # the window's end by bisection, confirmed by the rounding of its last and the next time
+            end = bisect_left(times, start + self.window_s, begin + 1)
+            if window_start(times[end - 1]) != start or (end < len(times) and window_start(times[end]) == start):
+                end = begin + 1
+                while end < len(events) and window_start(times[end]) == start:
+                    end += 1
             self._add_to_window(events[begin:end])
             begin = end
         return True
