@@ -62,6 +62,11 @@ def column(events: list[MetricEvent], name: str) -> list[float | None]:
         return [e.metrics.get(name) for e in events]
     values = columns.get(name)
     if values is None:
+        names = events.names
+        if names is not None and name in names and names[0] not in columns:
+            # every event has these metrics in this order: all the columns at once, transposed in C
+            columns.update(zip(names, map(list, zip(*[e.metrics.values() for e in events], strict=True)), strict=True))
+            return columns[name]
         values = columns[name] = [e.metrics.get(name) for e in events]
     return values
 

@@ -118,8 +118,8 @@ class RunSummary:
             for event in events:
                 self._aggregate(window, stats, event.metrics)
             return
-        for name in names:
-            values = [e.metrics[name] for e in events]
+        # the same metrics, in the same order, at every step: the columns by one transposition in C
+        for name, values in zip(names, zip(*[e.metrics.values() for e in events], strict=True), strict=True):
             total = sum(values)
             if not math.isfinite(total):
                 for value in values:
