@@ -148,6 +148,18 @@ class GradientExplosionDetector(_GradientNormReader):
         alpha, mean, var, seen = 1.0 - self.ema_decay, self.mean, self.var, self.seen
         keep, zscore, ceiling, warmup, sqrt = 1 - alpha, self.zscore_threshold, self.explosion_threshold, \
             self.warmup, math.sqrt
+        if mean is not None and mean > 0 and 0 <= alpha <= 1:
+            # the mean never falls below min(mean, smallest norm) (an average of values above that), so no
+            # norm reaches twice it nor the ceiling: neither test can fire, only the average moves
+            top, floor = max(norms), min(mean, min(norms))
+            if top <= ceiling and top <= 2.0 * floor * (1 - 1e-12):
+                for g in norms:
+                    diff = g - mean
+                    incr = alpha * diff
+                    mean, var = mean + incr, keep * (var + diff * incr)
+                self.run_length = 0
+                self.mean, self.var, self.seen = mean, var, seen + len(norms)
+                return []
         for g in norms:
             if mean is None:
                 mean, seen = compact(g), 1

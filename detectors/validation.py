@@ -10,7 +10,7 @@ import math
 from itertools import pairwise
 
 from .alerts import Alert
-from .base import Detector, column, register_detector
+from .base import Detector, all_finite, column, may_have, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, push, robust_center_scale
 
@@ -73,6 +73,16 @@ class ValTrainDivergenceDetector(Detector):
         # most steps carry only a training loss, which moves nothing but its EMA: those are folded in
         # right here, and the evaluation steps go through update
         alpha, train, raised = 2.0 / (self.train_span + 1), self.train, []
+        if not may_have(events, "val_loss"):
+            losses = column(events, "loss")
+            if all_finite(losses):  # no evaluation in the batch: the training-loss EMA, and nothing else
+                start = 0
+                if train is None:
+                    train, start = float(losses[0]), 1
+                for loss in losses[start:]:
+                    train = train + alpha * (loss - train)
+                self.train = train
+                return []
         for i, (loss, val) in enumerate(zip(column(events, "loss"), column(events, "val_loss"), strict=True)):
             if val is not None:
                 self.train = train
