@@ -67,6 +67,7 @@ app = faust.App(
     web_port=settings.web_port,
     web_bind=settings.web_bind,
     table_cleanup_interval=30.0,
+    producer_linger=settings.producer_linger_s,
     **({"producer_max_batch_size": settings.max_batch_bytes} if settings.max_batch_bytes else {}),
 )
 
@@ -79,7 +80,7 @@ dlq_topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_seriali
 
 #: run_id → RunSummary.to_dict() (step order, counts, tumbling windows: read by runs/report/dashboard) with
 #: the run's DetectorSuite.state_dict() under ``"suite"``; the changelog makes both survive restarts and
-#: rebalances. One value, one changelog message per run per take of records: each message costs the worker
+#: rebalances. One value, one changelog message per run per burst of records: each message costs the worker
 #: ~0.25 ms on the send path (benchmarks/stream), and the summary and detector state of a run can no longer
 #: be saved one without the other. (Untyped JSON values: with ``value_type=dict`` RocksDB cannot decode
 #: them.)
@@ -117,7 +118,7 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
     summary = (RunSummary.from_dict(summary_state) if summary_state
                else RunSummary(run_id, settings.window_s, settings.keep_windows))
     _suites[run_id] = live = (suite, summary)
-    if len(_suites) > max(settings.live_runs, settings.take_records):  # a take's runs stay until saved
+    if len(_suites) > max(settings.live_runs, settings.take_records):  # a burst's runs stay until saved
         _suites.popitem(last=False)
     return live
 
@@ -136,34 +137,66 @@ async def publish(alert: Alert) -> None:
     await alerts_topic.send(key=alert.run_id.encode(), value=alert.to_json())
 
 
+#: records processed but not yet acked, and the runs whose state they changed (saved when acked)
+_burst: dict[str, Any] = {"stream": None, "pending": [], "unsaved": {}, "since": 0.0}
+
+
 @app.agent(metrics_topic)
 async def detect(stream: faust.StreamT) -> None:
-    """Records are taken a few hundred at a time when they are waiting (one at a time when they trickle in)
-    and each run's state is saved once per take, before the take's records are acked: a restarted worker
-    replays from the last commit, never past a step whose state was not saved."""
-    async for events in stream.take_events(settings.take_records, within=settings.take_wait_s):
-        unsaved: dict[str, tuple[faust.types.EventT, DetectorSuite, RunSummary]] = {}
-        for event in events:
-            counters["records"] += 1
-            key, raw = event.key, event.value
-            try:
-                steps = decode_metric_record(raw, settings.max_record_bytes)
-            except SchemaError as exc:
-                await dead_letter(key, raw, str(exc))
-                continue
-            run_id = steps[0].run_id
-            try:
-                alerts, live = _process(steps)
-            except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
-                log.exception("record of run %s failed in the detectors", run_id)
-                await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
-                continue
-            unsaved[run_id] = (event, *live)
-            for alert in alerts:
-                await publish(alert)
-        for run_id, (event, suite, summary) in unsaved.items():
-            with faust_fixes.as_current(event):  # the table writes to the partition of the run's records
-                run_summary[run_id] = _saved_value(suite, summary)
+    """Each record is processed, and its alerts published, as it comes. A run's state is saved, and the
+    records acked, once per burst: every ``save_interval_s`` while records keep coming (or after
+    ``take_records`` of them), at once when none are waiting. A restarted worker replays from the last
+    commit, never past a step whose state was not saved."""
+    manual = _burst["stream"] = stream.noack()
+    async for event in manual.events():
+        taken = await _take(event)
+        pending = _burst["pending"]
+        if not pending:
+            _burst["since"] = time.monotonic()
+        pending.append(event)
+        if taken is not None:
+            _burst["unsaved"][taken[2].run_id] = taken
+        if len(pending) >= settings.take_records or (
+                manual.channel.empty() and time.monotonic() - _burst["since"] >= settings.save_interval_s):
+            await _save_burst()
+
+
+@app.timer(interval=settings.save_interval_s)
+async def _save_idle_burst() -> None:
+    """The last records before a pause are saved and acked here."""
+    if _burst["pending"] and time.monotonic() - _burst["since"] >= settings.save_interval_s:
+        await _save_burst()
+
+
+async def _save_burst() -> None:
+    events, unsaved = _burst["pending"], _burst["unsaved"]
+    _burst["pending"], _burst["unsaved"] = [], {}  # taken whole before the first await
+    for run_id, (last, suite, summary) in unsaved.items():
+        with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
+            run_summary[run_id] = _saved_value(suite, summary)
+    for event in events:
+        await _burst["stream"].ack(event)
+
+
+async def _take(event: faust.types.EventT) -> tuple[faust.types.EventT, DetectorSuite, RunSummary] | None:
+    """One record through decoding and the detectors, its alerts published; the run's live state to save
+    (None: the record went to the dead-letter topic)."""
+    counters["records"] += 1
+    key, raw = event.key, event.value
+    try:
+        steps = decode_metric_record(raw, settings.max_record_bytes)
+    except SchemaError as exc:
+        await dead_letter(key, raw, str(exc))
+        return None
+    try:
+        alerts, (suite, summary) = _process(steps)
+    except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
+        log.exception("record of run %s failed in the detectors", steps[0].run_id)
+        await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
+        return None
+    for alert in alerts:
+        await publish(alert)
+    return event, suite, summary
 
 
 def process(events: list[MetricEvent]) -> list[Alert]:

@@ -11,9 +11,9 @@
    fetches that long, alert latency is ~0.4 s p50. We set the consumer's fetch wait from settings
    (default 10 ms) right after Faust creates it and before it starts.
 
-:func:`as_current` makes an event the stream's current one for a table write made after a take
-(``Stream.take_events``) has moved on: Faust's tables and stores read the changelog partition and the
-RocksDB partition of a write from the current event, which a take leaves unset in the agent.
+:func:`as_current` makes an event the stream's current one for a table write made after the stream has
+moved on to later records (the agent saves a run's state once per burst of records): Faust's tables and
+stores take the changelog partition and the RocksDB partition of a write from the current event.
 """
 
 from __future__ import annotations

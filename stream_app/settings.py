@@ -35,15 +35,19 @@ class Settings:
     heartbeat_interval: float = 1.0
     #: Faust hard-codes 1500 ms; a short fetch wait is what keeps alert latency in milliseconds
     fetch_max_wait_ms: int = 10
-    #: Kafka producer batch limit in bytes for the worker's writes (0: Faust's default). 1 sends every
-    #: record alone — for the bundled Tansu broker, which under-reports the end of multi-record batches
-    #: (STACK_NOTES.md), so a worker taking over a partition could miss a run's last changelog record
-    max_batch_bytes: int = 0
-    #: the agent takes up to this many records at a time (fewer when no more are waiting) and saves each
-    #: run's state once per take: a changelog message costs the worker ~0.25 ms whatever its size
+    #: Kafka producer batch limit in bytes for the worker's writes (0: Faust's 16 KB). A take's state
+    #: values (~10 KB a run) then share a few produce requests: each request costs the worker more than
+    #: its bytes. 1 sends every record alone — for the bundled Tansu broker, which under-reports the end
+    #: of multi-record batches (STACK_NOTES.md), so a worker taking over a partition could miss a run's
+    #: last changelog record
+    max_batch_bytes: int = 262_144
+    #: seconds the worker's producer waits to fill a batch (alerts wait as long); 0 with one-record batches
+    producer_linger_s: float = 0.005
+    #: the agent saves each run's state (and acks the records) once per burst of records — at most every
+    #: save_interval_s while records keep coming, at once when none are waiting, or after take_records of
+    #: them: a changelog message costs the worker ~0.25 ms whatever its size
     take_records: int = 500
-    #: longest wait (seconds) for a take to fill before the records already there are processed
-    take_wait_s: float = 0.01
+    save_interval_s: float = 0.05
     #: embedded broker port
     broker_port: int = 9092
     log_level: str = "warning"
