@@ -148,28 +148,22 @@ class GradientExplosionDetector(_GradientNormReader):
         alpha, mean, var, seen = 1.0 - self.ema_decay, self.mean, self.var, self.seen
         keep, zscore, ceiling, warmup, sqrt = 1 - alpha, self.zscore_threshold, self.explosion_threshold, \
             self.warmup, math.sqrt
-        if mean is not None and mean > 0 and 0 <= alpha <= 1:
-            # the mean never falls below min(mean, smallest norm) (an average of values above that), so no
-            # norm reaches twice it nor the ceiling: neither test can fire, only the average moves
-            top, floor = max(norms), min(mean, min(norms))
-            if top <= ceiling and top <= 2.0 * floor * (1 - 1e-12):
-                for g in norms:
-                    diff = g - mean
-                    incr = alpha * diff
-                    mean, var = mean + incr, keep * (var + diff * incr)
-                self.run_length = 0
-                self.mean, self.var, self.seen = mean, var, seen + len(norms)
-                return []
+        # the mean never falls below min(mean, smallest norm) (an average of values above that): when no
+        # norm reaches twice that nor the ceiling, neither test can fire and only the average moves
+        top = max(norms)
+        screened = (mean is not None and mean > 0 and 0 <= alpha <= 1 and top <= ceiling
+                    and top <= 2.0 * min(mean, min(norms)) * (1 - 1e-12))
         for g in norms:
             if mean is None:
                 mean, seen = compact(g), 1
                 continue
-            sigma = sqrt(var)
-            ratio = g / mean if mean > 0 else math.inf
-            warm = seen >= warmup
-            if (warm and sigma > 0 and (g - mean) / sigma > zscore and ratio > 2.0) or (
-                    g > ceiling and (not warm or ratio > 1.5)):
-                return super().update_batch(events)
+            if not screened:
+                sigma = sqrt(var)
+                ratio = g / mean if mean > 0 else math.inf
+                warm = seen >= warmup
+                if (warm and sigma > 0 and (g - mean) / sigma > zscore and ratio > 2.0) or (
+                        g > ceiling and (not warm or ratio > 1.5)):
+                    return super().update_batch(events)
             diff = g - mean  # stats.ema_var, inline: a call per step costs as much as its arithmetic
             incr = alpha * diff
             mean, var = mean + incr, keep * (var + diff * incr)
