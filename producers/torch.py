@@ -238,7 +238,7 @@ class Reporter:
         self._optimizer = optimizer
         self._params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
         self._cuda = torch is not None and bool(self._params) and self._params[0].is_cuda
-        self._cpu = torch is not None and bool(self._params) and self._params[0].is_cpu
+        self._cpu = torch is not None and bool(self._params) and all(p.is_cpu for p in self._params)
         self._grad_norm: Any = None
         self._hook = None
         self._hook_calls = 0
