@@ -161,7 +161,7 @@ async def detect(stream: faust.StreamT) -> None:
         if taken is not None:
             _burst["unsaved"][taken[2].run_id] = taken
         if len(pending) >= settings.take_records or (
-                manual.channel.empty() and time.monotonic() - _burst["since"] >= settings.save_interval_s):
+                manual.channel.empty() and now - _burst["since"] >= settings.save_interval_s):
             await _save_burst()
 
 
