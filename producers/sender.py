@@ -13,6 +13,7 @@ child can also tail the control topic for the run (``follow``), handing each req
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import subprocess
@@ -144,7 +145,8 @@ class SenderProcess:
             raise ConnectionError(self._dead) from None
 
     def _read_answers(self) -> None:
-        for line in self.process.stdout:
+        # buffered: the raw pipe would read a line a byte at a time, a GIL round trip per byte
+        for line in io.BufferedReader(self.process.stdout):
             kind, _, rest = line.decode(errors="replace").rstrip("\n").partition(" ")
             if kind in ("C", "W"):
                 self._control_line(kind, rest)
