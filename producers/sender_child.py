@@ -5,8 +5,8 @@ torch or the rest of ``producers``. It reads frames from stdin and answers on st
 
     frame  = header (">cIii": kind, id, key length or -1, value length) + key + value
     kind S = send the record; answer ``A <id>`` once Kafka acked it, ``E <id> <reason>`` if it failed
-    kind M = the same for a run's steps packed by the parent (:func:`encode_steps` reads them): the
-             JSON encoding happens here, not on the training process's GIL
+    kind M = the same for a run's steps packed by the parent (:func:`pack_steps`; :func:`encode_steps`
+             reads them): float conversion and JSON encoding happen here, not on the training process's GIL
     kind F = flush the producer; answer ``F <id>`` when done
 
 With a control topic to follow (the fifth argument), a consumer thread tails the run's partition and
@@ -42,32 +42,49 @@ except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib wri
 _NONFINITE = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
 
 
-def pack_steps(run_id: str, source: str, tags: dict[str, str],
-               steps: list[tuple[int, float, dict[str, float], dict[str, str] | None]]) -> bytes:
-    """A run's steps — ``(step, ts, {metric: float}, tags or None when the run's)`` — in the compact form
-    a training process hands over (marshal: C speed, and parent and child are the same interpreter)."""
-    return marshal.dumps((run_id, source, tags, steps))
+def pack_steps(items: list[tuple], rss: float | None = None) -> bytes:
+    """A run's queued steps, as the training process hands them over: ``(run_id, step, ts, source,
+    {metric: number}, tags)`` each, with the process's RSS (added to every step that has none). marshal
+    packs them at C speed (parent and child are the same interpreter) and takes the tuples as they are:
+    turning numbers into floats, comparing tags and encoding JSON all happen on this side."""
+    return marshal.dumps((rss, items))
 
 
 def encode_steps(packed: bytes) -> bytes:
     """The metric record for packed steps: one event for one step, else a batched record (the forms
     ``detectors.events.decode_metric_record`` reads), with non-finite values as ``"NaN"``/``"±Infinity"``.
+    A value that is not a number is left out.
 
-    >>> encode_steps(pack_steps("r", "torch", {}, [(3, 1.5, {"loss": float("nan")}, None)]))
+    >>> encode_steps(pack_steps([("r", 3, 1.5, "torch", {"loss": float("nan"), "note": "x"}, {})]))
     b'{"v":1,"run_id":"r","step":3,"ts":1.5,"source":"torch","metrics":{"loss":"NaN"},"tags":{}}'
     """
-    run_id, source, tags, steps = marshal.loads(packed)
-    if len(steps) == 1:
-        step, ts, metrics, step_tags = steps[0]
-        return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": step, "ts": ts, "source": source,
-                       "metrics": _finite(metrics), "tags": tags if step_tags is None else step_tags})
+    rss, items = marshal.loads(packed)
+    run_id, _, _, source, _, tags = items[0]
+    if len(items) == 1:
+        _, step, ts, _, metrics, _ = items[0]
+        return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": int(step), "ts": ts, "source": source,
+                       "metrics": _finite(_numbers(metrics, rss)), "tags": tags})
     entries = []
-    for step, ts, metrics, step_tags in steps:
-        entry = {"step": step, "ts": ts, "metrics": _finite(metrics)}
-        if step_tags is not None:
+    for _, step, ts, _, metrics, step_tags in items:
+        entry = {"step": int(step), "ts": ts, "metrics": _finite(_numbers(metrics, rss))}
+        if step_tags != tags:
             entry["tags"] = step_tags
         entries.append(entry)
     return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "source": source, "tags": tags, "steps": entries})
+
+
+def _numbers(metrics: dict, rss: float | None) -> dict[str, float]:
+    values = {}
+    for name, value in metrics.items():
+        if type(value) is not float:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+        values[name] = value
+    if rss is not None and "rss" not in values:
+        values["rss"] = rss
+    return values
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | str]:

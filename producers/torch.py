@@ -29,6 +29,8 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
+from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from detectors.aliases import canonical_metrics
@@ -156,39 +158,45 @@ def _to_float(value: Any) -> float:
 
 
 _Item = tuple[str, int, float, str, dict[str, Any], dict[str, str]]  # run_id, step, ts, source, metrics, tags
+_STEP, _METRICS = itemgetter(1), itemgetter(4)
+_INT = frozenset((int,))
+_PLAIN = frozenset((float, int, str))  # what the sender process makes floats of (or leaves out)
 _Tensor = torch.Tensor if torch is not None else None
 
 
-def _step_metrics(metrics: dict[str, Any], rss: float | None) -> dict[str, float]:
-    """Runs on the sender thread: reads deferred tensors, expands summaries, adds RSS. Plain floats and
-    tensors take the short way: this holds the GIL the training thread wants."""
-    values: dict[str, float] = {}
+def _step_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Runs on the sender thread for steps that hold tensors or summaries: reads the deferred tensors and
+    expands the summaries. Plain numbers are left to the sender process."""
+    values: dict[str, Any] = {}
     for name, value in metrics.items():
         kind = type(value)
         try:
-            if kind is float:
+            if kind is float or kind is int:
                 values[name] = value
-            elif kind is _Tensor or kind is int:
-                values[name] = float(value.item() if kind is _Tensor else value)
+            elif kind is _Tensor:
+                values[name] = float(value.item())
             elif kind is _Summary:
                 values.update(value.metrics())
             else:
                 values[name] = _to_float(value)
         except (TypeError, ValueError, RuntimeError):
             continue  # a value that is not a number is skipped, not fatal
-    if rss is not None and "rss" not in values:
-        values["rss"] = rss
     return values
 
 
 def _pack_batch(items: list[_Item]) -> bytes:
-    """Several steps of one run, read and packed for the sender subprocess, which encodes them as one
-    record (``sender_child.encode_steps``): on this side only C-level packing, no JSON."""
-    run_id, _, _, source, _, tags = items[0]
+    """Several steps of one run, packed for the sender subprocess, which encodes them as one record
+    (``sender_child.encode_steps``). Steps of plain numbers (every CPU run's) are packed as they are, at C
+    speed: this runs on the sender thread, which holds the GIL the training thread wants meanwhile."""
     rss = _rss_bytes()
-    steps = [(int(step), ts, _step_metrics(metrics, rss), None if step_tags is tags or step_tags == tags else step_tags)
-             for _, step, ts, _, metrics, step_tags in items]
-    return pack_steps(run_id, source, tags, steps)
+    # the types of every step number and value, found at C speed (marshal would write a numpy scalar, which
+    # has the buffer protocol, as bytes)
+    if (set(map(type, map(_STEP, items))) <= _INT
+            and set(map(type, chain.from_iterable(map(dict.values, map(_METRICS, items))))) <= _PLAIN):
+        return pack_steps(items, rss)
+    # tensors (CUDA values read lazily), summaries, numpy scalars: read them here first
+    return pack_steps([(run_id, int(step), ts, source, _step_metrics(metrics), tags)
+                       for run_id, step, ts, source, metrics, tags in items], rss)
 
 
 def _encode_batch(items: list[_Item]) -> bytes:

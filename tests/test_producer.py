@@ -154,6 +154,33 @@ def test_non_finite_values_arrive_as_signals_and_stop_requests_reach_either_tran
     assert losses[0] == 1.0 and math.isnan(losses[1]) and losses[2:] == [math.inf, -math.inf]
 
 
+def test_every_kind_of_value_arrives_as_a_number_or_is_left_out(topics):
+    """Steps of plain numbers are packed as they are and the sender process makes floats of them; a step
+    with a tensor, a numpy scalar or a summary is read on the sender thread first. Both arrive alike."""
+    import numpy as np
+
+    reporter = _watch(topics, "kinds", tags={"model": "m"})
+    reporter.log(0, loss=1.5, batch_size=8, tokens=np.int64(7), note="not a number", ratio="0.25")  # numpy
+    assert reporter.flush(5.0)  # each step its own batch: each takes its own way
+    reporter.log(1, loss=2.5, batch_size=8, kl=3, note="not a number", ratio="0.25")  # plain only
+    assert reporter.flush(5.0)
+    reporter.log(2, loss=torch.tensor(3.5), rewards=[1.0, 2.0, 3.0])  # a summary
+    reporter.tags = {**reporter.tags, "phase": "b"}
+    reporter.log(3, loss=4.5)  # batched with step 2, with tags of its own
+    assert reporter.flush(5.0)
+    reporter.close()
+    events = {e.step: e for e in _events(topics, "kinds")}
+    assert sorted(events) == [0, 1, 2, 3]
+    m0, m1, m2 = events[0].metrics, events[1].metrics, events[2].metrics
+    assert (m0["loss"], m0["batch_size"], m0["tokens"], m0["ratio"]) == (1.5, 8.0, 7.0, 0.25)
+    assert (m1["loss"], m1["batch_size"], m1["kl"], m1["ratio"]) == (2.5, 8.0, 3.0, 0.25)
+    assert "note" not in m0 and "note" not in m1
+    assert all(type(v) is float for e in events.values() for v in e.metrics.values())
+    assert m2["loss"] == 3.5 and m2["reward_mean"] == 2.0 and "rewards" not in m2
+    assert all(e.metrics["rss"] > 1e6 for e in events.values())
+    assert events[0].tags["model"] == "m" and "phase" not in events[2].tags and events[3].tags["phase"] == "b"
+
+
 def test_broker_absent_training_completes_and_drops_are_counted():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
