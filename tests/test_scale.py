@@ -64,18 +64,16 @@ def test_killing_a_worker_moves_its_runs_with_their_state_and_pages_nothing_twic
     after += [MetricEvent(run, 31, {"loss": 9.0}, ts=1_031.0) for run in RUNS]
     send(topics.bootstrap, metrics, after)
 
-    def complete(alerts):
+    def missing(alerts):
         kinds = {(a.run_id, a.alert_type) for a in alerts}
-        return all((run, t) in kinds for run in RUNS for t in ("nonfinite_metric", "loss_spike"))
+        return [(run, t) for run in RUNS for t in ("nonfinite_metric", "loss_spike") if (run, t) not in kinds]
 
-    alerts = collect_alerts(topics, complete, timeout=90)
-    if not complete(alerts):
-        kinds = {(a.run_id, a.alert_type) for a in alerts}
-        missing = sorted((run, t) for run in RUNS for t in ("nonfinite_metric", "loss_spike") if (run, t) not in kinds)
+    alerts = collect_alerts(topics, lambda found: not missing(found), timeout=90)
+    if missing(alerts):
         runs = wait_runs(topics.bootstrap, topics.app_id, lambda r: False, timeout=1)
         states = {r: (s.events, s.duplicates, s.last_step) for r, s in runs.items()}
         log = workers[1].log()
-        pytest.fail(f"missing alerts {missing}; runs {states}\n{log[:6000]}\n...\n{log[-6000:]}")
+        pytest.fail(f"missing alerts {missing(alerts)}; runs {states}\n{log[:6000]}\n...\n{log[-6000:]}")
     spikes = {a.run_id: a.step for a in alerts if a.alert_type == "loss_spike"}
     assert spikes == dict.fromkeys(RUNS, 31), "warm-up state was lost for some runs"
 
