@@ -35,7 +35,7 @@ class Settings:
     heartbeat_interval: float = 1.0
     #: Faust hard-codes 1500 ms; a short fetch wait is what keeps alert latency in milliseconds
     fetch_max_wait_ms: int = 10
-    #: Kafka producer batch limit in bytes for the worker's writes (0: Faust's 16 KB). A take's state
+    #: Kafka producer batch limit in bytes for the worker's writes (0: Faust's 16 KB). A burst's state
     #: values (~10 KB a run) then share a few produce requests: each request costs the worker more than
     #: its bytes. 1 sends every record alone — for the bundled Tansu broker, which under-reports the end
     #: of multi-record batches (STACK_NOTES.md), so a worker taking over a partition could miss a run's
