@@ -83,13 +83,14 @@ def test_trainer_state_json_with_eval_entries(tmp_path):
     # the end-of-training summary; its train_loss is an average and must not read as a step's loss
     history.append({"epoch": 30.0, "step": len(events), "total_flos": 1.0, "train_loss": 99.0,
                     "train_runtime": 10.0, "train_samples_per_second": 100.0})
-    path = tmp_path / "trainer_state.json"
+    path = tmp_path / "whisper-small-ta" / "checkpoint-500" / "trainer_state.json"  # as HF saves it
+    path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"global_step": len(events), "log_history": history}))
     proc = lossguard(str(path))
     assert proc.returncode == 0, proc.stderr
     alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
     assert any(a.alert_type == "val_train_divergence" and a.severity in HIGH for a in alerts)
-    assert {a.run_id for a in alerts} == {"trainer_state"}
+    assert {a.run_id for a in alerts} == {"whisper-small-ta"}  # the run's folder, not "trainer_state"
     assert not any(a.alert_type == "loss_spike" and a.step == len(events) for a in alerts)
 
 
@@ -116,7 +117,8 @@ def test_bedrock_training_and_validation_csvs_make_one_run(tmp_path):
 
 @pytest.mark.parametrize("content,suffix,expected", [
     ("step,loss\n1,2.3\n2,abc\n", ".csv", ":3: column 'loss'"),
-    ("loss,lr\n2.3,0.1\n", ".csv", "no 'step' column"),
+    ("loss,lr\n2.3,0.1\n", ".csv", "no 'step' column (nor a date/time column)"),
+    ("Wall time,Step,Value\n1700000000.5,1,2.3\n", ".csv", "column 'Value': a 'Value' column, but which metric"),
     ("step,loss\n1.5,2.3\n", ".csv", ":2: column 'step'"),
     ('{"run_id": "r", "step": 1, "metrics": {"loss": 1}}\n{"run_id": "r", "step": 2, "metrics": {"loss": null}}\n',
      ".jsonl", ":2: column 'metrics.loss'"),
@@ -152,3 +154,104 @@ def test_config_file_changes_thresholds(tmp_path):
     default = {a.alert_type for a in replay_file(path)}
     relaxed = {a.alert_type for a in replay_file(path, config=config)}
     assert "lr_too_high" in default and "lr_too_high" not in relaxed
+
+
+# -- the logs people have: time columns, text columns, TensorBoard and W&B exports ---------------------------
+def _climbing(n: int = 60) -> list[float]:
+    """A loss that learns for a third of the run, then climbs from about 3 to about 1000."""
+    return [3.0 - s / 40 if s < n // 3 else 2.5 * 1.2 ** (s - n // 3) for s in range(n)]
+
+
+def test_tensorboard_csv_export_reads_value_as_the_tagged_metric(tmp_path):
+    path = tmp_path / "run-exp1-tag-train_loss.csv"  # the name TensorBoard's download gives it
+    path.write_text("Wall time,Step,Value\n" + "".join(
+        f"{1_700_000_000 + 30 * s},{10 * s},{x!r}\n" for s, x in enumerate(_climbing())))
+    events = read_events(path)
+    assert [e.metrics for e in events[:2]] == [{"train_loss": 3.0}, {"train_loss": 3.0 - 1 / 40}]
+    assert events[1].ts == 1_700_000_030 and events[1].step == 10
+    proc = lossguard(str(path))
+    assert proc.returncode == 0, proc.stderr
+    alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
+    assert any(a.severity in HIGH and a.status == "firing" for a in alerts), alerts
+    # the same file under another name needs --metric, and says so
+    other = tmp_path / "export.csv"
+    other.write_bytes(path.read_bytes())
+    proc = lossguard(str(other))
+    assert proc.returncode == 2 and "--metric" in proc.stderr
+    assert [e.metrics for e in read_events(other, metric="loss")[:1]] == [{"loss": 3.0}]
+
+
+def test_logbook_by_date_with_a_notes_column(tmp_path):
+    path = tmp_path / "logbook.csv"
+    rows = ["date,lm loss,notes"]
+    for day, x in enumerate([2.9, 2.7, 2.6, 2.5, 2.45, 2.4, float("nan"), 2.4]):
+        note = '"restarted from ckpt, spike"' if day == 5 else ""
+        rows.append(f"2022-03-{day + 1:02d},{x},{note}")
+    path.write_text("\n".join(rows) + "\n")
+    proc = lossguard(str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped column(s) 'notes'" in proc.stderr
+    events = read_events(path)
+    assert [e.step for e in events] == list(range(8))
+    assert events[1].ts - events[0].ts == 86_400
+    alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
+    assert [(a.alert_type, a.severity, a.step) for a in alerts if a.status == "firing"][:1] == [
+        ("nonfinite_metric", "critical", 6)]
+
+
+def test_wandb_history_exports_csv_and_jsonl(tmp_path):
+    climbing = _climbing()
+    csv_path = tmp_path / "wandb_export.csv"
+    lines = ["Name,_step,_runtime,_timestamp,train/loss,train/learning_rate"]
+    for name, xs in (("good-run", [3.0 - s / 40 for s in range(60)]), ("bad-run", climbing)):
+        lines += [f"{name},{s},{s * 2.0},{1_700_000_000 + 2 * s},{x!r},0.0003" for s, x in enumerate(xs)]
+    csv_path.write_text("\n".join(lines) + "\n")
+    events = read_events(csv_path)
+    assert {e.run_id for e in events} == {"good-run", "bad-run"}
+    assert events[0].metrics == {"train/loss": 3.0, "train/learning_rate": 0.0003}
+    alerts = replay_file(csv_path)
+    assert {a.run_id for a in alerts if a.severity in HIGH} == {"bad-run"}
+
+    jsonl = tmp_path / "wandb-history.jsonl"
+    jsonl.parent.joinpath("files").mkdir()
+    jsonl = jsonl.parent / "files" / "wandb-history.jsonl"
+    jsonl.write_text("".join(json.dumps({"_step": s, "_runtime": s * 2.0, "_timestamp": 1_700_000_000 + 2 * s,
+                                         "train/loss": x, "train/epoch": s / 60}) + "\n"
+                             for s, x in enumerate(climbing)))
+    events = read_events(jsonl)
+    assert events[3].step == 3 and events[3].ts == 1_700_000_006 and "_runtime" not in events[3].metrics
+    assert {e.run_id for e in events} == {tmp_path.name}  # "files" and the generic stem name nothing
+    assert any(a.severity in HIGH for a in replay_file(jsonl))
+
+
+def test_wandb_chart_export_splits_runs_and_skips_min_max(tmp_path):
+    path = tmp_path / "chart.csv"
+    lines = ["Step,a - train/loss,a - train/loss__MIN,a - train/loss__MAX,b - train/loss"]
+    lines += [f"{s},{3.0 - s / 40},{2.9 - s / 40},{3.1 - s / 40},{x!r}" for s, x in enumerate(_climbing())]
+    path.write_text("\n".join(lines) + "\n")
+    events = read_events(path)
+    assert {e.run_id for e in events} == {"a", "b"}
+    assert all(set(e.metrics) == {"train/loss"} for e in events)
+
+
+def test_tensorboard_event_files_written_by_torch(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard's reader is the [tensorboard] extra")
+    from torch.utils.tensorboard import SummaryWriter
+
+    logdir = tmp_path / "runs" / "exp-tb"
+    writer = SummaryWriter(log_dir=str(logdir))
+    for s, x in enumerate(_climbing()):
+        writer.add_scalar("train/loss", x, global_step=10 * s)
+        writer.add_scalar("train/lr", 3e-4, global_step=10 * s)
+    writer.add_scalar("eval/loss", math.nan, global_step=600)
+    writer.close()
+    events = read_events(logdir)
+    assert {e.run_id for e in events} == {"exp-tb"}
+    assert events[1].step == 10 and events[1].metrics == {"train/loss": pytest.approx(3.0 - 1 / 40),
+                                                          "train/lr": pytest.approx(3e-4)}
+    assert math.isnan(events[-1].metrics["eval/loss"])
+    proc = lossguard(str(logdir))
+    assert proc.returncode == 0, proc.stderr
+    alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
+    assert any(a.alert_type == "nonfinite_metric" and a.severity == "critical" and a.step == 600 for a in alerts)
+    assert any(a.severity in HIGH and a.step < 600 for a in alerts)
