@@ -36,8 +36,11 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
-def _alert_id(run_id: str, detector: str, alert_type: str, episode_step: int, status: str, severity: str) -> str:
+def _alert_id(run_id: str, detector: str, alert_type: str, episode_step: int, status: str, severity: str,
+              episode_key: str | None = None) -> str:
     raw = f"{run_id}\x1f{detector}\x1f{alert_type}\x1f{episode_step}\x1f{status}\x1f{severity}"
+    if episode_key is not None:  # one of several episodes of this type at once (one per metric, say)
+        raw += f"\x1f{episode_key}"
     return hashlib.blake2b(raw.encode(), digest_size=10).hexdigest()
 
 
@@ -74,8 +77,9 @@ class Alert:
     def new(cls, *, run_id: str, step: int, detector: str, category: str, alert_type: str,
             severity: str, message: str, value: float | None = None, threshold: float | None = None,
             metadata: dict[str, Any] | None = None, status: str = "firing",
-            episode_step: int | None = None, ts: float | None = None) -> Alert:
-        """Build an alert; ``episode_step`` (the step the problem began) makes the id stable."""
+            episode_step: int | None = None, ts: float | None = None, episode_key: str | None = None) -> Alert:
+        """Build an alert; ``episode_step`` (the step the problem began) makes the id stable, and
+        ``episode_key`` tells apart episodes of one type that run at once (kept in the metadata)."""
         if severity not in SEVERITIES:
             raise ValueError(f"severity must be one of {SEVERITIES}, got {severity!r}")
         if status not in STATUSES:
@@ -83,7 +87,9 @@ class Alert:
         start = step if episode_step is None else episode_step
         meta = dict(metadata or {})
         meta.setdefault("episode_step", start)
-        return cls(alert_id=_alert_id(run_id, detector, alert_type, start, status, severity),
+        if episode_key is not None:
+            meta["episode_key"] = episode_key
+        return cls(alert_id=_alert_id(run_id, detector, alert_type, start, status, severity, episode_key),
                    run_id=run_id, step=step, ts=time.time() if ts is None else ts, detector=detector,
                    category=category, alert_type=alert_type, severity=severity, status=status,
                    message=message, value=value, threshold=threshold, metadata=meta)
@@ -92,7 +98,7 @@ class Alert:
         """The resolved twin of a firing alert (same episode, new id)."""
         episode = self.metadata.get("episode_step", self.step)
         return replace(self, alert_id=_alert_id(self.run_id, self.detector, self.alert_type, episode,
-                                                "resolved", self.severity),
+                                                "resolved", self.severity, self.metadata.get("episode_key")),
                        step=step, status="resolved", message=message,
                        ts=time.time() if ts is None else ts, metadata=dict(self.metadata))
 

@@ -173,37 +173,44 @@ class Detector:
     # -- alert episodes ----------------------------------------------------------------------------------
     def _report(self, event: MetricEvent, alert_type: str, active: bool, *, severity: str = "high",
                 message: str = "", value: float | None = None, threshold: float | None = None,
-                metadata: dict[str, Any] | None = None, resolved_message: str | None = None) -> list[Alert]:
-        """Turn a per-step condition into episode alerts: fire once, escalate, resolve when clear."""
-        episode = self.episodes.get(alert_type)
+                metadata: dict[str, Any] | None = None, resolved_message: str | None = None,
+                key: str | None = None) -> list[Alert]:
+        """Turn a per-step condition into episode alerts: fire once, escalate, resolve when clear.
+
+        ``key`` names the episode when one alert type has several at once (one per metric, say); it
+        defaults to the alert type and, when given, goes into the alert id too."""
+        key = key or alert_type
+        episode = self.episodes.get(key)
         if active:
             if episode is None:
-                self.episodes[alert_type] = {"start": event.step, "severity": severity, "clear": 0,
-                                             "message": message, "value": value, "threshold": threshold}
+                self.episodes[key] = {"start": event.step, "severity": severity, "clear": 0,
+                                      "message": message, "value": value, "threshold": threshold}
                 return [self._alert(event, alert_type, severity, message, value, threshold, metadata,
-                                    event.step)]
+                                    event.step, key)]
             episode["clear"] = 0
             if severity_rank(severity) > severity_rank(episode["severity"]):
                 episode["severity"] = severity
                 meta = dict(metadata or {}, escalated=True)
                 return [self._alert(event, alert_type, severity, message, value, threshold, meta,
-                                    episode["start"])]
+                                    episode["start"], key)]
             return []
         if episode is not None:
             episode["clear"] += 1
             if episode["clear"] >= self.resolve_after:
-                del self.episodes[alert_type]
+                del self.episodes[key]
                 fired = self._alert(event, alert_type, episode["severity"], episode["message"],
-                                    episode["value"], episode["threshold"], None, episode["start"])
+                                    episode["value"], episode["threshold"], None, episode["start"], key)
                 text = resolved_message or f"{alert_type} cleared after {event.step - episode['start']} steps"
                 return [fired.resolved(event.step, text, ts=event.ts)]
         return []
 
     def _alert(self, event: MetricEvent, alert_type: str, severity: str, message: str, value: float | None,
-               threshold: float | None, metadata: dict[str, Any] | None, episode_step: int) -> Alert:
+               threshold: float | None, metadata: dict[str, Any] | None, episode_step: int,
+               key: str | None = None) -> Alert:
         return Alert.new(run_id=event.run_id, step=event.step, ts=event.ts, detector=self.name,
                          category=self.category, alert_type=alert_type, severity=severity, message=message,
-                         value=value, threshold=threshold, metadata=metadata, episode_step=episode_step)
+                         value=value, threshold=threshold, metadata=metadata, episode_step=episode_step,
+                         episode_key=None if key == alert_type else key)
 
 
 def _copy(value: Any) -> Any:

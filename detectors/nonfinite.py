@@ -1,8 +1,14 @@
-"""Non-finite metrics: a NaN or ±Inf in any metric is critical at the very step it appears.
+"""Non-finite metrics: a NaN or ±Inf in any metric is an alert at the very step it appears.
 
 Keras' ``TerminateOnNaN`` checks only the loss; here every metric counts (a NaN grad norm often comes a
-step before the NaN loss), and the episode resolves once every metric has been finite again for
-``resolve_after`` steps.
+step before the NaN loss). A non-finite loss (or validation loss, perplexity) is ``critical``. A
+non-finite grad norm while the loss stays finite is ``high`` — unless the run logs a ``loss_scale``, where
+it is most likely a step the mixed-precision loss scaler skipped, and ``medium``; a loss of exactly 0
+beside it is no comfort (fp16 overflow logs that), so that is ``critical``.
+
+The metrics that turn non-finite at one step form one episode; a metric that turns non-finite later
+opens an episode of its own — it is never swallowed by the one already open. An episode resolves once
+its metrics, where logged, have been finite for ``resolve_after`` observations in a row.
 
 >>> from detectors.events import MetricEvent
 >>> d = NonFiniteDetector()
@@ -10,6 +16,10 @@ step before the NaN loss), and the episode resolves once every metric has been f
 []
 >>> [a.severity for a in d.update(MetricEvent("r", 2, {"loss": float("nan")}))]
 ['critical']
+>>> d = NonFiniteDetector()
+>>> [(a.severity, a.step) for s, (loss, g) in enumerate([(2.0, 1.0), (2.1, float("inf")), (2.0, float("inf")),
+...  (float("nan"), float("nan"))]) for a in d.update(MetricEvent("r", s, {"loss": loss, "grad_norm": g}))]
+[('high', 1), ('critical', 3)]
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ from .events import MetricEvent
 
 __all__ = ["NonFiniteDetector"]
 
+#: metrics whose non-finite value means the model itself is broken
+_LOSSES = ("loss", "val_loss", "perplexity")
+
 
 @register_detector
 class NonFiniteDetector(Detector):
@@ -31,14 +44,31 @@ class NonFiniteDetector(Detector):
     defaults = {"resolve_after": 20}
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        bad = {k: v for k, v in event.metrics.items() if not math.isfinite(v)}
-        if not bad:
-            return self._report(event, "nonfinite_metric", False)
-        names = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-        first = next(iter(sorted(bad)))
-        return self._report(event, "nonfinite_metric", True, severity="critical",
-                            message=f"non-finite metric at step {event.step}: {names}",
-                            value=bad[first], metadata={"metrics": sorted(bad)})
+        metrics = event.metrics
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        open_metrics = {m for key in self.episodes for m in key.split(",")}
+        alerts = []
+        for key in list(self.episodes):  # the episodes already open: still broken, or one more clear step
+            names = key.split(",")
+            if any(m in metrics for m in names):
+                alerts += self._report(event, "nonfinite_metric", any(m in bad for m in names), key=key,
+                                       severity=self.episodes[key]["severity"])
+        new = [m for m in bad if m not in open_metrics]
+        if new:
+            loss = metrics.get("loss")
+            if any(m in _LOSSES for m in new) or loss == 0.0:
+                severity = "critical"
+            elif "loss_scale" in metrics:
+                severity = "medium"
+            else:
+                severity = "high"
+            names = ", ".join(f"{k}={metrics[k]}" for k in new)
+            scaler = " (the run logs a loss scale: likely a step the mixed-precision scaler skipped)" \
+                if severity == "medium" else ""
+            alerts += self._report(event, "nonfinite_metric", True, severity=severity, key=",".join(new),
+                                   message=f"non-finite metric at step {event.step}: {names}{scaler}",
+                                   value=metrics[new[0]], metadata={"metrics": new})
+        return alerts
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # a sum of numbers is finite only if each one is (a finite sum that overflows takes the long way)

@@ -7,6 +7,7 @@ high/critical within a short distance of the injection step.
 from __future__ import annotations
 
 import json
+import math
 
 import _detector_series as series
 import pytest
@@ -165,3 +166,21 @@ def test_a_converged_run_on_a_noisy_floor_keeps_one_plateau_episode_open() -> No
         assert [a.step for a in plateau if a.status == "resolved" and a.step > 1500] == [], seed
         assert len(plateau) <= 6 and plateau[-1].status == "firing" and plateau[-1].severity == "medium", seed
         assert all(a.severity in ("low", "medium") for a in alerts), [a.alert_type for a in alerts]
+
+
+def test_a_metric_turning_nonfinite_later_is_a_new_critical_alert_not_swallowed():
+    """Mixed precision: the grad norm overflows first (a skipped step under a loss scaler), then the loss
+    itself turns NaN — that second event must page at once, however long the first episode is open."""
+    suite = DetectorSuite()
+    alerts = []
+    for step in range(40):
+        metrics = {"loss": 2.0 - step / 100, "grad_norm": 1.0, "loss_scale": 65536.0}
+        if step >= 10:
+            metrics["grad_norm"] = math.inf
+        if step >= 25:
+            metrics["loss"] = math.nan
+        alerts += suite.update(MetricEvent("amp", step, metrics, ts=float(step)))
+    nonfinite = [(a.step, a.severity, a.metadata["metrics"]) for a in alerts
+                 if a.alert_type == "nonfinite_metric" and a.status == "firing"]
+    assert nonfinite == [(10, "medium", ["grad_norm"]), (25, "critical", ["loss"])]
+    assert len({a.alert_id for a in alerts}) == len(alerts)

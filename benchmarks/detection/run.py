@@ -131,16 +131,20 @@ def lossguard_alerts(run: Run) -> list[Alert]:
     return alerts
 
 
-def lossguard_alarms(run: Run) -> tuple[list[int], list[dict[str, Any]]]:
-    """Steps at which lossguard raised a high/critical firing alert, and those alerts in brief."""
-    steps, alerts = [], []
+def lossguard_alarms(run: Run) -> tuple[list[int], list[dict[str, Any]], int]:
+    """Steps at which lossguard raised a high/critical firing alert, those alerts in brief, and how many
+    medium-or-worse firing alerts came while the run was healthy (the noise an on-call person sees)."""
+    steps, alerts, noisy = [], [], 0
     for alert in lossguard_alerts(run):
-        if alert.status != "firing" or alert.severity not in ("high", "critical"):
+        if alert.status != "firing" or alert.severity == "low":
+            continue
+        noisy += alert.step < run.healthy_until
+        if alert.severity == "medium":
             continue
         steps.append(alert.step)
         alerts.append({"step": alert.step, "detector": alert.detector, "alert_type": alert.alert_type,
                        "severity": alert.severity, "message": alert.message})
-    return steps, alerts
+    return steps, alerts, noisy
 
 
 def baseline_alarms(run: Run, cls) -> list[int]:
@@ -170,11 +174,12 @@ def run_outcome(run: Run, alarm_steps: Sequence[int]) -> dict[str, Any]:
             "delay": None if first is None else max(0, first - run.onset)}
 
 
-def summarize(runs: Sequence[Run], outcomes: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(runs: Sequence[Run], outcomes: Mapping[str, dict[str, Any]],
+              kinds: Sequence[str] = FAILURE_TYPES) -> dict[str, Any]:
     healthy_steps = sum(r.healthy_steps for r in runs)
     fa = sum(len(outcomes[r.run_id]["false_alarms"]) for r in runs)
     per_type = {}
-    for kind in FAILURE_TYPES:
+    for kind in kinds:
         failing = [r for r in runs if r.failure == kind]
         if not failing:
             continue
@@ -223,15 +228,15 @@ def cell(entry: Mapping[str, Any] | None) -> str:
     return f"{100 * entry['recall']:.0f}% · {'–' if delay is None else f'{delay:g}'}"
 
 
-def markdown_table(results: Mapping[str, Any], methods: Sequence[str]) -> str:
+def markdown_table(results: Mapping[str, Any], methods: Sequence[str], kinds: Sequence[str] = FAILURE_TYPES,
+                   unit: str = "steps") -> str:
     short = {m: m.split("_", 1)[-1] if m.startswith(("keras", "lightning", "llmfoundry", "smdebug", "river"))
              else m for m in methods}
     short.update({"wandb_zscore": "z-score(30,3σ)"})
     lines = ["| failure type (runs) | " + " | ".join(short.get(m, m) for m in methods) + " |",
              "|---|" + "---|" * len(methods)]
     summaries = results["methods"]
-    kinds = [k for k in FAILURE_TYPES if k in summaries[methods[0]]["per_type"]]
-    for kind in kinds:
+    for kind in [k for k in kinds if k in summaries[methods[0]]["per_type"]]:
         n = summaries[methods[0]]["per_type"][kind]["runs"]
         lines.append(f"| {kind} ({n}) | " + " | ".join(cell(summaries[m]["per_type"].get(kind)) for m in methods)
                      + " |")
@@ -239,7 +244,7 @@ def markdown_table(results: Mapping[str, Any], methods: Sequence[str]) -> str:
     lines.append(f"| **overall** ({n}) | " + " | ".join(f"**{cell(summaries[m]['overall'])}**" for m in methods)
                  + " |")
     steps = summaries[methods[0]]["healthy_steps"]
-    lines.append(f"| high/critical FA per 10k healthy steps ({steps} steps) | "
+    lines.append(f"| high/critical FA per 10k healthy {unit} ({steps} {unit}) | "
                  + " | ".join(f"{summaries[m]['fa_per_10k']:.1f} ({summaries[m]['false_alarms']})" for m in methods)
                  + " |")
     return "\n".join(lines)
@@ -261,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no runs of split {args.split!r} in {args.corpus}")
     baseline_names = [cls.name for cls in BASELINES]
     raw: dict[str, dict[str, list[int]]] = {LOSSGUARD: {}}
-    lossguard_alerts = {}
+    lossguard_alerts, noise = {}, {}
     for run in runs:
-        raw[LOSSGUARD][run.run_id], lossguard_alerts[run.run_id] = lossguard_alarms(run)
+        raw[LOSSGUARD][run.run_id], lossguard_alerts[run.run_id], noise[run.run_id] = lossguard_alarms(run)
         for cls in BASELINES:
             raw.setdefault(cls.name, {})[run.run_id] = baseline_alarms(run, cls)
     outcomes = {name: union_outcomes(runs, raw, [name]) for name in raw}
@@ -281,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         "runs": len(runs), "failing_runs": sum(r.failure != "healthy" for r in runs),
         "best_combination": combo,
         "methods": {m: summarize(runs, outcomes[m]) for m in methods},
+        "lossguard": {"medium_or_worse": sum(noise.values()),
+                      "medium_or_worse_per_10k": 1e4 * sum(noise.values()) / max(1, sum(r.healthy_steps for r in runs)),
+                      "nonfinite_at_step": [sum(outcomes[LOSSGUARD][r.run_id]["delay"] == 0 for r in runs
+                                                if r.failure == "nonfinite"),
+                                            sum(r.failure == "nonfinite" for r in runs)]},
         "per_run": {r.run_id: {"failure": r.failure, "onset": r.onset, "steps": len(r.steps),
                                "outcomes": {m: outcomes[m][r.run_id] for m in methods},
                                "lossguard_alerts": lossguard_alerts[r.run_id]} for r in runs},
@@ -292,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"split={args.split} runs={len(runs)} (failing {results['failing_runs']}); cells: recall · median "
           f"delay in steps; best combination (chosen on tune): {' + '.join(combo) or 'none'}\n")
     print(results["table_markdown"])
-    print(f"\n({results['seconds']}s; details in {args.out})")
+    m = results["lossguard"]
+    print(f"\nlossguard: non-finite caught at the step {m['nonfinite_at_step'][0]}/{m['nonfinite_at_step'][1]}; "
+          f"medium-or-worse alerts per 10k healthy steps {m['medium_or_worse_per_10k']:.1f} ({m['medium_or_worse']})")
+    print(f"({results['seconds']}s; details in {args.out})")
     return 0
 
 
