@@ -76,6 +76,8 @@ class GradientExplosionDetector(_GradientNormReader):
     entering the average only clipped to ``μ + zscore_threshold·σ``, so a burst cannot hide itself. A
     single step is at most ``medium`` (one hard batch must not page anyone, as for loss spikes); two steps
     in a row over both tests, or at 10× the mean, are ``high``; three steps, or two at 100×, ``critical``.
+    An episode clears only when the norm is back under twice the mean it had when the episode began: the
+    moving mean creeps up towards a norm that stays high, and that is not the run getting better.
 
     >>> from detectors.events import MetricEvent
     >>> d = GradientExplosionDetector()
@@ -87,7 +89,7 @@ class GradientExplosionDetector(_GradientNormReader):
     """
 
     name = "gradient_explosion"
-    state_fields = _GradientNormReader.state_fields + ("mean", "var", "seen", "run_length")
+    state_fields = _GradientNormReader.state_fields + ("mean", "var", "seen", "run_length", "baseline")
 
     def reset(self) -> None:
         super().reset()
@@ -95,6 +97,8 @@ class GradientExplosionDetector(_GradientNormReader):
         self.var = 0.0
         self.seen = 0
         self.run_length = 0
+        #: the moving mean when the open episode began
+        self.baseline: float | None = None
 
     def update(self, event: MetricEvent) -> list[Alert]:
         g, estimated = self.grad_norm(event)
@@ -111,11 +115,20 @@ class GradientExplosionDetector(_GradientNormReader):
         # a z-score only counts with a material jump: a very steady norm has a tiny σ
         z_hit = warm and z > self.zscore_threshold and ratio > 2.0
         abs_hit = g > self.explosion_threshold and (not warm or ratio > 1.5)
+        episode = self.episodes.get("gradient_explosion")
         if not (z_hit or abs_hit):
             self.run_length = 0
             self.mean, self.var = ema_var(self.mean, self.var, g, alpha)
             self.seen += 1
+            if episode is not None and g > 2.0 * self.baseline:
+                return self._report(  # the mean caught up with the norm; the norm did not come back down
+                    event, "gradient_explosion", True, severity=episode["severity"], value=g,
+                    threshold=2.0 * self.baseline,
+                    message=f"grad norm {g:.4g} is still {g / self.baseline:.1f}x the mean {self.baseline:.4g} it "
+                            f"had before the episode", metadata={"baseline": self.baseline, "estimated": estimated})
             return self._report(event, "gradient_explosion", False)
+        if episode is None:
+            self.baseline = self.mean
         self.run_length += 1
         clipped = self.mean + self.zscore_threshold * sigma if warm else g
         self.mean, self.var = ema_var(self.mean, self.var, min(g, clipped), alpha)

@@ -177,13 +177,19 @@ class LossSpikeDetector(Detector):
         return bool(np.all(np.array(xs) <= limit * (1 - 1e-12)))
 
     def _early(self, event: MetricEvent, x: float) -> list[Alert]:
-        """Warm-up: no window yet, but a loss far above the run's first one is already a blow-up."""
-        limit = self.early_ratio * self.initial
-        if self.initial <= 0 or x <= limit:
+        """Warm-up: no window yet, but a loss far above where the run started — or, from three losses on,
+        above their median when that is lower (the run had learned something) — is already a blow-up."""
+        reference, how = self.initial, f"the run's first loss {self.initial:.4g} (warm-up)"
+        if len(self.history) >= 3:
+            center = median(self.history)
+            if center < reference:
+                reference, how = center, f"the median {center:.4g} of its first {len(self.history)} losses"
+        limit = self.early_ratio * reference
+        if reference <= 0 or x <= limit:
             self.run_length = 0
             self._remember(x)
             return self._report(event, "loss_spike", False)
-        return self._spike(event, x, self.initial, limit, f"the run's first loss {self.initial:.4g} (warm-up)", {})
+        return self._spike(event, x, reference, limit, how, {})
 
     def _spike(self, event: MetricEvent, x: float, median: float, limit: float, how: str,
                metadata: dict) -> list[Alert]:
@@ -253,7 +259,7 @@ class _SmoothedLoss(Detector):
         self.seen = 0
         self.off = False
 
-    def _observe(self, event: MetricEvent) -> float | None:
+    def _loss(self, event: MetricEvent) -> float | None:
         """The loss, or None when absent, non-finite, or the run's loss is not a convergence curve."""
         x = event.metrics.get(self.metric)
         if x is None or not math.isfinite(x) or self.off:
@@ -262,6 +268,13 @@ class _SmoothedLoss(Detector):
             # a policy-gradient surrogate is not bounded below by 0 and hovers around it; "above its
             # best" and "no improvement" mean nothing for it: off for the rest of the run
             self.off = True
+            return None
+        return x
+
+    def _observe(self, event: MetricEvent) -> float | None:
+        """:meth:`_loss`, folded into the smoothed loss and its noise."""
+        x = self._loss(event)
+        if x is None:
             return None
         alpha = 2.0 / (self.span + 1)
         if self.smooth is not None:
@@ -276,8 +289,9 @@ class LossDivergenceDetector(_SmoothedLoss):
     """Sustained divergence: the smoothed loss climbs well above the best it reached, and stays there.
 
     Active when the smoothed loss is more than ``divergence_threshold`` (relative) above its running
-    minimum *and* that rise is over 2× the loss noise (so a noisy late-training loss near zero does not
-    trip a relative test). ``medium`` at once, ``high`` after ``divergence_steps`` steps in a row,
+    minimum, that rise is over 2× the loss noise (so a noisy late-training loss near zero does not trip a
+    relative test) *and* it undoes at least 5 % of what the run learned (start − best): at a converged
+    run's floor a tiny best can double without anything going wrong. ``medium`` at once, ``high`` after ``divergence_steps`` steps in a row,
     ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
 
     >>> import random
@@ -302,19 +316,16 @@ class LossDivergenceDetector(_SmoothedLoss):
         self.run_length = 0
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        if self._observe(event) is None:
+        x = self._loss(event)
+        if x is None:
             return []
-        if self.seen == 1:
-            self.start = self.smooth
+        active = self._advance([x], commit=True) == 0
         if self.seen < self.warmup:
             return []
-        self.best = self.smooth if self.best is None else min(self.best, self.smooth)
-        rise = self.smooth - self.best
-        noise = 1.25 * self.absdev
-        active = rise > self.divergence_threshold * abs(self.best) and rise > 2 * noise
         self.run_length = self.run_length + 1 if active else 0
         if not active:
             return self._report(event, "convergence_divergence", False)
+        rise = self.smooth - self.best
         if self.run_length >= self.divergence_steps and self.smooth > self.start:
             severity = "critical"
         elif self.run_length >= self.divergence_steps:
@@ -328,15 +339,14 @@ class LossDivergenceDetector(_SmoothedLoss):
                      f"best {self.best:.4g} for {self.run_length} step(s)"),
             metadata={"best": self.best, "start": self.start, "consecutive": self.run_length})
 
-    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # update's arithmetic in one loop over the losses; the first step that would be active sends
-        # the whole batch (state untouched) to the step-by-step path
-        xs = None if self.off or "convergence_divergence" in self.episodes else _plain_losses(events, self.metric)
-        if xs is None:
-            return super().update_batch(events)
+    def _advance(self, xs: list[float], commit: bool) -> int:
+        """The detector's arithmetic, for ``update`` and ``update_batch`` alike: fold the losses ``xs`` into
+        the smoothed loss, its noise and its best, and return the index of the first at which the rise is a
+        divergence (``len(xs)``: none). The state is written back when ``commit`` or when none was."""
         alpha, warmup, threshold = 2.0 / (self.span + 1), self.warmup, self.divergence_threshold
         smooth, absdev, seen, start, best = self.smooth, self.absdev, self.seen, self.start, self.best
-        for x in xs:
+        found = len(xs)
+        for i, x in enumerate(xs):
             if smooth is None:
                 smooth = float(x)
             else:
@@ -350,11 +360,23 @@ class LossDivergenceDetector(_SmoothedLoss):
             if best is None or smooth < best:
                 best = smooth
             rise = smooth - best
-            if rise > threshold * abs(best) and rise > 2 * (1.25 * absdev):
-                return super().update_batch(events)
-        if seen >= warmup:
+            # above the best by a relative margin, by more than the noise, and by a part of what the run
+            # learned: a healthy run's loss floor wanders by 100% of a tiny best and means nothing
+            if rise > threshold * abs(best) and rise > 2 * (1.25 * absdev) and rise > 0.05 * (start - best):
+                found = i
+                break
+        if commit or found == len(xs):
+            self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
+        return found
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # _advance over the batch; the first step that would be active sends the whole batch (state
+        # untouched) to the step-by-step path
+        xs = None if self.off or "convergence_divergence" in self.episodes else _plain_losses(events, self.metric)
+        if xs is None or self._advance(xs, commit=False) < len(xs):
+            return super().update_batch(events)
+        if self.seen >= self.warmup:
             self.run_length = 0
-        self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
         return []
 
 
@@ -573,7 +595,9 @@ class LossPlateauDetector(_SmoothedLoss):
         from_start = self.first_step <= self.warmup * (self.interval or 1)
         warming_up = self.seen - self.lr_rose_at < self.plateau_window
         start, now = median(self.early), median(self.recent)
-        stagnant = from_start and not warming_up and start > 0 and now > start * (1 - self.stagnation_improvement)
+        # above where it started by a quarter is a divergence (the divergence detector's), not a plateau
+        stagnant = from_start and not warming_up and start > 0 and (
+            start * (1 - self.stagnation_improvement) < now <= 1.25 * start)
         return stagnant, start, now
 
 
