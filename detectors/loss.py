@@ -427,29 +427,12 @@ class LossPlateauDetector(_SmoothedLoss):
         self.lr_rose_at = 0
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        x = self._observe(event)
+        x = self._loss(event)
         if x is None:
             return []
-        if self.first_step is None:
-            self.first_step = event.step
-        elif self.interval is None and event.step > self.first_step:
-            self.interval = event.step - self.first_step
-        lr = event.metrics.get("lr")
-        if lr is not None and math.isfinite(lr):
-            if self.prev_lr is not None and lr > self.prev_lr:
-                self.lr_rose_at = self.seen
-            self.prev_lr = compact(lr)
-        if len(self.early) < self.warmup:
-            push(self.early, x, self.warmup)
-        push(self.recent, x, self.plateau_window)
+        self._advance([x], [event.step], [event.metrics.get("lr")], 0, watch=False)
         if self.seen < self.warmup:
             return []
-        if self.best is None:
-            self.best = self.smooth
-        if self.smooth < self.best - self.plateau_threshold * abs(self.best):
-            self.best, self.since_best = self.smooth, 0
-        else:
-            self.since_best += 1
         stagnant, start, now = self._stagnation()
         if stagnant:
             return self._report(
@@ -470,16 +453,17 @@ class LossPlateauDetector(_SmoothedLoss):
             metadata={"best": self.best, "since_best": self.since_best, "stagnation": False})
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # update's bookkeeping in one loop until a step that changes the alert stream (a plateau opens,
-        # escalates or resolves): that step goes through update, and the loop takes the rest. A recent
-        # median that may sit where the run started (stagnation) sends the rest step by step.
+        # _advance takes steps until one that may change the alert stream (a plateau opens, escalates or
+        # resolves): that step goes through update, and _advance takes the rest. When a recent median may
+        # sit where the run started (stagnation), the rest goes step by step.
         xs = None if self.off else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
+        steps, lrs = [e.step for e in events], column(events, "lr")
         raised: list[tuple[int, Alert]] = []
         begin = 0
         while begin < len(events):
-            stop = self._quiet_prefix(events, xs, begin)
+            stop = self._advance(xs, steps, lrs, begin, watch=True)
             if stop is None:  # stagnation cannot be ruled out
                 return raised + [(begin + i, a) for i, a in super().update_batch(events[begin:])]
             if stop < len(events):
@@ -487,104 +471,90 @@ class LossPlateauDetector(_SmoothedLoss):
             begin = stop + 1
         return raised
 
-    def _quiet_prefix(self, events: list[MetricEvent], xs: list[float], begin: int) -> int | None:
-        """Take ``events[begin:stop]`` as ``update`` would, where none of them changes the alert stream;
-        returns ``stop`` (``len(events)``: all taken), or None, having taken nothing, when a recent
-        median might show stagnation."""
+    def _advance(self, xs: list[float], steps: list[int], lrs: list[float | None], begin: int,
+                 watch: bool) -> int | None:
+        """The detector's arithmetic, for ``update`` and ``update_batch`` alike: fold ``xs[begin:]`` (with
+        their steps and learning rates) into the smoothed loss, the run's cadence, the LR's last rise, the
+        early and recent windows, and the best level and the count since it.
+
+        ``watch=False`` (``update``): take them all. ``watch=True`` (``update_batch``): stop before the first
+        step whose plateau test changes the alert stream (returning its index; ``len(xs)``: none did) — or
+        take nothing and return None when a recent median might show stagnation: then ``update`` must
+        judge each step. The state is written back only for the steps taken."""
         alpha, warmup, window = 2.0 / (self.span + 1), self.warmup, self.plateau_window
+        threshold = self.plateau_threshold
         smooth, absdev, seen, best, since_best = self.smooth, self.absdev, self.seen, self.best, self.since_best
         first_step, interval, prev_lr, lr_rose_at = self.first_step, self.interval, self.prev_lr, self.lr_rose_at
-        early, new = list(self.early), compacted(events, self.metric)
-        episode = self.episodes.get("convergence_plateau")
+        episode = self.episodes.get("convergence_plateau") if watch else None
         clear = episode["clear"] if episode else 0
-        lrs = column(events, "lr")
-        checked = 0  # steps taken that the stagnation test would look at
-        stop = len(events)
+        early, recent = list(self.early), list(self.recent)
         later = lrs[begin:]
-        fast = (episode is None and smooth is not None and best is not None and seen >= warmup and window > 0
-                and interval is not None and len(early) >= warmup
-                and (later.count(prev_lr) == len(later) or later.count(None) == len(later)))
-        if fast:
-            # past the warm-up, nothing open, the LR unchanged (compact already, so it stays itself): only
-            # the smoothing, the best level and the count since it move — the loop below, pared down
-            threshold, limit = self.plateau_threshold, best - self.plateau_threshold * abs(best)
-            for i in range(begin, stop):
-                x = xs[i]
-                n_smooth = smooth + alpha * (x - smooth)
-                if n_smooth < limit:
-                    best, since_best = n_smooth, 0
-                    limit = best - threshold * abs(best)
-                elif since_best + 1 >= window:
-                    stop = i  # a plateau opens here: update takes this step
-                    break
-                else:
-                    since_best += 1
-                absdev = absdev + alpha * (abs(x - smooth) - absdev)
-                smooth = n_smooth
-            taken = stop - begin
-            checked = max(0, min(taken, seen + taken - (warmup + window) + 1))
-            seen += taken
-        for i in range(begin, begin if fast else len(events)):
+        lr_still = later.count(prev_lr) == len(later) or later.count(None) == len(later)  # compact already
+        checked = 0  # steps taken that the stagnation test would look at
+        stop = len(xs)
+        for i in range(begin, len(xs)):
             x = xs[i]
             if smooth is None:
                 n_smooth, n_absdev = float(x), absdev
             else:
                 n_absdev = absdev + alpha * (abs(x - smooth) - absdev)
                 n_smooth = smooth + alpha * (x - smooth)
-            n_seen, n_first, n_interval, n_prev_lr, n_rose = seen + 1, first_step, interval, prev_lr, lr_rose_at
-            step = events[i].step
-            if n_first is None:
-                n_first = step
-            elif n_interval is None and step > n_first:
-                n_interval = step - n_first
-            lr = lrs[i]
-            if lr is not None and math.isfinite(lr):
-                if n_prev_lr is not None and lr > n_prev_lr:
-                    n_rose = n_seen
-                n_prev_lr = compact(lr)
+            n_seen, n_rose, n_prev_lr = seen + 1, lr_rose_at, prev_lr
+            if not lr_still:
+                lr = lrs[i]
+                if lr is not None and math.isfinite(lr):
+                    if n_prev_lr is not None and lr > n_prev_lr:
+                        n_rose = n_seen
+                    n_prev_lr = compact(lr)
             n_best, n_since, n_clear = best, since_best, clear
             if n_seen >= warmup:
                 if n_best is None:
                     n_best = n_smooth
-                if n_smooth < n_best - self.plateau_threshold * abs(n_best):
+                if n_smooth < n_best - threshold * abs(n_best):
                     n_best, n_since = n_smooth, 0
                 else:
                     n_since += 1
-                active = n_since >= window
-                if episode is None:
-                    if active:
-                        stop = i
-                        break
-                elif active:
-                    if severity_rank("medium" if n_since >= 4 * window else "low") > severity_rank(
-                            episode["severity"]):
-                        stop = i
-                        break
-                    n_clear = 0
-                else:
-                    n_clear += 1
-                    if n_clear >= self.resolve_after:
-                        stop = i
-                        break
-                if n_seen >= warmup + window:
-                    checked += 1
-            smooth, absdev, seen, first_step, interval, prev_lr, lr_rose_at = (
-                n_smooth, n_absdev, n_seen, n_first, n_interval, n_prev_lr, n_rose)
+                if watch:
+                    active = n_since >= window
+                    if episode is None:
+                        if active:
+                            stop = i
+                            break
+                    elif active:
+                        if severity_rank("medium" if n_since >= 4 * window else "low") > severity_rank(
+                                episode["severity"]):
+                            stop = i
+                            break
+                        n_clear = 0
+                    else:
+                        n_clear += 1
+                        if n_clear >= self.resolve_after:
+                            stop = i
+                            break
+                    if n_seen >= warmup + window:
+                        checked += 1
+            if first_step is None:
+                first_step = steps[i]
+            elif interval is None and steps[i] > first_step:
+                interval = steps[i] - first_step
+            smooth, absdev, seen, prev_lr, lr_rose_at = n_smooth, n_absdev, n_seen, n_prev_lr, n_rose
             best, since_best, clear = n_best, n_since, n_clear
+            x = compact(x)
             if len(early) < warmup:
-                early.append(new[i])
-        recent = [*self.recent, *new[begin:stop]]
-        if checked and first_step <= warmup * (interval or 1):
-            start = median(early)
-            # no window's median can exceed this bound: below the stagnation level, none is stagnant
-            if start > 0 and upper_median_bound(recent[max(0, len(recent) - checked - window + 1):], window) > (
-                    start * (1 - self.stagnation_improvement)):
-                return None
+                early.append(x)
+            recent.append(x)
+        if watch:
+            taken = recent[max(0, len(recent) - checked - window + 1):]
+            if checked and first_step <= warmup * (interval or 1):
+                start = median(early)
+                # no window's median can exceed this bound: below the stagnation level, none is stagnant
+                if start > 0 and upper_median_bound(taken, window) > start * (1 - self.stagnation_improvement):
+                    return None
+            if episode is not None:
+                episode["clear"] = clear
         self.smooth, self.absdev, self.seen, self.best, self.since_best = smooth, absdev, seen, best, since_best
         self.first_step, self.interval, self.prev_lr, self.lr_rose_at = first_step, interval, prev_lr, lr_rose_at
         self.early, self.recent = early, recent[-window:]
-        if episode is not None:
-            episode["clear"] = clear
         return stop
 
     def _stagnation(self) -> tuple[bool, float, float]:
