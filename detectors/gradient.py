@@ -104,30 +104,16 @@ class GradientExplosionDetector(_GradientNormReader):
         g, estimated = self.grad_norm(event)
         if g is None:
             return []
+        if self._advance([g], screened=False):
+            return self._calm(event, g, estimated)
         alpha = 1.0 - self.ema_decay
-        if self.mean is None:
-            self.mean, self.seen = compact(g), 1
-            return []
         sigma = math.sqrt(self.var)
         z = (g - self.mean) / sigma if sigma > 0 else 0.0
         ratio = g / self.mean if self.mean > 0 else math.inf
         warm = self.seen >= self.warmup
-        # a z-score only counts with a material jump: a very steady norm has a tiny σ
         z_hit = warm and z > self.zscore_threshold and ratio > 2.0
         abs_hit = g > self.explosion_threshold and (not warm or ratio > 1.5)
-        episode = self.episodes.get("gradient_explosion")
-        if not (z_hit or abs_hit):
-            self.run_length = 0
-            self.mean, self.var = ema_var(self.mean, self.var, g, alpha)
-            self.seen += 1
-            if episode is not None and g > 2.0 * self.baseline:
-                return self._report(  # the mean caught up with the norm; the norm did not come back down
-                    event, "gradient_explosion", True, severity=episode["severity"], value=g,
-                    threshold=2.0 * self.baseline,
-                    message=f"grad norm {g:.4g} is still {g / self.baseline:.1f}x the mean {self.baseline:.4g} it "
-                            f"had before the episode", metadata={"baseline": self.baseline, "estimated": estimated})
-            return self._report(event, "gradient_explosion", False)
-        if episode is None:
+        if self.episodes.get("gradient_explosion") is None:
             self.baseline = self.mean
         self.run_length += 1
         clipped = self.mean + self.zscore_threshold * sigma if warm else g
@@ -152,21 +138,29 @@ class GradientExplosionDetector(_GradientNormReader):
             metadata={"z": z, "ratio": ratio, "ema_mean": self.mean, "consecutive": self.run_length,
                       "estimated": estimated})
 
-    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # update's arithmetic in one loop; the first norm over either test sends the whole batch (state
-        # untouched) to the step-by-step path
-        norms = self.measured_norms(events, "gradient_explosion")
-        if norms is None:
-            return super().update_batch(events)
+    def _calm(self, event: MetricEvent, g: float, estimated: bool) -> list[Alert]:
+        """A norm :meth:`_advance` took (no test hit, or the run's first norm)."""
+        episode = self.episodes.get("gradient_explosion")
+        if self.seen == 1:
+            return []
+        self.run_length = 0
+        if episode is not None and g > 2.0 * self.baseline:
+            return self._report(  # the mean caught up with the norm; the norm did not come back down
+                event, "gradient_explosion", True, severity=episode["severity"], value=g,
+                threshold=2.0 * self.baseline,
+                message=f"grad norm {g:.4g} is still {g / self.baseline:.1f}x the mean {self.baseline:.4g} it "
+                        f"had before the episode", metadata={"baseline": self.baseline, "estimated": estimated})
+        return self._report(event, "gradient_explosion", False)
+
+    def _advance(self, norms: list[float], screened: bool) -> int:
+        """The detector's arithmetic, for ``update`` and ``update_batch`` alike: fold ``norms`` into the
+        moving mean and variance until one hits a test (``screened``: the caller proved none can); returns
+        how many were taken. A norm that hits is left to ``update``, which clips it into the average."""
         alpha, mean, var, seen = 1.0 - self.ema_decay, self.mean, self.var, self.seen
         keep, zscore, ceiling, warmup, sqrt = 1 - alpha, self.zscore_threshold, self.explosion_threshold, \
             self.warmup, math.sqrt
-        # the mean never falls below min(mean, smallest norm) (an average of values above that): when no
-        # norm reaches twice that nor the ceiling, neither test can fire and only the average moves
-        top = max(norms)
-        screened = (mean is not None and mean > 0 and 0 <= alpha <= 1 and top <= ceiling
-                    and top <= 2.0 * min(mean, min(norms)) * (1 - 1e-12))
-        for g in norms:
+        taken = len(norms)
+        for i, g in enumerate(norms):
             if mean is None:
                 mean, seen = compact(g), 1
                 continue
@@ -174,17 +168,35 @@ class GradientExplosionDetector(_GradientNormReader):
                 sigma = sqrt(var)
                 ratio = g / mean if mean > 0 else math.inf
                 warm = seen >= warmup
+                # a z-score only counts with a material jump: a very steady norm has a tiny σ
                 if (warm and sigma > 0 and (g - mean) / sigma > zscore and ratio > 2.0) or (
                         g > ceiling and (not warm or ratio > 1.5)):
-                    return super().update_batch(events)
+                    taken = i
+                    break
             diff = g - mean  # stats.ema_var, inline: a call per step costs as much as its arithmetic
             incr = alpha * diff
             mean, var = mean + incr, keep * (var + diff * incr)
             seen += 1
-        if seen != self.seen:
-            self.run_length = 0
         self.mean, self.var, self.seen = mean, var, seen
-        return []
+        return taken
+
+    def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
+        # _advance over the batch; from the first norm that hits a test on, step by step
+        norms = self.measured_norms(events, "gradient_explosion")
+        if norms is None:
+            return super().update_batch(events)
+        # the mean never falls below min(mean, smallest norm) (an average of values above that): when no
+        # norm reaches twice that nor the ceiling, neither test can fire and only the average moves
+        mean, top = self.mean, max(norms)
+        screened = (mean is not None and mean > 0 and 0 <= 1.0 - self.ema_decay <= 1
+                    and top <= self.explosion_threshold and top <= 2.0 * min(mean, min(norms)) * (1 - 1e-12))
+        seen = self.seen
+        taken = self._advance(norms, screened)
+        if self.seen > max(seen, 1):
+            self.run_length = 0
+        if taken == len(norms):
+            return []
+        return [(taken + i, a) for i, a in super().update_batch(events[taken:])]
 
 
 @register_detector
