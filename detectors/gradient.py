@@ -278,13 +278,7 @@ class GradientVarianceDetector(_GradientNormReader):
         g, estimated = self.grad_norm(event)
         if g is None or g <= 0:
             return []
-        x = math.log(g)
-        alpha = 2.0 / (self.window_size + 1)
-        if self.mean is None:
-            self.mean = compact(x)
-        else:
-            self.mean, self.var = ema_var(self.mean, self.var, x, alpha)
-        self.seen += 1
+        self._advance([g], math.inf)
         if self.seen < self.window_size:
             return []
         cv = math.sqrt(math.expm1(min(self.var, 50.0)))
@@ -294,28 +288,39 @@ class GradientVarianceDetector(_GradientNormReader):
                                     f"steps (threshold {self.variance_threshold:g})",
                             metadata={"log_sigma": math.sqrt(self.var), "estimated": estimated})
 
+    def _advance(self, norms: list[float], bound: float) -> int:
+        """The detector's arithmetic, for ``update`` and ``update_batch`` alike: fold the logs of ``norms``
+        (all > 0) into the moving mean and variance, up to (not including) the first that would leave the
+        variance over ``bound`` past the warm-up; returns how many were taken."""
+        alpha, mean, var, seen = 2.0 / (self.window_size + 1), self.mean, self.var, self.seen
+        keep, log, window = 1 - alpha, math.log, self.window_size
+        taken = len(norms)
+        for i, g in enumerate(norms):
+            x = log(g)
+            if mean is None:
+                n_mean, n_var = compact(x), var
+            else:
+                diff = x - mean  # stats.ema_var, inline: a call per step costs as much as its arithmetic
+                incr = alpha * diff
+                n_mean, n_var = mean + incr, keep * (var + diff * incr)
+            if seen + 1 >= window and n_var > bound:
+                taken = i
+                break
+            mean, var, seen = n_mean, n_var, seen + 1
+        self.mean, self.var, self.seen = mean, var, seen
+        return taken
+
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
-        # update's arithmetic in one loop; the first spread over the threshold sends the whole batch
-        # (state untouched) to the step-by-step path
+        # _advance over the batch while the spread stays clearly under the threshold; from the step that
+        # would take it near or past it on, step by step
         norms = self.measured_norms(events, "gradient_variance")
         if norms is None or min(norms) <= 0:
             return super().update_batch(events)
-        alpha, mean, var, seen = 2.0 / (self.window_size + 1), self.mean, self.var, self.seen
-        keep, log, window = 1 - alpha, math.log, self.window_size
         # sqrt(expm1(var)) > threshold exactly when var > log1p(threshold²); a var within a hair of that
         # (or past it) leaves the decision to update's own arithmetic
         bound = min(math.log1p(self.variance_threshold ** 2), 50.0) * (1 - 1e-9) if self.variance_threshold >= 0 \
             else -math.inf
-        for g in norms:
-            x = log(g)
-            if mean is None:
-                mean = compact(x)
-            else:
-                diff = x - mean  # stats.ema_var, inline
-                incr = alpha * diff
-                mean, var = mean + incr, keep * (var + diff * incr)
-            seen += 1
-            if seen >= window and var > bound:
-                return super().update_batch(events)
-        self.mean, self.var, self.seen = mean, var, seen
-        return []
+        taken = self._advance(norms, bound)
+        if taken == len(norms):
+            return []
+        return [(taken + i, a) for i, a in super().update_batch(events[taken:])]
