@@ -69,6 +69,13 @@ ALIASES: dict[str, str] = {
     "train/rewards/margins": "reward_margin", "train/rewards/accuracies": "reward_accuracy",
     "train/rewards/chosen": "chosen_reward", "train/rewards/rejected": "rejected_reward",
     "policy/clipfrac_mean": "clipfrac", "clip_ratio/low_mean": "clipfrac",
+    # what people print and paste: notebook tables (HF's "Training Loss | Validation Loss"), nanoGPT-style
+    # "train loss / val loss", fairseq ("gnorm", "valid_loss"), OpenAI baselines' PPO, hand-rolled loops
+    "training loss": "loss", "train loss": "loss", "validation loss": "val_loss", "val loss": "val_loss",
+    "valid loss": "val_loss", "eval loss": "val_loss", "gnorm": "grad_norm", "valid_ppl": "val_perplexity",
+    "grpo_loss": "loss", "policy_entropy_mean": "entropy", "policy_entropy": "entropy", "ent": "entropy",
+    "completion_length_mean": "response_length", "mean_length": "response_length", "vf_loss": "value_loss",
+    "clip_fraction": "clipfrac", "ratio_mean": "ratio", "reward_mean/mean": "reward_mean",
 }
 
 

@@ -126,10 +126,12 @@ class GradientExplosionDetector(_GradientNormReader):
         elif (self.run_length >= 2 and ((z_hit and abs_hit) or (warm and ratio >= 10))) or (
                 self.run_length >= 3 and z_hit):
             severity = "high"
+        elif self.run_length >= 2 or (warm and ratio >= 10):
+            severity = "medium"
         else:
-            severity = "medium"
+            severity = "low"  # one step over a ceiling or a z-score: one hard batch, or early training
         if estimated:
-            severity = "medium"
+            severity = "low"  # an estimate from loss and LR is a hint, not a measurement
         return self._report(
             event, "gradient_explosion", True, severity=severity, value=g,
             threshold=self.explosion_threshold if abs_hit else clipped,
@@ -252,7 +254,7 @@ class GradientVarianceDetector(_GradientNormReader):
     that a few heavy-tailed batches cannot dominate, reported as the coefficient of variation a
     log-normal with that σ has, ``sqrt(exp(σ²) - 1)``; healthy SGD sits near 0.1–0.6, a run that lurches
     between tiny and huge updates goes above ``variance_threshold``. Spread alone is weak evidence
-    (small batches near convergence are noisy by nature), so the alert stays ``medium``.
+    (small batches near convergence are noisy by nature), so the alert stays ``low``.
 
     >>> import random
     >>> from detectors.events import MetricEvent
@@ -262,7 +264,7 @@ class GradientVarianceDetector(_GradientNormReader):
     []
     >>> out = [a for s in range(200, 260) for a in d.update(MetricEvent("r", s, {"grad_norm": rng.choice([0.05] * 4 + [30.0])}))]
     >>> [a.severity for a in out]
-    ['medium']
+    ['low']
     """
 
     name = "gradient_variance"
@@ -282,7 +284,7 @@ class GradientVarianceDetector(_GradientNormReader):
         if self.seen < self.window_size:
             return []
         cv = math.sqrt(math.expm1(min(self.var, 50.0)))
-        return self._report(event, "gradient_variance", cv > self.variance_threshold, severity="medium",
+        return self._report(event, "gradient_variance", cv > self.variance_threshold, severity="low",
                             value=cv, threshold=self.variance_threshold,
                             message=f"grad norm spread (log-normal σ/μ) = {cv:.2f} over ~{self.window_size} "
                                     f"steps (threshold {self.variance_threshold:g})",

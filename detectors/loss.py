@@ -6,9 +6,10 @@ few outliers cannot inflate it the way they inflate a standard deviation). A pos
 in log space: minibatch losses are skewed, their logs much less so. A step is a spike when it is more
 than ``threshold`` robust σ *and* ``min_rel_increase`` (relative) above the median. Spikes do not
 enter the window, so a burst cannot raise its own baseline. Severity grows with persistence and size: a
-lone step stays ``medium`` however large (a hard batch on a healthy run); ``high`` after
-``persist_high`` spiking steps in a row; ``critical`` after ``persist_critical`` steps or a second step
-at ``ratio_critical``×. In the first ``warmup`` steps, before there is a window to compare with, a loss
+lone step is ``low`` (a hard batch: noisy pretraining has many), ``medium`` at 2× the median, ``high`` at
+``jump_ratio``× (an average over many steps, or a short fragment, that jumps 5× is no hard batch); two
+steps in a row are ``medium``, ``high`` at ``material_ratio``×; ``critical`` after ``persist_critical``
+material steps or a second step at ``ratio_critical``×. In the first ``warmup`` steps, before there is a window to compare with, a loss
 above ``early_ratio``× the run's first loss counts as a spike (a learning rate so high the very first
 updates blow the model up). A negative loss (an RL surrogate objective), or a run that logs
 policy-gradient metrics (``reward_mean``, ``kl``, ``clipfrac`` ...), switches it off for the run: a
@@ -24,11 +25,13 @@ span ``span`` first: a minibatch loss is a noisy sample, its trend is what conve
 >>> alerts = [a for s in range(200) for a in d.update(MetricEvent("r", s, {"loss": 2.0 - s / 200 + rng.gauss(0, 0.02)}))]
 >>> alerts
 []
->>> [(a.alert_type, a.severity) for s in range(200, 205) for a in d.update(MetricEvent("r", s, {"loss": 9.0}))]
-[('loss_spike', 'medium'), ('loss_spike', 'high'), ('loss_spike', 'critical')]
+>>> [(a.severity, a.step) for s, x in enumerate([2.6, 1.0], 200) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+[('medium', 200)]
+>>> [(a.severity, a.step) for s in range(202, 206) for a in d.update(MetricEvent("r", s, {"loss": 9.0}))]
+[('high', 202), ('critical', 204)]
 >>> d = LossSpikeDetector()
 >>> [(a.severity, a.step) for s, x in enumerate([2.29, 25.8, 27.3, 15.4, 22.1]) for a in d.update(MetricEvent("r", s, {"loss": x}))]
-[('medium', 1), ('critical', 2)]
+[('high', 1), ('critical', 2)]
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class LossSpikeDetector(Detector):
         "early_ratio": 3.0,
         "persist_high": 2,
         "persist_critical": 3,
+        "material_ratio": 1.5,
+        "jump_ratio": 5.0,
         "resolve_after": 20,
     }
     state_fields = ("history", "run_length", "off", "initial")
@@ -195,13 +200,18 @@ class LossSpikeDetector(Detector):
                metadata: dict) -> list[Alert]:
         self.run_length += 1
         ratio = x / median if median > 0 else math.inf
-        if self.run_length >= self.persist_critical or (ratio >= self.ratio_critical and self.run_length > 1):
+        material = ratio >= self.material_ratio
+        if (self.run_length >= self.persist_critical and material) or (
+                ratio >= self.ratio_critical and self.run_length > 1):
             severity = "critical"
-        elif self.run_length >= self.persist_high:
-            # never on the first step, however large: one hard batch on a healthy run is a blip
+        elif (self.run_length >= self.persist_high and material) or ratio >= self.jump_ratio:
+            # a lone point pages only when the loss jumped jump_ratio×: an average over hundreds of steps
+            # (or a short fragment) that does that is no hard batch
             severity = "high"
-        else:
+        elif ratio >= 2.0 or self.run_length >= self.persist_high:
             severity = "medium"
+        else:
+            severity = "low"  # one hard batch: noisy pretraining has many, none of them a failure
         return self._report(
             event, "loss_spike", True, severity=severity, value=x, threshold=limit,
             message=f"{self.metric} {x:.4g} is {ratio:.2f}x {how} for {self.run_length} step(s)",

@@ -100,13 +100,15 @@ class LearningRateRangeDetector(Detector):
                 self.low_since = event.step
                 # a drop to zero bigger than the schedule's recent moves is a bug, not the end of a decay
                 typical = max(self.moves, default=0.0)
-                self.dropped = prev is not None and prev > self.min_lr and prev > self.explained_factor * typical
+                # (from well above min_lr: a cosine tail logged sparsely crosses min_lr in steps that look
+                # large next to its last moves, but from just above it)
+                self.dropped = prev is not None and prev > 100 * self.min_lr and prev > self.explained_factor * typical
             self.low_seen += 1
         if prev is not None:
             push(self.moves, abs(lr - prev), 5)
         low_for = -1 if self.low_since is None else event.step - self.low_since
         too_low = 0 < lr <= self.min_lr and low_for >= self.low_steps and not rising
-        alerts += self._report(event, "lr_too_low", too_low, severity="medium", value=lr,
+        alerts += self._report(event, "lr_too_low", too_low, severity="low", value=lr,
                                threshold=self.min_lr,
                                message=f"learning rate {lr:.3g} below min_lr {self.min_lr:g} for {low_for} steps")
         stuck = (low_for >= self.stuck_steps and self.low_seen >= 3) or (

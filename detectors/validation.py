@@ -36,9 +36,10 @@ class ValTrainDivergenceDetector(Detector):
     than ``rise_threshold`` (relative) *and* ``noise_threshold`` noise σ above its best while training is
     lower than it was then. The noise σ is the robust spread (MAD around the median, so a steady descent
     is not noise) of the eval-to-eval changes of the last ``noise_window`` evaluations, over √2: a small
-    validation set jitters, and a best evaluation is partly luck. ``medium`` at once, ``high`` after
-    ``patience`` evaluations in a row, ``critical`` when it lasts twice that at 3× the rise.
-    ``overtraining`` (``low``, ``medium`` when validation is also rising) says the best checkpoint is
+    validation set jitters, and a best evaluation is partly luck. One evaluation is ``low`` (a noisy
+    validation set), two in a row ``medium``, three (or ``patience``) at twice the rise ``high`` — a run
+    may evaluate only 5–10 times in all — and ``critical`` when it lasts ``2·patience`` at 3× the rise.
+    ``overtraining`` (``low``, ``medium`` while validation is also rising past its noise) says the best checkpoint is
     ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
 
     >>> from detectors.events import MetricEvent
@@ -50,7 +51,7 @@ class ValTrainDivergenceDetector(Detector):
     ...         m["val_loss"] = 0.8 + 0.002 * (s - 300) ** 2 / 100
     ...     out += d.update(MetricEvent("r", s, m))
     >>> [(a.alert_type, a.severity, a.step) for a in out]
-    [('val_train_divergence', 'medium', 500), ('val_train_divergence', 'high', 700), ('overtraining', 'medium', 700)]
+    [('val_train_divergence', 'low', 500), ('val_train_divergence', 'medium', 550), ('val_train_divergence', 'high', 600), ('overtraining', 'medium', 700)]
     """
 
     name = "val_train_divergence"
@@ -112,9 +113,11 @@ class ValTrainDivergenceDetector(Detector):
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
         active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
         self.run_length = self.run_length + 1 if active else 0
+        # one evaluation above the best is a noisy validation set; several in a row are a trend
         severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= 2 * self.patience
-                    else "high" if self.run_length >= self.patience and rise > 2 * self.rise_threshold
-                    else "medium")
+                    else "high" if (self.run_length >= self.patience or self.run_length >= 3) and
+                    rise > 2 * self.rise_threshold
+                    else "medium" if self.run_length >= 2 else "low")
         alerts = self._report(
             event, "val_train_divergence", active, severity=severity, value=val,
             threshold=self.best_val * (1 + self.rise_threshold),
@@ -125,7 +128,7 @@ class ValTrainDivergenceDetector(Detector):
                       "train_at_best": self.train_at_best, "evaluations": self.run_length, "noise": noise})
         overtrained = train_falling and self.evals_since_best >= self.overtrain_evals
         alerts += self._report(
-            event, "overtraining", overtrained, severity="medium" if rise > self.rise_threshold else "low",
+            event, "overtraining", overtrained, severity="medium" if active else "low",
             value=val, threshold=self.best_val,
             message=(f"no better val_loss than {self.best_val:.4g} (step {self.best_step}) in "
                      f"{self.evals_since_best} evaluations while training improves; the best checkpoint "

@@ -125,8 +125,9 @@ def test_state_stays_small_with_every_detector_on_every_metric():
     assert size <= 64 * 1024, size
 
 
-def test_estimated_grad_norm_is_flagged_and_capped_at_medium():
-    """A managed job logs no grad_norm: the norm is estimated from loss and LR, and says so."""
+def test_estimated_grad_norm_is_flagged_and_capped_at_low():
+    """A managed job logs no grad_norm: the norm is estimated from loss and LR, says so, and never pages
+    (real HF logs without a grad norm raised medium alerts on estimates that meant nothing)."""
     from detectors.gradient import GradientExplosionDetector
 
     events = [MetricEvent(e.run_id, e.step, {k: v for k, v in e.metrics.items() if k != "grad_norm"}, ts=e.ts)
@@ -135,7 +136,7 @@ def test_estimated_grad_norm_is_flagged_and_capped_at_medium():
     alerts = [a for e in events for a in d.update(e)]
     assert alerts, "the lr x100 jump moves the loss enough for the estimate to explode"
     assert all(a.metadata.get("estimated") is True for a in alerts if a.status == "firing")
-    assert {a.severity for a in alerts} == {"medium"}
+    assert {a.severity for a in alerts} == {"low"}
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -8,8 +8,8 @@ log pasted into a GitHub issue, a logbook — labelled by hand from the human ev
 Real logs are sparse (one point every 10–500 steps) and often short, so the score counts **logged points**,
 not steps: onset, detection delay, episodes and the healthy denominator are all in points (the event of
 one step, all its metrics merged, is one point). A failing run is caught when a high/critical firing alert
-comes at or after the point ``TOLERANCE`` points before the labelled onset; a non-finite failure only when
-a critical alert comes at the onset's very step. False alarms are high/critical episodes on healthy runs and
+comes at or after the point ``TOLERANCE`` points before the labelled onset; a non-finite failure counts as
+caught "at the step" when a high/critical alert comes at the onset's very step. False alarms are high/critical episodes on healthy runs and
 before onset on failing ones; "noise" is every medium-or-worse firing alert there.
 
     python benchmarks/detection/real_logs.py                 # report half, markdown table
@@ -96,9 +96,9 @@ def baseline_alarms(run: Run, cls) -> list[int]:
 
 
 def nonfinite_at_step(runs: Sequence[Run], briefs: Mapping[str, list[dict[str, Any]]]) -> tuple[int, int]:
-    """(caught, total) non-finite failures with a critical alert at the onset's very step."""
+    """(caught, total) non-finite failures with a high/critical alert at the onset's very step."""
     failing = [r for r in runs if r.failure == "nonfinite"]
-    caught = sum(any(a["status"] == "firing" and a["severity"] == "critical"
+    caught = sum(any(a["status"] == "firing" and a["severity"] in HIGH
                      and a["step"] == r.label["step_of_point"][r.onset] for a in briefs[r.run_id]) for r in failing)
     return caught, len(failing)
 
