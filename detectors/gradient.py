@@ -71,7 +71,8 @@ class _GradientNormReader(Detector):
 class GradientExplosionDetector(_GradientNormReader):
     """Gradient norm above an absolute ceiling, or far above its own recent behaviour.
 
-    Two tests: ``grad_norm > explosion_threshold`` and a z-score against an exponential moving mean and
+    Two tests: ``grad_norm > explosion_threshold`` while 1.5× above its moving mean (real models train
+    with norms of 10–1e5 for their whole run: a ceiling alone says nothing about them) and a z-score against an exponential moving mean and
     variance of the norm (ZClip, Kumar et al. 2025, arXiv:2504.02507): ``z = (g - μ) / σ`` with outliers
     entering the average only clipped to ``μ + zscore_threshold·σ``, so a burst cannot hide itself. A
     single step is at most ``medium`` (one hard batch must not page anyone, as for loss spikes); two steps
@@ -112,7 +113,7 @@ class GradientExplosionDetector(_GradientNormReader):
         ratio = g / self.mean if self.mean > 0 else math.inf
         warm = self.seen >= self.warmup
         z_hit = warm and z > self.zscore_threshold and ratio > 2.0
-        abs_hit = g > self.explosion_threshold and (not warm or ratio > 1.5)
+        abs_hit = g > self.explosion_threshold and ratio > 1.5
         if self.episodes.get("gradient_explosion") is None:
             self.baseline = self.mean
         self.run_length += 1
@@ -172,7 +173,7 @@ class GradientExplosionDetector(_GradientNormReader):
                 warm = seen >= warmup
                 # a z-score only counts with a material jump: a very steady norm has a tiny σ
                 if (warm and sigma > 0 and (g - mean) / sigma > zscore and ratio > 2.0) or (
-                        g > ceiling and (not warm or ratio > 1.5)):
+                        g > ceiling and ratio > 1.5):
                     taken = i
                     break
             diff = g - mean  # stats.ema_var, inline: a call per step costs as much as its arithmetic

@@ -398,7 +398,8 @@ class LossPlateauDetector(_SmoothedLoss):
     4 windows). Not learning at all is different: the median of the last ``plateau_window`` losses is not
     ``stagnation_improvement`` below the median of the first ``warmup`` ones — the loss sits where it
     started (vanishing gradients, dead or frozen weights, an LR of zero, an LR too high to descend) — and
-    that is ``high`` (``metadata.stagnation``). Medians, so a few hard batches do not move either side.
+    that is ``high`` (``metadata.stagnation``); an improvement under that but over three times the noise of
+    the two medians is slow learning, not a plateau. Medians, so a few hard batches do not move either side.
     It is judged only on a run watched from its start, and not while the LR still climbs (a warm-up).
     A plateau ends after ``plateau_resolve_steps`` observations in a row without one (instead of
     ``resolve_after``): the run must keep improving for two windows, because on a converged run's noisy
@@ -578,6 +579,12 @@ class LossPlateauDetector(_SmoothedLoss):
         # above where it started by a quarter is a divergence (the divergence detector's), not a plateau
         stagnant = from_start and not warming_up and start > 0 and (
             start * (1 - self.stagnation_improvement) < now <= 1.25 * start)
+        if stagnant and now < start:
+            # a small improvement that is many times the noise of the two medians is slow learning (a
+            # fine-tune starting near its floor, logged as smooth averages), not a flat loss
+            sigma = 1.4826 * median([abs(x - now) for x in self.recent])
+            spread = 1.25 * sigma * math.sqrt(1 / len(self.early) + 1 / len(self.recent))
+            stagnant = start - now <= 3 * spread
         return stagnant, start, now
 
 

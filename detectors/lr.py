@@ -69,7 +69,7 @@ class LearningRateRangeDetector(Detector):
     defaults = LEARNING_RATE_DEFAULTS
     metrics = ("lr",)
     state_fields = ("low_since", "low_seen", "prev_lr", "moves", "dropped", "loss_best", "loss_first",
-                    "recent_losses", "high_seen")
+                    "recent_losses", "high_seen", "first_step")
 
     def reset(self) -> None:
         self.low_since: int | None = None
@@ -84,11 +84,15 @@ class LearningRateRangeDetector(Detector):
         self.loss_first: float | None = None
         self.recent_losses: list[float] = []
         self.high_seen = 0
+        #: the step of the run's first learning rate
+        self.first_step: int | None = None
 
     def update(self, event: MetricEvent) -> list[Alert]:
         lr = event.metrics.get("lr")
         if lr is None or not math.isfinite(lr):
             return []
+        if self.first_step is None:
+            self.first_step = event.step
         alerts = self._too_high(event, lr)
         prev = self.prev_lr
         rising = prev is not None and lr > prev
@@ -111,7 +115,11 @@ class LearningRateRangeDetector(Detector):
         alerts += self._report(event, "lr_too_low", too_low, severity="low", value=lr,
                                threshold=self.min_lr,
                                message=f"learning rate {lr:.3g} below min_lr {self.min_lr:g} for {low_for} steps")
-        stuck = (low_for >= self.stuck_steps and self.low_seen >= 3) or (
+        # a schedule that decayed to zero is stuck only once it has stayed there for a quarter of the
+        # steps it took to get there (a decay that ended long before the run did); the end of a run's
+        # cosine or linear decay is not
+        decayed_for = self.low_since - self.first_step if self.low_since is not None else 0
+        stuck = (low_for >= self.stuck_steps and self.low_seen >= 3 and low_for >= 0.25 * decayed_for) or (
             self.dropped and self.low_seen >= self.zero_steps)
         how = "dropped to" if self.dropped else "has been"
         alerts += self._report(event, "lr_stuck_zero", stuck, severity="high", value=lr, threshold=self.min_lr,
@@ -142,6 +150,9 @@ class LearningRateRangeDetector(Detector):
                 push(moves, abs(lr - prev), 5)
             prev, read = compact(lr), True
         if read:
+            if self.first_step is None:
+                self.first_step = next(e.step for e, lr in zip(events, column(events, "lr"), strict=True)
+                                       if lr is not None and math.isfinite(lr))
             self.loss_best, self.loss_first, self.recent_losses, self.high_seen = None, None, [], 0
             self.low_since, self.low_seen, self.dropped = None, 0, False
             self.prev_lr, self.moves = prev, moves

@@ -115,8 +115,8 @@ class ValTrainDivergenceDetector(Detector):
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend
         severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= 2 * self.patience
-                    else "high" if (self.run_length >= self.patience or self.run_length >= 3) and
-                    rise > 2 * self.rise_threshold
+                    else "high" if self.run_length >= self.patience or (
+                        self.run_length >= 3 and rise > 2 * self.rise_threshold)
                     else "medium" if self.run_length >= 2 else "low")
         alerts = self._report(
             event, "val_train_divergence", active, severity=severity, value=val,
@@ -128,7 +128,7 @@ class ValTrainDivergenceDetector(Detector):
                       "train_at_best": self.train_at_best, "evaluations": self.run_length, "noise": noise})
         overtrained = train_falling and self.evals_since_best >= self.overtrain_evals
         alerts += self._report(
-            event, "overtraining", overtrained, severity="medium" if active else "low",
+            event, "overtraining", overtrained, severity="medium" if self.run_length >= 2 else "low",
             value=val, threshold=self.best_val,
             message=(f"no better val_loss than {self.best_val:.4g} (step {self.best_step}) in "
                      f"{self.evals_since_best} evaluations while training improves; the best checkpoint "
