@@ -207,7 +207,8 @@ class GradientVanishingDetector(_GradientNormReader):
     """Gradient norm at or below ``vanishing_threshold``: the model has stopped receiving signal.
 
     A measured norm under the threshold for one step is ``medium`` (an fp16 skipped step can report 0);
-    for 5 steps in a row ``high``, for ``window_size`` steps ``critical``. Estimated norms are not used:
+    for 5 steps in a row ``high`` — or 2 logged points of exactly 0 (nothing is trained: a GRPO group whose
+    completions all get one reward has no advantage to follow) — for ``window_size`` steps ``critical``. Estimated norms are not used:
     a flat loss says "plateau", not "no gradient".
 
     >>> from detectors.events import MetricEvent
@@ -233,7 +234,7 @@ class GradientVanishingDetector(_GradientNormReader):
             return self._report(event, "gradient_vanishing", False)
         self.run_length += 1
         severity = ("critical" if self.run_length >= self.window_size else
-                    "high" if self.run_length >= 5 else "medium")
+                    "high" if self.run_length >= 5 or (self.run_length >= 2 and g == 0) else "medium")
         return self._report(event, "gradient_vanishing", True, severity=severity, value=g,
                             threshold=self.vanishing_threshold,
                             message=f"grad norm {g:.3g} ≤ {self.vanishing_threshold:g} for {self.run_length} step(s)",

@@ -247,11 +247,23 @@ CONVERGENCE_DEFAULTS = {
 }
 
 
+#: a run that logs a point every this many steps or more is *sparse*: each point is usually an average over
+#: its interval (HF's ``logging_steps``), less noisy than a step's loss, and a run has tens to hundreds of
+#: them, not thousands — the convergence detectors' warm-ups and windows, counted in points, shrink
+SPARSE_INTERVAL = 5
+
+
+def _is_sparse(interval: int | None) -> bool:
+    return interval is not None and interval >= SPARSE_INTERVAL
+
+
 class _SmoothedLoss(Detector):
     """An EMA of the loss and an EMA of its absolute deviation from it (a noise scale ≈ 0.8 σ).
 
     Only for losses that are never negative (cross-entropy, MSE, DPO): the first negative value, or the
-    first event with policy-gradient metrics, turns the convergence detectors off for the run.
+    first event with policy-gradient metrics, turns the convergence detectors off for the run. On a
+    sparse run (a point every ``SPARSE_INTERVAL`` steps or more) the warm-up is a quarter as long and the
+    smoothing span a third (at least 5 and 3 points).
     """
 
     category = "convergence"
@@ -317,28 +329,37 @@ class LossDivergenceDetector(_SmoothedLoss):
     """
 
     name = "loss_divergence"
-    state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length")
+    state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length", "first_step", "interval")
 
     def reset(self) -> None:
         super().reset()
         self.best: float | None = None
         self.start: float | None = None
         self.run_length = 0
+        self.first_step: int | None = None
+        self.interval: int | None = None
+
+    def _sizes(self, interval: int | None) -> tuple[int, int, int]:
+        """(warm-up, smoothing span, steps to high), in points, for a run logged every ``interval`` steps."""
+        if _is_sparse(interval):
+            return max(5, self.warmup // 4), max(3, self.span // 3), max(3, self.divergence_steps // 3)
+        return self.warmup, self.span, self.divergence_steps
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = self._loss(event)
         if x is None:
             return []
-        active = self._advance([x], commit=True) == 0
-        if self.seen < self.warmup:
+        active = self._advance([x], [event.step], commit=True) == 0
+        warmup, _, persist = self._sizes(self.interval)
+        if self.seen < warmup:
             return []
         self.run_length = self.run_length + 1 if active else 0
         if not active:
             return self._report(event, "convergence_divergence", False)
         rise = self.smooth - self.best
-        if self.run_length >= self.divergence_steps and self.smooth > self.start:
+        if self.run_length >= persist and self.smooth > self.start:
             severity = "critical"
-        elif self.run_length >= self.divergence_steps:
+        elif self.run_length >= persist:
             severity = "high"
         else:
             severity = "medium"
@@ -349,14 +370,25 @@ class LossDivergenceDetector(_SmoothedLoss):
                      f"best {self.best:.4g} for {self.run_length} step(s)"),
             metadata={"best": self.best, "start": self.start, "consecutive": self.run_length})
 
-    def _advance(self, xs: list[float], commit: bool) -> int:
-        """The detector's arithmetic, for ``update`` and ``update_batch`` alike: fold the losses ``xs`` into
-        the smoothed loss, its noise and its best, and return the index of the first at which the rise is a
-        divergence (``len(xs)``: none). The state is written back when ``commit`` or when none was."""
-        alpha, warmup, threshold = 2.0 / (self.span + 1), self.warmup, self.divergence_threshold
+    def _advance(self, xs: list[float], steps: list[int], commit: bool) -> int:
+        """The detector's arithmetic, for ``update`` and ``update_batch`` alike: fold the losses ``xs`` (at
+        ``steps``) into the cadence, the smoothed loss, its noise and its best, and return the index of the
+        first at which the rise is a divergence (``len(xs)``: none). The state is written back when
+        ``commit`` or when none was."""
+        threshold = self.divergence_threshold
         smooth, absdev, seen, start, best = self.smooth, self.absdev, self.seen, self.start, self.best
+        first_step, interval = self.first_step, self.interval
+        warmup, span, _ = self._sizes(interval)
+        alpha = 2.0 / (span + 1)
         found = len(xs)
         for i, x in enumerate(xs):
+            if interval is None:
+                if first_step is None:
+                    first_step = steps[i]
+                elif steps[i] > first_step:
+                    interval = steps[i] - first_step
+                    warmup, span, _ = self._sizes(interval)
+                    alpha = 2.0 / (span + 1)
             if smooth is None:
                 smooth = float(x)
             else:
@@ -377,15 +409,16 @@ class LossDivergenceDetector(_SmoothedLoss):
                 break
         if commit or found == len(xs):
             self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
+            self.first_step, self.interval = first_step, interval
         return found
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # _advance over the batch; the first step that would be active sends the whole batch (state
         # untouched) to the step-by-step path
         xs = None if self.off or "convergence_divergence" in self.episodes else _plain_losses(events, self.metric)
-        if xs is None or self._advance(xs, commit=False) < len(xs):
+        if xs is None or self._advance(xs, [e.step for e in events], commit=False) < len(xs):
             return super().update_batch(events)
-        if self.seen >= self.warmup:
+        if self.seen >= self._sizes(self.interval)[0]:
             self.run_length = 0
         return []
 
@@ -398,8 +431,9 @@ class LossPlateauDetector(_SmoothedLoss):
     4 windows). Not learning at all is different: the median of the last ``plateau_window`` losses is not
     ``stagnation_improvement`` below the median of the first ``warmup`` ones — the loss sits where it
     started (vanishing gradients, dead or frozen weights, an LR of zero, an LR too high to descend) — and
-    that is ``high`` (``metadata.stagnation``); an improvement under that but over three times the noise of
-    the two medians is slow learning, not a plateau. Medians, so a few hard batches do not move either side.
+    that is ``high`` (``metadata.stagnation``). Medians, so a few hard batches do not move either side. On
+    a sparse run the warm-up and window are 5 and 10 points and the improvement asked for is halved: its
+    points are averages over many steps, and a fine-tune near its floor improves slowly but surely.
     It is judged only on a run watched from its start, and not while the LR still climbs (a warm-up).
     A plateau ends after ``plateau_resolve_steps`` observations in a row without one (instead of
     ``resolve_after``): the run must keep improving for two windows, because on a converged run's noisy
@@ -437,24 +471,32 @@ class LossPlateauDetector(_SmoothedLoss):
         self.prev_lr: float | None = None
         self.lr_rose_at = 0
 
+    def _sizes(self, interval: int | None) -> tuple[int, int, int]:
+        """(warm-up, plateau window, smoothing span), in points, for a run logged every ``interval`` steps."""
+        if _is_sparse(interval):
+            return max(5, self.warmup // 4), max(10, self.plateau_window // 5), max(3, self.span // 3)
+        return self.warmup, self.plateau_window, self.span
+
     def update(self, event: MetricEvent) -> list[Alert]:
         x = self._loss(event)
         if x is None:
             return []
         self._advance([x], [event.step], [event.metrics.get("lr")], 0, watch=False)
-        if self.seen < self.warmup:
+        warmup, window, _ = self._sizes(self.interval)
+        if self.seen < warmup:
             return []
         stagnant, start, now = self._stagnation()
         if stagnant:
             return self._report(
                 event, "convergence_plateau", True, severity="high", value=now,
-                threshold=start * (1 - self.stagnation_improvement),
+                threshold=start * (1 - self._improvement()),
                 message=(f"{self.metric} is not learning: median {now:.4g} over the last {len(self.recent)} "
                          f"steps vs {start:.4g} over the first {len(self.early)} "
                          f"({(start - now) / start:+.1%})"),
                 metadata={"best": self.best, "since_best": self.since_best, "stagnation": True,
                           "start_median": start, "recent_median": now})
-        active = self.since_best >= self.plateau_window
+        active = self.since_best >= window
+        # four dense windows, whatever the cadence: a converged run's floor is a plateau, and no news
         severity = "medium" if self.since_best >= 4 * self.plateau_window else "low"
         return self._report(
             event, "convergence_plateau", active, severity=severity, value=self.smooth,
@@ -492,10 +534,11 @@ class LossPlateauDetector(_SmoothedLoss):
         step whose plateau test changes the alert stream (returning its index; ``len(xs)``: none did) — or
         take nothing and return None when a recent median might show stagnation: then ``update`` must
         judge each step. The state is written back only for the steps taken."""
-        alpha, warmup, window = 2.0 / (self.span + 1), self.warmup, self.plateau_window
         threshold = self.plateau_threshold
         smooth, absdev, seen, best, since_best = self.smooth, self.absdev, self.seen, self.best, self.since_best
         first_step, interval, prev_lr, lr_rose_at = self.first_step, self.interval, self.prev_lr, self.lr_rose_at
+        warmup, window, span = self._sizes(interval)
+        alpha = 2.0 / (span + 1)
         episode = self.episodes.get("convergence_plateau") if watch else None
         clear = episode["clear"] if episode else 0
         early, recent = list(self.early), list(self.recent)
@@ -505,6 +548,13 @@ class LossPlateauDetector(_SmoothedLoss):
         stop = len(xs)
         for i in range(begin, len(xs)):
             x = xs[i]
+            if interval is None:  # the cadence is known from the second point on (never a step to stop at)
+                if first_step is None:
+                    first_step = steps[i]
+                elif steps[i] > first_step:
+                    interval = steps[i] - first_step
+                    warmup, window, span = self._sizes(interval)
+                    alpha = 2.0 / (span + 1)
             if smooth is None:
                 n_smooth, n_absdev = float(x), absdev
             else:
@@ -532,7 +582,7 @@ class LossPlateauDetector(_SmoothedLoss):
                             stop = i
                             break
                     elif active:
-                        if severity_rank("medium" if n_since >= 4 * window else "low") > severity_rank(
+                        if severity_rank("medium" if n_since >= 4 * self.plateau_window else "low") > severity_rank(
                                 episode["severity"]):
                             stop = i
                             break
@@ -544,10 +594,6 @@ class LossPlateauDetector(_SmoothedLoss):
                             break
                     if n_seen >= warmup + window:
                         checked += 1
-            if first_step is None:
-                first_step = steps[i]
-            elif interval is None and steps[i] > first_step:
-                interval = steps[i] - first_step
             smooth, absdev, seen, prev_lr, lr_rose_at = n_smooth, n_absdev, n_seen, n_prev_lr, n_rose
             best, since_best, clear = n_best, n_since, n_clear
             x = compact(x)
@@ -568,23 +614,22 @@ class LossPlateauDetector(_SmoothedLoss):
         self.early, self.recent = early, recent[-window:]
         return stop
 
+    def _improvement(self) -> float:
+        """The relative improvement below which the loss is not learning (halved on a sparse run)."""
+        return self.stagnation_improvement / (2 if _is_sparse(self.interval) else 1)
+
     def _stagnation(self) -> tuple[bool, float, float]:
         """``(not learning, early median, recent median)`` — see the class docstring."""
-        if self.seen < self.warmup + self.plateau_window:
+        warmup, window, _ = self._sizes(self.interval)
+        if self.seen < warmup + window:
             return False, math.nan, math.nan
         # a run picked up mid-way (resumed, or monitoring started late) did not start at this level
-        from_start = self.first_step <= self.warmup * (self.interval or 1)
-        warming_up = self.seen - self.lr_rose_at < self.plateau_window
+        from_start = self.first_step <= warmup * (self.interval or 1)
+        warming_up = self.seen - self.lr_rose_at < window
         start, now = median(self.early), median(self.recent)
         # above where it started by a quarter is a divergence (the divergence detector's), not a plateau
         stagnant = from_start and not warming_up and start > 0 and (
-            start * (1 - self.stagnation_improvement) < now <= 1.25 * start)
-        if stagnant and now < start:
-            # a small improvement that is many times the noise of the two medians is slow learning (a
-            # fine-tune starting near its floor, logged as smooth averages), not a flat loss
-            sigma = 1.4826 * median([abs(x - now) for x in self.recent])
-            spread = 1.25 * sigma * math.sqrt(1 / len(self.early) + 1 / len(self.recent))
-            stagnant = start - now <= 3 * spread
+            start * (1 - self._improvement()) < now <= 1.25 * start)
         return stagnant, start, now
 
 

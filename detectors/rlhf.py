@@ -21,7 +21,8 @@ from .stats import median as _median
 
 __all__ = [
     "CalibrationDetector", "RewardDistributionDriftDetector", "KLBlowupDetector", "EntropyCollapseDetector",
-    "LengthExplosionDetector", "RewardHackingDetector", "PPOClipDetector", "DPOMarginCollapseDetector",
+    "LengthExplosionDetector", "RewardHackingDetector", "RewardCollapseDetector", "PPOClipDetector",
+    "DPOMarginCollapseDetector",
     "calibration_bins", "ece_from_metrics", "REWARD_DRIFT_DEFAULTS", "RLHF_DEFAULTS",
 ]
 
@@ -53,6 +54,8 @@ RLHF_DEFAULTS = {
     "ratio_high": 1.25,
     "margin_collapse_ratio": 0.2,
     "margin_floor": 0.5,
+    "reward_drop": 0.5,
+    "reward_flat_points": 20,
     "resolve_after": 20,
 }
 
@@ -470,6 +473,95 @@ class RewardHackingDetector(Detector):
                      f"{self.ema.get('response_length', math.nan):.0f})"),
             metadata={"reference": dict(self.ref), "kl_exploded": kl_up, "length_exploded": len_up,
                       "consecutive": self.run_length})
+
+
+@register_detector
+class RewardCollapseDetector(Detector):
+    """The policy's reward falling away from the best it reached, or not moving at all.
+
+    An EMA of ``reward_mean`` (span 10 points; 3 on a run logged every 5 steps or more) and its noise (an
+    EMA of the absolute deviation, as it was at the best) against the best EMA so far: ``reward_collapse`` when the EMA has lost
+    more than ``reward_drop`` of what the run gained since its start (of the best's size, when it gained
+    nothing beyond the noise), by over twice the noise —
+    ``medium`` at once, ``high`` after ``persist`` points (2 on a sparse run). ``reward_flat`` (``high``) when
+    the reward is exactly the same number for ``reward_flat_points`` points in a row, or for 3 points with a
+    grad norm of exactly 0: every completion gets the same reward, so there is nothing to learn from.
+
+    >>> from detectors.events import MetricEvent
+    >>> d = RewardCollapseDetector()
+    >>> rewards = [0.2 + 0.01 * s for s in range(40)] + [0.6 - 0.05 * s for s in range(12)] + [0.05] * 5
+    >>> [(a.alert_type, a.severity, a.step) for s, r in enumerate(rewards) for a in d.update(MetricEvent("r", s, {"reward_mean": r}))]
+    [('reward_collapse', 'medium', 48), ('reward_collapse', 'high', 52)]
+    >>> d = RewardCollapseDetector()   # GRPO with every completion truncated: reward 0, nothing to learn
+    >>> [(a.alert_type, a.step) for s in (1, 2, 10) for a in d.update(MetricEvent("r", s, {"reward_mean": 0.0, "grad_norm": 0.0}))]
+    [('reward_flat', 10)]
+    """
+
+    name = "reward_collapse"
+    category = "rlhf"
+    section = "rlhf"
+    defaults = RLHF_DEFAULTS
+    state_fields = ("smooth", "absdev", "best", "best_noise", "start", "seen", "run_length", "same", "last",
+                    "first_step", "interval")
+    metrics = ("reward_mean",)
+
+    def reset(self) -> None:
+        self.smooth: float | None = None
+        self.absdev = 0.0
+        self.best: float | None = None
+        #: the noise when the best was reached (a falling reward inflates the EMA's deviations)
+        self.best_noise = 0.0
+        self.start: float | None = None
+        self.seen = 0
+        self.run_length = 0
+        #: points in a row with exactly the reward ``last``
+        self.same = 0
+        self.last: float | None = None
+        self.first_step: int | None = None
+        self.interval: int | None = None
+
+    def update(self, event: MetricEvent) -> list[Alert]:
+        x = _finite(event, "reward_mean")
+        if x is None:
+            return []
+        if self.first_step is None:
+            self.first_step = event.step
+        elif self.interval is None and event.step > self.first_step:
+            self.interval = event.step - self.first_step
+        sparse = self.interval is not None and self.interval >= 5
+        span, warmup, persist = (3, 3, 2) if sparse else (10, 10, self.persist)
+        alpha = 2.0 / (span + 1)
+        if self.smooth is not None:
+            self.absdev = ema(self.absdev, abs(x - self.smooth), alpha)
+        self.smooth = ema(self.smooth, x, alpha)
+        self.seen += 1
+        self.same = self.same + 1 if x == self.last else 1
+        self.last = x
+        if self.start is None:
+            self.start = self.smooth
+        alerts = []
+        zero_grad = event.metrics.get("grad_norm") == 0.0
+        flat = self.same >= self.reward_flat_points or (self.same >= 3 and zero_grad)
+        alerts += self._report(event, "reward_flat", flat, severity="high", value=x, threshold=None,
+                               message=f"reward has been exactly {x:.4g} for {self.same} points"
+                                       f"{' with a grad norm of 0' if zero_grad else ''}: every completion gets "
+                                       f"the same reward, the policy has nothing to learn from",
+                               metadata={"points": self.same})
+        if self.seen < warmup:
+            return alerts
+        if self.best is None or self.smooth >= self.best:
+            self.best, self.best_noise = self.smooth, 1.25 * self.absdev
+        drop, gain = self.best - self.smooth, self.best - self.start
+        scale = gain if gain > 2 * self.best_noise else max(abs(self.best), 1e-6)
+        active = drop > self.reward_drop * scale and drop > 2 * self.best_noise
+        self.run_length = self.run_length + 1 if active else 0
+        severity = "high" if self.run_length >= persist else "medium"
+        alerts += self._report(event, "reward_collapse", active, severity=severity, value=self.smooth,
+                               threshold=self.best - self.reward_drop * scale,
+                               message=f"reward {self.smooth:.4g} (smoothed) fell {drop:.3g} below its best "
+                                       f"{self.best:.4g} for {self.run_length} point(s)",
+                               metadata={"best": self.best, "start": self.start, "consecutive": self.run_length})
+        return alerts
 
 
 @register_detector

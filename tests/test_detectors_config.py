@@ -31,7 +31,7 @@ ALERT_TYPES = {
     "lr_sudden_change", "batch_size_impact", "convergence_plateau", "convergence_divergence",
     "calibration_poor", "calibration_drift", "reward_distribution_drift", "nonfinite_metric", "loss_spike",
     "loss_oscillation", "val_train_divergence", "step_time_anomaly", "memory_growth", "stalled_run",
-    "kl_blowup", "entropy_collapse", "reward_hacking", "length_explosion",
+    "kl_blowup", "entropy_collapse", "reward_hacking", "length_explosion", "reward_collapse", "reward_flat",
 }
 
 
