@@ -94,7 +94,8 @@ _suites: OrderedDict[str, tuple[DetectorSuite, RunSummary]] = OrderedDict()
 counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letters": 0, "duplicates": 0,
                             "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
 #: RunSummary.observe's verdict → the counter it bumps (new and resumed steps are processed events)
-_COUNTER = {"new": "events", "resumed": "events", "duplicate": "duplicates", "out_of_order": "out_of_order"}
+_COUNTER = {"new": "events", "resumed": "events", "same_step": "events", "duplicate": "duplicates",
+            "out_of_order": "out_of_order"}
 #: fresh suites for new runs: the detector config is validated once per worker, not once per run
 new_suite = DetectorSuite.factory(settings.detector_config)
 
