@@ -18,7 +18,14 @@ from .events import (
     decode_metric_record,
     encode_metric_batch,
 )
-from .inprocess import AdvancedAnomalyDetector, AnomalyDetectionHook, register_hook, unregister_hook
+from .inprocess import (
+    AdvancedAnomalyDetector,
+    AnomalyDetectionHook,
+    ProfilerRegistry,
+    profiler_registry,
+    register_hook,
+    unregister_hook,
+)
 from .suite import DetectorSuite
 
 __all__ = [
@@ -29,5 +36,6 @@ __all__ = [
     "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_metric_record",
     "encode_metric_batch", "decode_control_event",
     "DetectorSuite",
-    "AdvancedAnomalyDetector", "AnomalyDetectionHook", "register_hook", "unregister_hook",
+    "AdvancedAnomalyDetector", "AnomalyDetectionHook", "ProfilerRegistry", "profiler_registry",
+    "register_hook", "unregister_hook",
 ]

@@ -20,6 +20,12 @@ from detectors import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _own_directory(tmp_path, monkeypatch):
+    """The documented default ``output_dir`` is relative: each test writes under its own directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def train_digits(detector: AdvancedAnomalyDetector, steps: int = 120, jump_at: int | None = None) -> list[Alert]:
     torch = series._torch()
     torch.manual_seed(0)
