@@ -1,0 +1,61 @@
+"""A 2-process Lightning DDP run on CPU (gloo) through the real broker: a NaN on rank 1 alone reaches the
+report (rank 0 sends the mean loss over ranks), and a stop request that the ranks hear at different steps
+stops both at the same step (the decision is reduced across ranks), so DDP does not hang."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightning.pytorch")
+
+from detectors.events import decode_metric_record  # noqa: E402
+from tests.conftest import read_topic  # noqa: E402
+
+pytestmark = pytest.mark.slow
+JOB = Path(__file__).with_name("_ddp_job.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_nan_on_one_rank_is_reported_and_stop_is_reduced(topics, tmp_path):
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = topics.env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", NODE_RANK="0",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NAN_AT="30", STOP_AT="40",
+                         RUN_ID="ddp-run", PARTITIONS=str(topics.partitions), OUT_DIR=str(tmp_path),
+                         OMP_NUM_THREADS="1")
+        log = open(tmp_path / f"rank{rank}.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, str(JOB)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=JOB.parents[1], start_new_session=True))
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    logs = "\n".join((tmp_path / f"rank{r}.log").read_text(errors="replace")[-2000:] for r in range(2))
+    assert codes == [0, 0], logs
+    final = [json.loads((tmp_path / f"rank{r}.json").read_text())["global_step"] for r in range(2)]
+    assert final[0] == final[1] and 40 <= final[0] < 60, f"both ranks stop at one step soon after 40: {final}"
+
+    records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
+    events = [e for r in records for e in decode_metric_record(r.value)
+              if e.run_id == "ddp-run" and "loss" in e.metrics]
+    assert {e.tags["rank"] for e in events} == {"0"}, "rank 0 reports"
+    by_step = {e.step: e.metrics["loss"] for e in events}
+    assert sorted(by_step) == list(range(1, final[0] + 1))
+    assert all(math.isfinite(by_step[s]) for s in range(1, 31))
+    assert math.isnan(by_step[31]), "the NaN of rank 1 alone (its step 30 → global step 31) is reported"
