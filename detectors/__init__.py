@@ -9,6 +9,7 @@ from .alerts import SEVERITIES, Alert, decode_alert, severity_rank
 from .aliases import canonical_metrics, canonical_name
 from .base import DETECTORS, Detector, register_detector
 from .config import ConfigError, build_config, default_config
+from .driver import RunDriver, load_detectors
 from .events import (
     ControlEvent,
     MetricEvent,
@@ -35,7 +36,7 @@ __all__ = [
     "ConfigError", "build_config", "default_config",
     "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_metric_record",
     "encode_metric_batch", "decode_control_event",
-    "DetectorSuite",
+    "DetectorSuite", "RunDriver", "load_detectors",
     "AdvancedAnomalyDetector", "AnomalyDetectionHook", "ProfilerRegistry", "profiler_registry",
     "register_hook", "unregister_hook",
 ]

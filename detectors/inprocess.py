@@ -49,6 +49,7 @@ import numpy as np
 
 from .alerts import Alert, severity_rank
 from .base import Detector
+from .driver import RunDriver
 from .events import MetricEvent
 from .rlhf import calibration_bins
 from .suite import DetectorSuite
@@ -249,6 +250,7 @@ class AdvancedAnomalyDetector:
         sections = {"gradient": gradient, "learning_rate": learning_rate, "batch_size": batch_size,
                     "convergence": convergence, "reward_drift": reward_drift, **other_sections}
         self.suite = DetectorSuite({k: v for k, v in sections.items() if v is not None})
+        self.driver = RunDriver(self.suite)
         for extra in detectors or ():
             self.add_detector(extra)
         self.run_id = run_id
@@ -311,7 +313,7 @@ class AdvancedAnomalyDetector:
         self._next_step = step + 1
         self._last_step = int(step)
         event = MetricEvent(run_id=self.run_id, step=int(step), metrics=values, ts=time.time(), source="inprocess")
-        alerts = [self._as_documented(a) for a in self.suite.update(event)]
+        alerts = [self._as_documented(a) for a in self.driver.feed([event])]
         self.steps_analyzed += 1
         return alerts
 
@@ -337,7 +339,7 @@ class AdvancedAnomalyDetector:
 
     def check_stalled(self, now: float | None = None) -> list[Alert]:
         """Time-based checks (a loop that stopped calling in); for a watchdog thread."""
-        alerts = [self._as_documented(a) for a in self.suite.tick(time.time() if now is None else now)]
+        alerts = [self._as_documented(a) for a in self.driver.tick(time.time() if now is None else now)]
         self._dispatch(alerts, self._last_step)
         return alerts
 

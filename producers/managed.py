@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from detectors.alerts import Alert, severity_rank
+from detectors.driver import RunDriver
 from detectors.events import MetricEvent
 from detectors.suite import DetectorSuite
 
@@ -232,6 +233,7 @@ class JobMonitor:
         self.max_interval = max(max_interval, interval)
         self.emit = emit
         self.suite = suite
+        self.driver = RunDriver(suite) if suite is not None else None
         self.stopper = stopper
         self.stop_rank = severity_rank(stop_severity)
         self.on_alert = on_alert
@@ -279,8 +281,8 @@ class JobMonitor:
                 self.result.events.append(event)
                 if self.emit is not None:
                     self.emit(event)
-                if self.suite is not None:
-                    for alert in self.suite.update(event):
+                if self.driver is not None:
+                    for alert in self.driver.feed([event]):
                         self.handle_alert(alert)
             self.result.status = self.poller.status
             if self.poller.finished:

@@ -25,7 +25,8 @@ from typing import Any
 
 import faust
 
-from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
+from detectors import Alert, DetectorSuite, MetricEvent, SchemaError, load_detectors
+from detectors.driver import enrich
 from detectors.events import decode_metric_record, dumps
 
 from . import faust_fixes, recovery, web
@@ -34,6 +35,7 @@ from .settings import load_settings
 
 log = logging.getLogger("lossguard.worker")
 
+load_detectors()  # users' detectors (LOSSGUARD_DETECTORS, entry points) before their config sections are read
 settings = load_settings()
 faust_fixes.install(settings.fetch_max_wait_ms)
 _bootstrap = settings.bootstrap or f"127.0.0.1:{settings.broker_port}"
@@ -242,7 +244,7 @@ def _process(events: list[MetricEvent]) -> tuple[list[Alert], tuple[DetectorSuit
     for alert in alerts:
         # every alert comes from one of this record's steps; the run's own source/tags are the safe default
         source, tags = context.get((alert.step, alert.ts), (summary.source, summary.tags))
-        alert.metadata.update(source=source, run_tags=tags)
+        enrich((alert,), source, tags)
         summary.count_alert(alert)
     return alerts, live
 
@@ -271,7 +273,7 @@ async def tick() -> None:
     now = time.time()
     for suite, summary in list(_suites.values()):
         for alert in suite.tick(now):
-            alert.metadata.update(source=summary.source, run_tags=summary.tags)
+            enrich((alert,), summary.source, summary.tags)
             await publish(alert)
 
 

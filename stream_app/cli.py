@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from detectors.config import ConfigError
+from detectors.driver import DetectorLoadError
 
 from .broker import (
     BUNDLED_BROKER_WORKER_ENV,
@@ -132,6 +133,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             os.environ["LOSSGUARD_WEB_ENABLED"] = "false"
         if args.app_id:
             os.environ["LOSSGUARD_APP_ID"] = args.app_id
+        if args.detector:
+            from detectors.driver import DETECTORS_ENV, load_detectors
+
+            load_detectors(args.detector, entry_points=False)  # a bad spec fails here, with its name
+            os.environ[DETECTORS_ENV] = ",".join(args.detector)
         from faust import Worker
 
         from .app import app
@@ -166,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--without-web", action="store_true", help="do not start the web server")
     p.add_argument("--app-id", help="Faust app id; workers with the same id share the partitions")
     p.add_argument("--loglevel", help="worker log level (default warning)")
+    p.add_argument("--detector", action="append", default=[], metavar="MODULE:CLASS",
+                   help="also run this Detector subclass (repeatable; LOSSGUARD_DETECTORS; entry points of "
+                        "the lossguard.detectors group load too)")
     p.set_defaults(func=cmd_worker)
 
     for name in COMMAND_MODULES:
@@ -185,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lossguard {args.command}: {message}", file=sys.stderr)
         return 1
-    except (ConfigError, BrokerError) as exc:
+    except (ConfigError, BrokerError, DetectorLoadError) as exc:
         print(f"lossguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -31,9 +31,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
+from detectors import Alert, DetectorSuite, MetricEvent, RunDriver, SchemaError, load_detectors
 from detectors.aliases import canonical_name
 from detectors.config import ConfigError
+from detectors.driver import DetectorLoadError
 
 from .settings import load_settings
 
@@ -210,9 +211,7 @@ def replay_events(events: Iterable[MetricEvent],
     cfg = _detector_config(config)
     alerts: list[Alert] = []
     for run_events in _merge_by_step(events).values():
-        suite = DetectorSuite(cfg)
-        for event in run_events:
-            alerts.extend(suite.update(event))
+        alerts.extend(RunDriver(DetectorSuite(cfg)).feed(run_events))
     return alerts
 
 
@@ -232,6 +231,11 @@ def replay_file(path: str | os.PathLike, config: Mapping[str, Any] | str | os.Pa
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    try:
+        load_detectors(args.detector)
+    except DetectorLoadError as exc:
+        print(f"lossguard replay: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         config = load_settings(args.config).detector_config if args.config else None
         alerts = replay_files(args.files, config, args.run_id)
@@ -260,4 +264,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("files", nargs="+", metavar="FILE", help="CSV, JSONL metric events, or trainer_state.json")
     p.add_argument("--run-id", help="run id for all files (default: each file's stem)")
     p.add_argument("--out", help="write alerts here as JSONL (default stdout)")
+    p.add_argument("--detector", action="append", default=[], metavar="MODULE:CLASS",
+                   help="also run this Detector subclass (repeatable; entry points of lossguard.detectors load too)")
     p.set_defaults(func=cmd_replay)
