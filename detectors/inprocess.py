@@ -51,8 +51,8 @@ from .alerts import Alert, severity_rank
 from .base import Detector
 from .driver import RunDriver
 from .events import MetricEvent
-from .rlhf import calibration_bins
 from .suite import DetectorSuite
+from .summaries import distribution, prediction_metrics
 
 __all__ = ["AdvancedAnomalyDetector", "AnomalyDetectionHook", "ProfilerRegistry", "profiler_registry",
            "register_hook", "unregister_hook", "HOOKS"]
@@ -216,17 +216,6 @@ def _as_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=float).ravel()
 
 
-def _distribution(prefix: str, values: Any) -> dict[str, float]:
-    arr = _as_array(values)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return {}
-    q = np.quantile(arr, [0.1, 0.25, 0.5, 0.75, 0.9])
-    out = {f"{prefix}_mean": float(arr.mean()), f"{prefix}_std": float(arr.std())}
-    out.update({f"{prefix}_p{p}": float(v) for p, v in zip((10, 25, 50, 75, 90), q, strict=True)})
-    return out
-
-
 class AdvancedAnomalyDetector:
     """All registered detectors for one run, fed from the training loop.
 
@@ -305,7 +294,7 @@ class AdvancedAnomalyDetector:
         if batch_size is not None:
             values["batch_size"] = float(batch_size)
         if rewards is not None:
-            values.update(_distribution("reward", rewards))
+            values.update(distribution("reward", _as_array(rewards)))
         if predictions is not None:
             values.update(self._predictions(predictions))
         if step is None:
@@ -347,8 +336,8 @@ class AdvancedAnomalyDetector:
     def _predictions(predictions: Any) -> dict[str, float]:
         if isinstance(predictions, tuple) and len(predictions) == 2:
             probs, outcomes = predictions
-            return calibration_bins(_as_array(probs), _as_array(outcomes))
-        return _distribution("prediction", predictions)
+            return prediction_metrics(_as_array(probs), _as_array(outcomes))
+        return prediction_metrics(_as_array(predictions))
 
     def _dispatch(self, alerts: Sequence[Alert], step: int) -> None:
         if not alerts:
