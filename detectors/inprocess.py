@@ -307,7 +307,7 @@ class AdvancedAnomalyDetector:
         return alerts
 
     def _as_documented(self, alert: Alert) -> Alert:
-        """The guide's grading: resolved events are not graded as firing; explosion over the threshold is
+        """The documented grading: resolved events are not graded as firing; explosion over the threshold is
         critical, vanishing at least high."""
         if alert.status == "resolved":
             if alert.severity == "low":
