@@ -18,7 +18,9 @@ from the model's output and the norm is taken only when HF does not clip.
 
 A stop request for the run (auto-stop sink, ``lossguard stop RUN``) sets
 ``control.should_training_stop``: HF ends the epoch loop after the current step and runs its normal
-end-of-training (final save, ``on_train_end``).
+end-of-training (final save, ``on_train_end``). In a distributed run the decision is reduced across ranks
+(stop when any rank has heard it: one all-reduce of a flag per step), so all ranks stop at the same step;
+a NaN on one rank reaches the report through HF's grad norm, taken after DDP has averaged the gradients.
 """
 
 from __future__ import annotations
@@ -174,8 +176,12 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
                 self._flush()
         self._losses.clear()
         self._grad_norm = None
-        if self.stop_on_request and reporter.should_stop:
-            control.should_training_stop = True
+        if self.stop_on_request:
+            should_stop = reporter.should_stop
+            if getattr(args, "world_size", 1) > 1:
+                should_stop = _on_any_rank(should_stop, args.device)  # every rank stops at the same step
+            if should_stop:
+                control.should_training_stop = True
 
     def _flush(self) -> None:
         """Send the held step event (one optimizer step, with what HF logged for it)."""
@@ -266,3 +272,15 @@ def _calling_trainer(callback: Any) -> Any:
         if handler is not None and callback in getattr(handler, "callbacks", ()):
             return owner
     return None
+
+
+def _on_any_rank(flag: bool, device: Any) -> bool:
+    """``flag`` OR-ed over the ranks of the default process group (as it is when none is running)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
