@@ -71,6 +71,7 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         self.eval_every_seconds = eval_every_seconds
         self._eval_due: Every | None = None
         self._attached = False
+        self._trainer_id: int | None = None  # the trainer whose training_step / clipping are observed
         self._losses: list[Any] = []
         self._grad_norm: Any = None
         self._lr: float | None = None
@@ -87,8 +88,9 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         return self
 
     def _observe(self, trainer: Any) -> None:
-        if self._attached:
+        if self._attached and self._trainer_id == id(trainer):
             return
+        self._trainer_id = id(trainer)
         step_fn = trainer.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -127,10 +129,10 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         self._eval_due = Every(self.eval_every_seconds) if self.eval_every_seconds else None
         self._losses.clear()
         self._pending = None
-        trainer = None if self._attached else _calling_trainer(self)
+        trainer = _calling_trainer(self)
         if trainer is not None and self.reporter.enabled:
             self._observe(trainer)
-        if not self._attached and model is not None and self.reporter.enabled:
+        if trainer is None and not self._attached and model is not None and self.reporter.enabled:
             # Trainer's default compute_loss takes the loss from the model's output: see it there.
             self._hook = model.register_forward_hook(self._on_forward)
 

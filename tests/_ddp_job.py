@@ -21,8 +21,8 @@ from detectors.events import ControlEvent  # noqa: E402
 from producers.lightning import LossguardCallback  # noqa: E402
 from stream_app.control_cli import send_control  # noqa: E402
 
-NAN_AT, STOP_AT = int(os.environ["NAN_AT"]), int(os.environ["STOP_AT"])
-RUN_ID = os.environ["RUN_ID"]
+NAN_AT, STOP_AT = int(os.environ.get("NAN_AT", "-1")), int(os.environ.get("STOP_AT", "-1"))
+RUN_ID = os.environ.get("RUN_ID", "")
 torch.set_num_threads(1)
 
 

@@ -20,7 +20,8 @@ from detectors.events import ControlEvent  # noqa: E402
 from producers.hf import LossguardCallback  # noqa: E402
 from stream_app.control_cli import send_control  # noqa: E402
 
-STOP_AT, RUN_ID, RANK = int(os.environ["STOP_AT"]), os.environ["RUN_ID"], int(os.environ["RANK"])
+STOP_AT, RUN_ID = int(os.environ.get("STOP_AT", "-1")), os.environ.get("RUN_ID", "")
+RANK = int(os.environ.get("RANK", "0"))
 torch.set_num_threads(1)
 
 
