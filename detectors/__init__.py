@@ -9,6 +9,7 @@ from .alerts import SEVERITIES, Alert, decode_alert, severity_rank
 from .aliases import canonical_metrics, canonical_name
 from .base import DETECTORS, Detector, register_detector
 from .config import ConfigError, build_config, default_config
+from .driver import RunDriver, load_detectors
 from .events import (
     ControlEvent,
     MetricEvent,
@@ -18,7 +19,14 @@ from .events import (
     decode_metric_record,
     encode_metric_batch,
 )
-from .inprocess import AdvancedAnomalyDetector, AnomalyDetectionHook, register_hook, unregister_hook
+from .inprocess import (
+    AdvancedAnomalyDetector,
+    AnomalyDetectionHook,
+    ProfilerRegistry,
+    profiler_registry,
+    register_hook,
+    unregister_hook,
+)
 from .suite import DetectorSuite
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "ConfigError", "build_config", "default_config",
     "MetricEvent", "ControlEvent", "SchemaError", "decode_metric_event", "decode_metric_record",
     "encode_metric_batch", "decode_control_event",
-    "DetectorSuite",
-    "AdvancedAnomalyDetector", "AnomalyDetectionHook", "register_hook", "unregister_hook",
+    "DetectorSuite", "RunDriver", "load_detectors",
+    "AdvancedAnomalyDetector", "AnomalyDetectionHook", "ProfilerRegistry", "profiler_registry",
+    "register_hook", "unregister_hook",
 ]

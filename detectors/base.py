@@ -116,7 +116,7 @@ def has_any(events: list[MetricEvent], names: tuple[str, ...]) -> bool:
 class Detector:
     #: registry key, and the ``detector`` field of its alerts
     name: ClassVar[str] = ""
-    #: the alert category (gradients, learning_rate, loss, ...)
+    #: the alert category (gradient, learning_rate, loss, reward_drift, ...)
     category: ClassVar[str] = ""
     #: the config section its parameters live in
     section: ClassVar[str] = ""

@@ -35,7 +35,7 @@ class _GradientNormReader(Detector):
     """The gradient norm of an event: measured, or estimated from loss and learning rate."""
 
     section = "gradient"
-    category = "gradients"
+    category = "gradient"
     defaults = GRADIENT_DEFAULTS
     state_fields = ("loss_ema", "prev_loss_ema")
     metrics = ("grad_norm", "loss")

@@ -13,19 +13,35 @@
 
 ``model`` and ``optimizer`` (PyTorch) give the gradient norm and learning rate; ``rewards`` are summarised
 (mean, std, quantiles) and ``predictions=(probabilities, outcomes)`` become calibration bins and an ECE.
-Handlers registered with :func:`register_hook` (or passed as ``hooks=``) see every alert as it fires;
-a handler that raises is logged and skipped, never breaking the training step. Writing the alert JSON
-files and the summary report is the only I/O in ``detectors/`` and lives here.
+
+Handlers, two shapes:
+
+- the documented one: ``profiler_registry.register_hook(name, handler)`` with ``handler(alerts, step)``,
+  called once per analysed step that raised alerts (``AnomalyDetectionHook(detector).register_with_profiler()``
+  puts a hook object there);
+- lossguard's own: :func:`register_hook` (or ``hooks=``) with ``handler(alert)``, once per alert.
+
+A handler that raises is logged and skipped, never breaking the training step. What reaches the files, the
+summary and the handlers is the list ``analyze_training_step`` returns — a subclass that extends it (the
+documented custom-detector pattern) has its own alerts saved and dispatched too. A resolved event is
+returned with severity ``low`` (the episode's severity in ``metadata["episode_severity"]``), so a loop
+that prints critical/high alerts does not print an episode's end as if it fired again. As documented,
+a gradient explosion over ``explosion_threshold`` is critical and a vanishing gradient at least high
+(the detector's own grading in ``metadata["detector_severity"]``). Writing the alert JSON files and the
+summary report is the only I/O in ``detectors/`` and lives here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +49,13 @@ import numpy as np
 
 from .alerts import Alert, severity_rank
 from .base import Detector
+from .driver import RunDriver
 from .events import MetricEvent
-from .rlhf import calibration_bins
 from .suite import DetectorSuite
+from .summaries import distribution, prediction_metrics
 
-__all__ = ["AdvancedAnomalyDetector", "AnomalyDetectionHook", "register_hook", "unregister_hook", "HOOKS"]
+__all__ = ["AdvancedAnomalyDetector", "AnomalyDetectionHook", "ProfilerRegistry", "profiler_registry",
+           "register_hook", "unregister_hook", "HOOKS"]
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +76,55 @@ def unregister_hook(name: str) -> None:
     HOOKS.pop(name, None)
 
 
+class ProfilerRegistry:
+    """Named handlers of the documented shape ``handler(alerts, step)``, called once per analysed step
+    that raised alerts, for every in-process detector (``profiler_registry`` is the one they use).
+
+    >>> calls = []
+    >>> registry = ProfilerRegistry()
+    >>> _ = registry.register_hook("print", lambda alerts, step: calls.append((len(alerts), step)))
+    >>> registry.dispatch([Alert.new(run_id="r", step=3, detector="d", category="c", alert_type="t",
+    ...                              severity="high", message="")], 3)
+    >>> calls
+    [(1, 3)]
+    """
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, Callable[[list[Alert], int], Any]] = {}
+        self.detectors: list[AdvancedAnomalyDetector] = []
+
+    def register_hook(self, name: str, handler: Callable[[list[Alert], int], Any]) -> Callable[..., Any]:
+        if not callable(handler):
+            raise TypeError(f"hook {name!r} must be callable, got {handler!r}")
+        self.hooks[name] = handler
+        return handler
+
+    def unregister_hook(self, name: str) -> None:
+        self.hooks.pop(name, None)
+
+    def register_detector(self, detector: AdvancedAnomalyDetector) -> None:
+        if detector not in self.detectors:
+            self.detectors.append(detector)
+
+    def dispatch(self, alerts: list[Alert], step: int) -> None:
+        for name, handler in list(self.hooks.items()):
+            try:
+                handler(alerts, step)
+            except Exception:  # noqa: BLE001 — a broken handler must never stop training
+                log.exception("anomaly hook %r failed at step %s; training continues", name, step)
+
+
+#: the registry the documented examples use: ``profiler_registry.register_hook("anomaly_detection", handler)``
+profiler_registry = ProfilerRegistry()
+
+
 class AnomalyDetectionHook:
-    """A handler with a severity filter; subclass and override :meth:`on_alert`, or pass ``callback``.
+    """Connects alerts to your code, with a severity filter; subclass and override :meth:`on_alert`, or
+    pass ``callback``.
+
+    ``AnomalyDetectionHook(detector).register_with_profiler()`` (the documented form) registers the detector
+    and this hook with :data:`profiler_registry`; ``AnomalyDetectionHook(callback)`` is a per-alert handler
+    for :func:`register_hook` or ``hooks=``.
 
     >>> seen = []
     >>> hook = AnomalyDetectionHook(seen.append, min_severity="high")
@@ -68,20 +133,62 @@ class AnomalyDetectionHook:
     []
     """
 
-    def __init__(self, callback: AlertHandler | None = None, min_severity: str = "low",
-                 alert_types: Iterable[str] | None = None):
-        self.callback = callback
+    def __init__(self, target: AdvancedAnomalyDetector | AlertHandler | None = None, min_severity: str = "low",
+                 alert_types: Iterable[str] | None = None, *, callback: AlertHandler | None = None):
+        self.detector = target if isinstance(target, AdvancedAnomalyDetector) else None
+        if self.detector is None and target is not None and not callable(target):
+            raise TypeError(f"expected an AdvancedAnomalyDetector or a callable, got {target!r}")
+        self.callback = callback if self.detector is not None or callback is not None else target
         self.min_rank = severity_rank(min_severity)
         self.alert_types = set(alert_types) if alert_types is not None else None
+        self.alerts: list[Alert] = []  #: what this hook let through, newest last
+
+    def register_with_profiler(self, registry: ProfilerRegistry | None = None,
+                               name: str = "anomaly_detection_hook") -> AnomalyDetectionHook:
+        """Register this hook (and its detector) with ``registry`` (default :data:`profiler_registry`)."""
+        registry = profiler_registry if registry is None else registry
+        if self.detector is not None:
+            registry.register_detector(self.detector)
+        registry.register_hook(name, self.handle)
+        return self
+
+    def handle(self, alerts: Sequence[Alert], step: int) -> None:
+        """The documented handler shape: every alert of one step."""
+        for alert in alerts:
+            self(alert)
 
     def __call__(self, alert: Alert) -> None:
         if alert.rank < self.min_rank or (self.alert_types is not None and alert.alert_type not in self.alert_types):
             return
+        self.alerts.append(alert)
+        del self.alerts[:-1000]
         self.on_alert(alert)
 
     def on_alert(self, alert: Alert) -> None:
         if self.callback is not None:
             self.callback(alert)
+
+
+def _dispatching(analyze: Callable[..., list[Alert]]) -> Callable[..., list[Alert]]:
+    """Wrap ``analyze_training_step``: the outermost call saves and dispatches the list it returns, so the
+    alerts a subclass adds reach the files, the summary and the handlers."""
+    if getattr(analyze, "_lossguard_dispatching", False):
+        return analyze
+
+    @functools.wraps(analyze)
+    def analyze_training_step(self: AdvancedAnomalyDetector, *args: Any, **kwargs: Any) -> list[Alert]:
+        if getattr(self, "_analyzing", False):
+            return analyze(self, *args, **kwargs)
+        self._analyzing = True
+        try:
+            alerts = analyze(self, *args, **kwargs)
+        finally:
+            self._analyzing = False
+        self._dispatch(alerts if alerts is not None else [], self._last_step)
+        return alerts
+
+    analyze_training_step._lossguard_dispatching = True  # type: ignore[attr-defined]
+    return analyze_training_step
 
 
 def _number(value: Any) -> float:
@@ -109,17 +216,6 @@ def _as_array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=float).ravel()
 
 
-def _distribution(prefix: str, values: Any) -> dict[str, float]:
-    arr = _as_array(values)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return {}
-    q = np.quantile(arr, [0.1, 0.25, 0.5, 0.75, 0.9])
-    out = {f"{prefix}_mean": float(arr.mean()), f"{prefix}_std": float(arr.std())}
-    out.update({f"{prefix}_p{p}": float(v) for p, v in zip((10, 25, 50, 75, 90), q, strict=True)})
-    return out
-
-
 class AdvancedAnomalyDetector:
     """All registered detectors for one run, fed from the training loop.
 
@@ -129,7 +225,12 @@ class AdvancedAnomalyDetector:
     classes (built with their defaults) or ready instances.
     """
 
-    def __init__(self, output_dir: str | os.PathLike | None = None, save_alerts: bool = True,
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "analyze_training_step" in cls.__dict__:
+            cls.analyze_training_step = _dispatching(cls.__dict__["analyze_training_step"])
+
+    def __init__(self, output_dir: str | os.PathLike | None = "anomaly_detection_results", save_alerts: bool = True,
                  gradient: Mapping[str, Any] | None = None, learning_rate: Mapping[str, Any] | None = None,
                  batch_size: Mapping[str, Any] | None = None, convergence: Mapping[str, Any] | None = None,
                  reward_drift: Mapping[str, Any] | None = None, *, run_id: str = "inprocess",
@@ -138,6 +239,7 @@ class AdvancedAnomalyDetector:
         sections = {"gradient": gradient, "learning_rate": learning_rate, "batch_size": batch_size,
                     "convergence": convergence, "reward_drift": reward_drift, **other_sections}
         self.suite = DetectorSuite({k: v for k, v in sections.items() if v is not None})
+        self.driver = RunDriver(self.suite)
         for extra in detectors or ():
             self.add_detector(extra)
         self.run_id = run_id
@@ -147,8 +249,8 @@ class AdvancedAnomalyDetector:
         self.alerts: list[Alert] = []
         self.steps_analyzed = 0
         self._next_step = 0
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._last_step = -1
+        self._analyzing = False
 
     def add_detector(self, detector: str | type[Detector] | Detector) -> Detector:
         """Run one more detector: a registered name, a Detector class, or an instance."""
@@ -165,13 +267,16 @@ class AdvancedAnomalyDetector:
         else:
             raise TypeError(f"expected a detector name, class or instance, got {detector!r}")
         self.suite.detectors[instance.name or type(instance).__name__] = instance
+        self.suite._routes.clear()  # the suite caches which detectors read which metrics
         return instance
 
     def analyze_training_step(self, model: Any = None, optimizer: Any = None, loss: Any = None,
                               batch_size: int | None = None, rewards: Any = None,
                               predictions: Any = None, step: int | None = None,
                               **metrics: Any) -> list[Alert]:
-        """Check one training step; returns the alerts it raised (also saved and sent to the hooks)."""
+        """Check one training step; returns the alerts it raised (also saved and sent to the hooks).
+
+        ``step`` defaults to one more than the last; other keyword arguments are metrics (any name)."""
         values: dict[str, float] = {}
         for name, value in metrics.items():
             try:
@@ -189,35 +294,58 @@ class AdvancedAnomalyDetector:
         if batch_size is not None:
             values["batch_size"] = float(batch_size)
         if rewards is not None:
-            values.update(_distribution("reward", rewards))
+            values.update(distribution("reward", _as_array(rewards)))
         if predictions is not None:
             values.update(self._predictions(predictions))
         if step is None:
             step = self._next_step
         self._next_step = step + 1
+        self._last_step = int(step)
         event = MetricEvent(run_id=self.run_id, step=int(step), metrics=values, ts=time.time(), source="inprocess")
-        alerts = self.suite.update(event)
+        alerts = [self._as_documented(a) for a in self.driver.feed([event])]
         self.steps_analyzed += 1
-        self._dispatch(alerts)
         return alerts
+
+    def _as_documented(self, alert: Alert) -> Alert:
+        """The documented grading: resolved events are not graded as firing; explosion over the threshold is
+        critical, vanishing at least high."""
+        if alert.status == "resolved":
+            if alert.severity == "low":
+                return alert
+            return replace(alert, severity="low", metadata={**alert.metadata, "episode_severity": alert.severity})
+        severity = alert.severity
+        if (alert.alert_type == "gradient_explosion" and not alert.metadata.get("estimated")
+                and alert.value is not None and alert.value > self._explosion_threshold()):
+            severity = "critical"
+        elif alert.alert_type == "gradient_vanishing" and alert.rank < severity_rank("high"):
+            severity = "high"
+        if severity == alert.severity:
+            return alert
+        return replace(alert, severity=severity, metadata={**alert.metadata, "detector_severity": alert.severity})
+
+    def _explosion_threshold(self) -> float:
+        return float(self.suite.config.get("gradient", {}).get("explosion_threshold", math.inf))
 
     def check_stalled(self, now: float | None = None) -> list[Alert]:
         """Time-based checks (a loop that stopped calling in); for a watchdog thread."""
-        alerts = self.suite.tick(time.time() if now is None else now)
-        self._dispatch(alerts)
+        alerts = [self._as_documented(a) for a in self.driver.tick(time.time() if now is None else now)]
+        self._dispatch(alerts, self._last_step)
         return alerts
 
     @staticmethod
     def _predictions(predictions: Any) -> dict[str, float]:
         if isinstance(predictions, tuple) and len(predictions) == 2:
             probs, outcomes = predictions
-            return calibration_bins(_as_array(probs), _as_array(outcomes))
-        return _distribution("prediction", predictions)
+            return prediction_metrics(_as_array(probs), _as_array(outcomes))
+        return prediction_metrics(_as_array(predictions))
 
-    def _dispatch(self, alerts: Sequence[Alert]) -> None:
+    def _dispatch(self, alerts: Sequence[Alert], step: int) -> None:
+        if not alerts:
+            return
         for alert in alerts:
             self.alerts.append(alert)
-            if self.output_dir is not None and self.save_alerts:
+            if self.output_dir is not None and self.save_alerts and isinstance(alert, Alert):
+                self.output_dir.mkdir(parents=True, exist_ok=True)
                 name = f"alert_{alert.step:08d}_{alert.alert_type}_{alert.status}_{alert.alert_id}.json"
                 (self.output_dir / name).write_text(json.dumps(alert.to_dict(), indent=2))
             for name, handler in {**HOOKS, **self.hooks}.items():
@@ -225,6 +353,7 @@ class AdvancedAnomalyDetector:
                     handler(alert)
                 except Exception:  # noqa: BLE001 — a broken handler must never stop training
                     log.exception("alert hook %r failed on %s; training continues", name, alert.alert_type)
+        profiler_registry.dispatch(list(alerts), step)
 
     def get_summary(self, latest: int = 10) -> dict[str, Any]:
         """Counts of firing alerts by category and severity, and the latest alert events."""
@@ -247,6 +376,7 @@ class AdvancedAnomalyDetector:
                 raise ValueError("no path given and no output_dir set")
             path = self.output_dir / "anomaly_report.json"
         target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(self.get_summary(latest=50), indent=2, allow_nan=False))
         return target
 
@@ -258,3 +388,6 @@ class AdvancedAnomalyDetector:
         self._next_step = state.get("next_step", 0)
 
 
+
+
+AdvancedAnomalyDetector.analyze_training_step = _dispatching(AdvancedAnomalyDetector.analyze_training_step)

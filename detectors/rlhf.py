@@ -128,7 +128,7 @@ class CalibrationDetector(Detector):
     """
 
     name = "calibration"
-    category = "reward_model"
+    category = "reward_drift"
     section = "reward_drift"
     defaults = REWARD_DRIFT_DEFAULTS
     state_fields = ("early", "poor_run", "drift_run")
@@ -193,7 +193,7 @@ class RewardDistributionDriftDetector(Detector):
     """
 
     name = "reward_distribution_drift"
-    category = "reward_model"
+    category = "reward_drift"
     section = "reward_drift"
     defaults = REWARD_DRIFT_DEFAULTS
     state_fields = ("early_means", "early_stds", "mean", "std", "run_length")

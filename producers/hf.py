@@ -2,26 +2,31 @@
 
     trainer = Trainer(..., callbacks=[LossguardCallback("exp-1")])
 
-Each optimizer step sends the *real* step loss — read from the model's output on the training thread
-as a tensor, not from HF's logs, where ``logging_nan_inf_filter`` (on by default) replaces a NaN/Inf
-loss by the running average so a diverging run looks healthy — plus ``lr``, ``step_time``, memory,
-and, when HF does not clip (``max_grad_norm=0``), the total gradient norm. HF's own logs (``on_log``:
-eval metrics, TRL's ``objective/kl``, ``rewards/margins`` …, and HF's pre-clip ``grad_norm``) are
-mapped onto canonical names and sent too, minus what the step event already carried.
+Each optimizer step sends one event: the *real* step loss — what ``trainer.training_step`` returned for
+the step's micro-batches, read as a tensor, not HF's logged loss, where ``logging_nan_inf_filter`` (on by
+default) replaces a NaN/Inf loss by the running average so a diverging run looks healthy — the pre-clip
+gradient norm HF computes at every step (the accelerator's ``clip_grad_norm_`` return value; no extra
+work, no host sync), ``lr``, ``step_time`` and memory. HF's own logs of that step (``on_log``: eval
+metrics, TRL's ``objective/kl``, ``rewards/margins`` …) are mapped onto canonical names and merged into
+the same event, minus what it already carries: at a step where HF logs or evaluates, the event leaves
+after the log / evaluation, so one optimizer step is one event.
 
-For trainers that compute the loss outside the model (custom ``compute_loss``, TRL's DPO/GRPO) or
-to get the pre-clip gradient norm at every step when HF clips, attach the callback to the trainer:
-``LossguardCallback("exp-1").attach(trainer)`` — it then also observes ``trainer.training_step`` and
-the accelerator's ``clip_grad_norm_`` (the values HF computes anyway; no extra work, no host sync).
+The callback finds its ``Trainer`` when training begins (the caller of ``on_train_begin``) and observes
+``training_step`` and ``clip_grad_norm_`` there; ``LossguardCallback("exp-1").attach(trainer)`` does the
+same explicitly. Without a trainer to observe (a custom loop driving the callbacks), the loss is read
+from the model's output and the norm is taken only when HF does not clip.
 
 A stop request for the run (auto-stop sink, ``lossguard stop RUN``) sets
 ``control.should_training_stop``: HF ends the epoch loop after the current step and runs its normal
-end-of-training (final save, ``on_train_end``).
+end-of-training (final save, ``on_train_end``). In a distributed run the decision is reduced across ranks
+(stop when any rank has heard it: one all-reduce of a flag per step), so all ranks stop at the same step;
+a NaN on one rank reaches the report through HF's grad norm, taken after DDP has averaged the gradients.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +41,8 @@ from .timing import Every
 __all__ = ["LossguardCallback"]
 
 # keys of HF logs that are bookkeeping, not signals
-_SKIP_LOG_KEYS = frozenset({"step", "total_flos", "train_runtime", "train_steps_per_second"})
+_SKIP_LOG_KEYS = frozenset({"step", "epoch", "total_flos", "train_runtime", "train_steps_per_second",
+                            "train_samples_per_second", "train_loss"})
 
 
 class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
@@ -65,16 +71,26 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         self.eval_every_seconds = eval_every_seconds
         self._eval_due: Every | None = None
         self._attached = False
+        self._trainer_id: int | None = None  # the trainer whose training_step / clipping are observed
         self._losses: list[Any] = []
         self._grad_norm: Any = None
         self._lr: float | None = None
         self._sent_keys: tuple[int, frozenset[str]] = (-1, frozenset())
         self._hook: Any = None
+        #: the step event held back while HF logs or evaluates that step: (step, metrics, flush on)
+        self._pending: tuple[int, dict[str, Any], str] | None = None
 
     # -- optional: observe the trainer itself -------------------------------------------------------------
     def attach(self, trainer: Any) -> LossguardCallback:
         """Add this callback to ``trainer`` and observe its per-micro-batch loss and pre-clip grad norm."""
         trainer.add_callback(self)
+        self._observe(trainer)
+        return self
+
+    def _observe(self, trainer: Any) -> None:
+        if self._attached and self._trainer_id == id(trainer):
+            return
+        self._trainer_id = id(trainer)
         step_fn = trainer.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -97,7 +113,6 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
 
             accelerator.clip_grad_norm_ = clip_grad_norm_
         self._attached = True
-        return self
 
     # -- Trainer events --------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
@@ -113,7 +128,11 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         self._start_reporter(model, optimizer, tags, rank=args.process_index, source="hf")
         self._eval_due = Every(self.eval_every_seconds) if self.eval_every_seconds else None
         self._losses.clear()
-        if not self._attached and model is not None and self.reporter.enabled:
+        self._pending = None
+        trainer = _calling_trainer(self)
+        if trainer is not None and self.reporter.enabled:
+            self._observe(trainer)
+        if trainer is None and not self._attached and model is not None and self.reporter.enabled:
             # Trainer's default compute_loss takes the loss from the model's output: see it there.
             self._hook = model.register_forward_hook(self._on_forward)
 
@@ -133,10 +152,16 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         if optimizer is not None:
             self._lr = optimizer.param_groups[0]["lr"]  # the lr this update uses (the scheduler steps next)
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush()
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         reporter = self.reporter
         if reporter is None:
             return
+        self._flush()
+        if self._eval_due is not None and self._eval_due():
+            control.should_evaluate = True
         if reporter.enabled and state.global_step % self.every == 0:
             metrics: dict[str, Any] = {}
             if self._losses:
@@ -145,18 +170,33 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
                 metrics["grad_norm"] = self._grad_norm
             if self._lr is not None:
                 metrics["lr"] = self._lr
-            sent = set(metrics) | {"lr"}  # the reporter adds lr from the optimizer
-            if reporter._grad_norm is not None:
-                sent.add("grad_norm")
-            reporter.log(state.global_step, **metrics)
-            # these went out with the step event: on_log must not send HF's (filtered, averaged) copies
-            self._sent_keys = (state.global_step, frozenset(sent))
+            # HF's flow callback (run before this one) has decided whether it logs / evaluates this step:
+            # then its logs are merged into this step's event, sent once they are in
+            wait = "evaluate" if control.should_evaluate else "log" if control.should_log else ""
+            self._pending = (state.global_step, metrics, wait)
+            if not wait:
+                self._flush()
         self._losses.clear()
         self._grad_norm = None
-        if self._eval_due is not None and self._eval_due():
-            control.should_evaluate = True
-        if self.stop_on_request and reporter.should_stop:
-            control.should_training_stop = True
+        if self.stop_on_request:
+            should_stop = reporter.should_stop
+            if getattr(args, "world_size", 1) > 1:
+                should_stop = _on_any_rank(should_stop, args.device)  # every rank stops at the same step
+            if should_stop:
+                control.should_training_stop = True
+
+    def _flush(self) -> None:
+        """Send the held step event (one optimizer step, with what HF logged for it)."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.reporter is None:
+            return
+        step, metrics, _ = pending
+        sent = {canonical_name(k) for k in metrics} | {"lr"}  # the reporter adds lr from the optimizer
+        if self.reporter._grad_norm is not None:
+            sent.add("grad_norm")
+        self.reporter.log(step, **metrics)
+        # these went out with the step event: a later log of the step must not send HF's copies
+        self._sent_keys = (step, frozenset(sent))
 
     def _step_loss(self) -> Any:
         if len(self._losses) == 1:
@@ -171,17 +211,34 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
                **kwargs: Any) -> None:
         if self.reporter is None or not logs:
             return
+        pending = self._pending if self._pending is not None and self._pending[0] == state.global_step else None
         step, sent = self._sent_keys
+        if pending is not None:
+            taken = {canonical_name(k) for k in pending[1]} | {"lr"}
+            if self.reporter._grad_norm is not None:
+                taken.add("grad_norm")
+        else:
+            taken = sent if step == state.global_step else frozenset()
         metrics = {}
         for name, value in logs.items():
             if name in _SKIP_LOG_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
-            if step == state.global_step and canonical_name(name) in sent:
-                continue  # the step event carried the real value (HF's loss here may be NaN-filtered)
+            if canonical_name(name) in taken:
+                continue  # the step event carries the real value (HF's loss here may be NaN-filtered)
             metrics[name] = value
-        self.reporter.log_metrics(state.global_step, metrics)
+        if pending is not None:
+            pending[1].update(metrics)
+            if pending[2] == "log":
+                self._flush()
+        elif metrics:  # a log of a step already sent (e.g. a user's own trainer.log): the same step again
+            self.reporter.log_metrics(state.global_step, metrics)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._pending is not None and self._pending[2] == "evaluate":
+            self._flush()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._flush()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -203,3 +260,29 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         if self.attempt is None:
             self.attempt = int(saved.get("attributes", {}).get("attempt", 0)) + 1
 
+
+
+def _calling_trainer(callback: Any) -> Any:
+    """The ``Trainer`` whose callback handler is calling ``callback`` (a few frames up), or None."""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        handler = getattr(owner, "callback_handler", None)
+        if handler is not None and callback in getattr(handler, "callbacks", ()):
+            return owner
+    return None
+
+
+def _on_any_rank(flag: bool, device: Any) -> bool:
+    """``flag`` OR-ed over the ranks of the default process group (as it is when none is running)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

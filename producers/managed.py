@@ -4,7 +4,8 @@ A *poller* turns one managed job's state and metrics into metric events (``poll(
 :class:`JobMonitor` drives a poller until the job ends — polling on an interval, backing off when AWS
 throttles, ending with a clear :class:`PollerError` on validation, access-denied or not-found errors —
 hands every event to a sink (the Kafka emitter), runs the detectors in-process when asked, and stops the
-job through :class:`JobStopper` on a critical alert.
+job through :class:`JobStopper` on a critical alert. With a :class:`JobLog` it keeps the job's audit
+trail on disk: the metrics of every poll, and every issue with the recovery action it caused.
 
 :class:`JobStopper` is the one place a managed job is stopped (``stop_model_customization_job`` or
 ``stop_training_job``), once per run, with the reason logged. Run ids of managed jobs are
@@ -18,20 +19,25 @@ credentials nor client configuration are ever logged.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from detectors.alerts import Alert, severity_rank
+from detectors.driver import RunDriver
 from detectors.events import MetricEvent
 from detectors.suite import DetectorSuite
 
 __all__ = [
-    "JOB_STATUS_CODES", "TERMINAL_STATUSES", "PollerError", "JobPoller", "JobStopper", "JobMonitor",
+    "JOB_STATUS_CODES", "TERMINAL_STATUSES", "PollerError", "JobPoller", "JobStopper", "JobMonitor", "JobLog",
     "MonitorResult", "aws_client", "error_kind", "describe_error", "status_event", "split_run_id",
 ]
 
@@ -150,6 +156,8 @@ class JobStopper:
         self.region = region
         #: run id → reason of the stop that was requested
         self.stopped: dict[str, str] = {}
+        #: run id → why its stop request failed
+        self.failures: dict[str, str] = {}
         self._jobs: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -180,11 +188,54 @@ class JobStopper:
             else:
                 client.stop_training_job(TrainingJobName=job_id)
         except Exception as exc:  # noqa: BLE001 — logged with what to do; the monitor carries on
-            log.error("auto-stop: could not stop %s job %s: %s", service, job_id,
-                      describe_error(exc, "stop request failed"))
+            self.failures[run_id] = describe_error(exc, "stop request failed")
+            log.error("auto-stop: could not stop %s job %s: %s", service, job_id, self.failures[run_id])
             return False
         log.warning("auto-stop: stop requested for %s job %s (run %s): %s", service, job_id, run_id, reason)
         return True
+
+
+def file_stem(run_id: str) -> str:
+    """A readable, bounded file-name stem for a run id plus a short hash of the whole id, so two run ids
+    never share a file (``bedrock:ft/1`` → ``bedrock_ft_1-<8 hex>``)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:80]
+    return f"{readable}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
+class JobLog:
+    """A monitored job's audit trail on disk, in ``dir``, appended as the monitor goes (never rewritten):
+
+    - ``<run>.metrics.jsonl``: every metric event polled (the metric-event JSON), written after each poll;
+    - ``<run>.actions.jsonl``: every issue the monitor handled (``{"kind": "issue", "origin", "alert"}``)
+      and every recovery action (``{"kind": "action", "action": "auto_stop", "reason", "alert_id",
+      "result": "requested" | "failed" | "already_requested", "detail"}``), each with a ``ts``.
+    """
+
+    def __init__(self, dir: str | os.PathLike, run_id: str):
+        self.dir = Path(dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        stem = file_stem(run_id)
+        self.metrics_path = self.dir / f"{stem}.metrics.jsonl"
+        self.actions_path = self.dir / f"{stem}.actions.jsonl"
+        self._lock = threading.Lock()
+
+    def metrics(self, events: list[MetricEvent]) -> None:
+        if not events:
+            return
+        with self._lock, open(self.metrics_path, "ab") as f:
+            f.write(b"".join(e.to_json() + b"\n" for e in events))
+
+    def issue(self, alert: Alert, origin: str) -> None:
+        self._action_line({"kind": "issue", "origin": origin, "alert": alert.to_dict()})
+
+    def action(self, action: str, *, reason: str, alert_id: str, result: str, detail: str = "") -> None:
+        self._action_line({"kind": "action", "action": action, "reason": reason, "alert_id": alert_id,
+                           "result": result, "detail": detail})
+
+    def _action_line(self, doc: dict[str, Any]) -> None:
+        line = json.dumps({"ts": time.time(), **doc}, allow_nan=False, default=str) + "\n"
+        with self._lock, open(self.actions_path, "a") as f:
+            f.write(line)
 
 
 class JobPoller(Protocol):
@@ -221,17 +272,21 @@ class JobMonitor:
         stopper: stops the job on an alert of ``stop_severity`` or worse; ``None`` never stops.
         on_alert: called with every in-process alert (and with those passed to :meth:`handle_alert`).
         timeout: give up after this many seconds (``None``: wait for the job to end).
+        log_dir: keep the job's :class:`JobLog` (metrics and issues/recovery actions, JSONL) in this folder.
     """
 
     def __init__(self, poller: JobPoller, *, interval: float = 30.0, max_interval: float = 300.0,
                  emit: Callable[[MetricEvent], None] | None = None, suite: DetectorSuite | None = None,
                  stopper: JobStopper | None = None, stop_severity: str = "critical",
-                 on_alert: Callable[[Alert], None] | None = None, timeout: float | None = None):
+                 on_alert: Callable[[Alert], None] | None = None, timeout: float | None = None,
+                 log_dir: str | os.PathLike | None = None):
         self.poller = poller
+        self.job_log = JobLog(log_dir, poller.run_id) if log_dir is not None else None
         self.interval = interval
         self.max_interval = max(max_interval, interval)
         self.emit = emit
         self.suite = suite
+        self.driver = RunDriver(suite) if suite is not None else None
         self.stopper = stopper
         self.stop_rank = severity_rank(stop_severity)
         self.on_alert = on_alert
@@ -248,12 +303,21 @@ class JobMonitor:
                 return  # another run's, or the same alert from the topic and from the in-process detectors
             self._seen.add(alert.alert_id)
             self.result.alerts.append(alert)
+        if self.job_log is not None:
+            self.job_log.issue(alert, origin)
         if self.on_alert is not None:
             self.on_alert(alert)
         if self.stopper is None or alert.status != "firing" or alert.rank < self.stop_rank:
             return
         reason = (f"{alert.severity} {alert.alert_type} at step {alert.step} ({origin}): {alert.message}")
-        if self.stopper.stop(self.poller.run_id, reason):
+        run_id = self.poller.run_id
+        sent = self.stopper.stop(run_id, reason)
+        if self.job_log is not None:
+            failure = self.stopper.failures.get(run_id) if not sent else None
+            result = "requested" if sent else "failed" if failure else "already_requested"
+            self.job_log.action("auto_stop", reason=reason, alert_id=alert.alert_id, result=result,
+                                detail=failure or "")
+        if sent:
             self.result.stop_reason = reason
             self._wake.set()  # poll again now to see the job stop
 
@@ -275,12 +339,14 @@ class JobMonitor:
                 what = f"polling {self.poller.run_id}" + (" (throttled)" if kind == "throttle" else "")
                 log.warning("%s; next poll in %.0f s", describe_error(exc, what), delay)
                 events = []
+            if self.job_log is not None:
+                self.job_log.metrics(events)
             for event in events:
                 self.result.events.append(event)
                 if self.emit is not None:
                     self.emit(event)
-                if self.suite is not None:
-                    for alert in self.suite.update(event):
+                if self.driver is not None:
+                    for alert in self.driver.feed([event]):
                         self.handle_alert(alert)
             self.result.status = self.poller.status
             if self.poller.finished:

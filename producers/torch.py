@@ -51,8 +51,6 @@ except ImportError:  # pragma: no cover - exercised only without torch
 
 _AT_FORK = hasattr(os, "register_at_fork")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-_BINS = 10
 
 
 class TrainingStopped(RuntimeError):
@@ -92,35 +90,12 @@ class _Summary:
         self.labels = None if labels is None else _snapshot(labels)
 
     def metrics(self) -> dict[str, float]:
-        import numpy as np
+        from detectors.summaries import distribution, prediction_metrics
 
-        x = _as_numpy(self.values).ravel()
-        if x.size == 0:
-            return {}
-        p = self.prefix
-        finite = x[np.isfinite(x)]
-        out = {f"{p}_mean": float(x.mean()), f"{p}_std": float(x.std())}  # NaN in → NaN out: a signal
-        if finite.size:
-            out[f"{p}_min"], out[f"{p}_max"] = float(finite.min()), float(finite.max())
-            for q, v in zip(_QUANTILES, np.quantile(finite, _QUANTILES), strict=True):
-                out[f"{p}_p{round(q * 100):02d}"] = float(v)
-        if p == "prediction":
-            clipped = np.clip(finite, 0.0, 1.0)
-            bins = np.minimum((clipped * _BINS).astype(int), _BINS - 1)
-            counts = np.bincount(bins, minlength=_BINS) / max(1, finite.size)
-            out.update({f"calibration_bin{i}": float(c) for i, c in enumerate(counts)})
-            if self.labels is not None:
-                y = _as_numpy(self.labels).ravel().astype(float)
-                if y.size == x.size:
-                    out["brier"] = float(np.mean((x - y) ** 2))
-                    all_bins = np.minimum((np.clip(x, 0, 1) * _BINS).astype(int), _BINS - 1)
-                    ece = 0.0
-                    for b in range(_BINS):
-                        mask = all_bins == b
-                        if mask.any():
-                            ece += mask.mean() * abs(x[mask].mean() - y[mask].mean())
-                    out["ece"] = float(ece)
-        return out
+        x = _as_numpy(self.values)
+        if self.prefix == "prediction":
+            return prediction_metrics(x, None if self.labels is None else _as_numpy(self.labels))
+        return distribution(self.prefix, x)
 
 
 def _snapshot(values: Any) -> Any:

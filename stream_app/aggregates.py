@@ -8,8 +8,11 @@ the changelog-backed ``run_summary`` table, so they survive restarts and rebalan
 Step order, explicitly (at-least-once delivery and checkpoint restores both happen in practice):
 
 - ``new``: the step is past the last one seen → fed to the detectors.
-- ``resumed``: the step went back but the timestamp moved on → a checkpoint restore; fed to the
-  detectors (their windows carry on: the pre-restore history is still the run's baseline).
+- ``resumed``: a step seen before, from a new attempt (the ``attempt`` tag changed), or — for a source
+  without attempts — a step that went back while the timestamp moved on → a checkpoint restore; fed to
+  the detectors (their windows carry on: the pre-restore history is still the run's baseline).
+- ``same_step``: the last step again, later, from the same attempt (an evaluation reported after its
+  step) → fed to the detectors, counted as an event, not as a resume.
 - ``duplicate``: step and time not past the last ones and the step was seen recently → dropped.
 - ``out_of_order``: a late step older than the last one, never seen → dropped and counted (detector
   windows are sequential; a late step cannot be inserted behind them).
@@ -21,6 +24,10 @@ Step order, explicitly (at-least-once delivery and checkpoint restores both happ
 ['new', 'new', 'duplicate', 'out_of_order', 'new', 'resumed']
 >>> s.events, s.duplicates, s.out_of_order, s.resumes, s.last_step
 (4, 1, 1, 1, 2)
+>>> a = RunSummary("r")
+>>> [a.observe(MetricEvent("r", step, m, ts=ts, tags={"attempt": att})) for step, m, ts, att in
+...  [(5, {"loss": 1.0}, 1.0, "0"), (5, {"val_loss": 1.1}, 2.0, "0"), (4, {"loss": 1.0}, 0.5, "1")]]
+['new', 'same_step', 'resumed']
 >>> s.windows[-1]["metrics"]["loss"]
 {'count': 4, 'min': 1.0, 'max': 1.0, 'mean': 1.0}
 """
@@ -64,7 +71,14 @@ class RunSummary:
     def observe(self, event: MetricEvent) -> str:
         """Classify ``event`` (see the module docstring) and, unless dropped, add it to the aggregates."""
         if self.last_step is not None and event.step <= self.last_step:
-            if event.ts > self.last_ts:
+            attempt = event.tags.get("attempt") if event.tags else None
+            last_attempt = self.tags.get("attempt")
+            if attempt is not None and last_attempt is not None and attempt != last_attempt:
+                kind = "resumed"
+                self.resumes += 1
+            elif event.step == self.last_step and event.ts > self.last_ts and attempt is not None:
+                kind = "same_step"
+            elif event.ts > self.last_ts:
                 kind = "resumed"
                 self.resumes += 1
             elif event.step in self.recent_steps:

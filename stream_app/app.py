@@ -25,7 +25,8 @@ from typing import Any
 
 import faust
 
-from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
+from detectors import Alert, DetectorSuite, MetricEvent, SchemaError, load_detectors
+from detectors.driver import enrich
 from detectors.events import decode_metric_record, dumps
 
 from . import faust_fixes, recovery, web
@@ -34,6 +35,7 @@ from .settings import load_settings
 
 log = logging.getLogger("lossguard.worker")
 
+load_detectors()  # users' detectors (LOSSGUARD_DETECTORS, entry points) before their config sections are read
 settings = load_settings()
 faust_fixes.install(settings.fetch_max_wait_ms)
 _bootstrap = settings.bootstrap or f"127.0.0.1:{settings.broker_port}"
@@ -94,7 +96,8 @@ _suites: OrderedDict[str, tuple[DetectorSuite, RunSummary]] = OrderedDict()
 counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letters": 0, "duplicates": 0,
                             "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
 #: RunSummary.observe's verdict → the counter it bumps (new and resumed steps are processed events)
-_COUNTER = {"new": "events", "resumed": "events", "duplicate": "duplicates", "out_of_order": "out_of_order"}
+_COUNTER = {"new": "events", "resumed": "events", "same_step": "events", "duplicate": "duplicates",
+            "out_of_order": "out_of_order"}
 #: fresh suites for new runs: the detector config is validated once per worker, not once per run
 new_suite = DetectorSuite.factory(settings.detector_config)
 
@@ -241,7 +244,7 @@ def _process(events: list[MetricEvent]) -> tuple[list[Alert], tuple[DetectorSuit
     for alert in alerts:
         # every alert comes from one of this record's steps; the run's own source/tags are the safe default
         source, tags = context.get((alert.step, alert.ts), (summary.source, summary.tags))
-        alert.metadata.update(source=source, run_tags=tags)
+        enrich((alert,), source, tags)
         summary.count_alert(alert)
     return alerts, live
 
@@ -270,7 +273,7 @@ async def tick() -> None:
     now = time.time()
     for suite, summary in list(_suites.values()):
         for alert in suite.tick(now):
-            alert.metadata.update(source=summary.source, run_tags=summary.tags)
+            enrich((alert,), summary.source, summary.tags)
             await publish(alert)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -155,8 +156,12 @@ def _monitor(args: argparse.Namespace, poller: Any, *, stopper: Any = None, quie
             message = event.tags.get("failure_message", "")
             _print(args, f"[{event.run_id}] job status {event.tags['job_status']}" + (f": {message}" if message else ""))
 
+    log_dir = None if args.no_job_log else (args.log_dir or os.path.join(streams.settings.data_dir, "jobs"))
     monitor = JobMonitor(poller, interval=args.poll_interval, emit=emit, suite=suite, stopper=stopper,
-                         on_alert=on_alert, timeout=args.timeout)
+                         on_alert=on_alert, timeout=args.timeout, log_dir=log_dir)
+    if monitor.job_log is not None:
+        _print(args, f"[{poller.run_id}] audit log: {monitor.job_log.metrics_path} and "
+                     f"{monitor.job_log.actions_path}")
     started = time.time()
     if source in ("topic", "both"):
         streams.follow_alerts(monitor, poller.run_id, since=started - 1.0)
@@ -329,6 +334,9 @@ def _monitor_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alerts-source", choices=["local", "topic", "both"], default="both",
                    help="alerts from the in-process detectors, the alert topic, or both (default both)")
     p.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    p.add_argument("--log-dir", help="the job's audit log: metrics and issues/recovery actions as JSONL "
+                                     "(default <data_dir>/jobs, data_dir from LOSSGUARD_DATA_DIR or lossguard-data)")
+    p.add_argument("--no-job-log", action="store_true", help="keep no audit log on disk")
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

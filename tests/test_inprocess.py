@@ -20,6 +20,12 @@ from detectors import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _own_directory(tmp_path, monkeypatch):
+    """The documented default ``output_dir`` is relative: each test writes under its own directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def train_digits(detector: AdvancedAnomalyDetector, steps: int = 120, jump_at: int | None = None) -> list[Alert]:
     torch = series._torch()
     torch.manual_seed(0)
@@ -139,3 +145,24 @@ def test_state_dict_resumes_the_in_process_detector():
     assert rest_a == rest_b
     assert ("lr_sudden_change", "critical", 150) in rest_a
     assert all(x.step < 140 for x in first)
+
+
+def test_rewards_are_summarised_under_the_reporters_names():
+    from producers.torch import _Summary
+
+    seen: list[dict] = []
+
+    class Capture(Detector):
+        name = "capture_metrics"
+
+        def update(self, event: MetricEvent) -> list[Alert]:
+            seen.append(dict(event.metrics))
+            return []
+
+    rewards = np.linspace(-1.0, 1.0, 101)
+    probs, labels = np.linspace(0.0, 1.0, 50), (np.arange(50) % 2).astype(float)
+    det = AdvancedAnomalyDetector(output_dir=None, detectors=[Capture])
+    det.analyze_training_step(rewards=rewards, predictions=(probs, labels))
+    reporter = {**_Summary("reward", rewards).metrics(), **_Summary("prediction", probs, labels).metrics()}
+    assert seen[0] == pytest.approx(reporter)
+    assert {"reward_p05", "reward_p95", "ece", "brier"} <= set(seen[0])
