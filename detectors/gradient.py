@@ -127,10 +127,10 @@ class GradientExplosionDetector(_GradientNormReader):
         elif (self.run_length >= 2 and ((z_hit and abs_hit) or (warm and ratio >= 10))) or (
                 self.run_length >= 3 and z_hit):
             severity = "high"
-        elif self.run_length >= 2 or (warm and ratio >= 10):
+        elif (self.run_length >= 2 and ratio >= 3) or (warm and ratio >= 10):
             severity = "medium"
         else:
-            severity = "low"  # one step over a ceiling or a z-score: one hard batch, or early training
+            severity = "low"  # one step over a ceiling or a z-score (one hard batch), or a mild excursion
         if estimated:
             severity = "low"  # an estimate from loss and LR is a hint, not a measurement
         return self._report(

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .alerts import Alert, severity_rank
+from .alerts import Alert
 from .base import Detector, all_finite, column, compacted, has_any, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, sorted_median, upper_median_bound
@@ -313,7 +313,8 @@ class LossDivergenceDetector(_SmoothedLoss):
     Active when the smoothed loss is more than ``divergence_threshold`` (relative) above its running
     minimum, that rise is over 2× the loss noise (so a noisy late-training loss near zero does not trip a
     relative test) *and* it undoes at least 5 % of what the run learned (start − best): at a converged
-    run's floor a tiny best can double without anything going wrong. ``medium`` at once, ``high`` after ``divergence_steps`` steps in a row,
+    run's floor a tiny best can double without anything going wrong. ``low`` for one step (an epoch boundary's
+    sawtooth), ``medium`` for two, ``high`` after ``divergence_steps`` steps in a row,
     ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
 
     >>> import random
@@ -325,7 +326,7 @@ class LossDivergenceDetector(_SmoothedLoss):
     []
     >>> diverging = [0.35 * 1.03 ** s + rng.gauss(0, 0.05) for s in range(120)]
     >>> [(a.severity, a.step) for s, x in enumerate(diverging, 300) for a in d.update(MetricEvent("r", s, {"loss": x}))]
-    [('medium', 314), ('high', 323), ('critical', 373)]
+    [('low', 314), ('medium', 315), ('high', 323), ('critical', 373)]
     """
 
     name = "loss_divergence"
@@ -361,8 +362,8 @@ class LossDivergenceDetector(_SmoothedLoss):
             severity = "critical"
         elif self.run_length >= persist:
             severity = "high"
-        else:
-            severity = "medium"
+        else:  # one point above the best is an epoch boundary's sawtooth as often as a trend
+            severity = "medium" if self.run_length >= 2 else "low"
         return self._report(
             event, "convergence_divergence", True, severity=severity, value=self.smooth,
             threshold=self.best * (1 + self.divergence_threshold),
@@ -427,8 +428,8 @@ class LossDivergenceDetector(_SmoothedLoss):
 class LossPlateauDetector(_SmoothedLoss):
     """Plateau: no relative improvement above ``plateau_threshold`` in ``plateau_window`` observations.
 
-    A plateau at the end of a run is what convergence looks like, so a plateau is ``low`` (``medium`` after
-    4 windows). Not learning at all is different: the median of the last ``plateau_window`` losses is not
+    A plateau at the end of a run is what convergence looks like, so a plateau is ``low``, however long it
+    lasts. Not learning at all is different: the median of the last ``plateau_window`` losses is not
     ``stagnation_improvement`` below the median of the first ``warmup`` ones — the loss sits where it
     started (vanishing gradients, dead or frozen weights, an LR of zero, an LR too high to descend) — and
     that is ``high`` (``metadata.stagnation``). Medians, so a few hard batches do not move either side. On
@@ -495,11 +496,9 @@ class LossPlateauDetector(_SmoothedLoss):
                          f"({(start - now) / start:+.1%})"),
                 metadata={"best": self.best, "since_best": self.since_best, "stagnation": True,
                           "start_median": start, "recent_median": now})
-        active = self.since_best >= window
-        # four dense windows, whatever the cadence: a converged run's floor is a plateau, and no news
-        severity = "medium" if self.since_best >= 4 * self.plateau_window else "low"
+        # a converged run's floor is a plateau, and no news: low however long it lasts
         return self._report(
-            event, "convergence_plateau", active, severity=severity, value=self.smooth,
+            event, "convergence_plateau", self.since_best >= window, severity="low", value=self.smooth,
             threshold=self.plateau_threshold,
             message=(f"smoothed {self.metric} {self.smooth:.4g} has not improved by {self.plateau_threshold:.2%} "
                      f"in {self.since_best} steps"),
@@ -582,8 +581,7 @@ class LossPlateauDetector(_SmoothedLoss):
                             stop = i
                             break
                     elif active:
-                        if severity_rank("medium" if n_since >= 4 * self.plateau_window else "low") > severity_rank(
-                                episode["severity"]):
+                        if episode["severity"] != "low":  # a stagnation episode: update judges each step
                             stop = i
                             break
                         n_clear = 0

@@ -165,7 +165,9 @@ def test_a_converged_run_on_a_noisy_floor_keeps_one_plateau_episode_open() -> No
             alerts += suite.update(MetricEvent("converged", step, {"loss": loss, "lr": 1e-3}, ts=1e9 + step))
         plateau = [a for a in alerts if a.alert_type == "convergence_plateau"]
         assert [a.step for a in plateau if a.status == "resolved" and a.step > 1500] == [], seed
-        assert len(plateau) <= 6 and plateau[-1].status == "firing" and plateau[-1].severity == "medium", seed
+        assert len(plateau) <= 6 and plateau[-1].status == "firing", seed
+        # a converged floor is no news: the plateau stays low however long it lasts, and nothing pages
+        assert all(a.severity == "low" for a in plateau), seed
         assert all(a.severity in ("low", "medium") for a in alerts), [a.alert_type for a in alerts]
 
 
