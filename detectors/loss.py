@@ -638,14 +638,14 @@ class LossOscillationDetector(Detector):
     Over the last ``oscillation_window`` steps, the fraction of consecutive differences that change sign
     (2/3 for independent noise, 1 for a pure zig-zag) must reach 0.85, the lag-1 autocorrelation of the
     losses must be below -0.5 (independent noise sits near 0), and the median step size must be at
-    least ``oscillation_amplitude`` of the median loss. ``medium``; ``high`` when it lasts a second full
-    window with the autocorrelation below -0.7.
+    least ``oscillation_amplitude`` of the median loss. ``low`` (small-batch regression zig-zags too);
+    ``high`` when it lasts a second full window with the autocorrelation below -0.7.
 
     >>> from detectors.events import MetricEvent
     >>> d = LossOscillationDetector()
     >>> zigzag = [1.0 if s % 2 else 2.5 for s in range(60)]
     >>> [(a.severity, a.step) for s, x in enumerate(zigzag) for a in d.update(MetricEvent("r", s, {"loss": x}))]
-    [('medium', 20), ('high', 40)]
+    [('low', 20), ('high', 40)]
     """
 
     name = "loss_oscillation"
@@ -689,7 +689,7 @@ class LossOscillationDetector(Detector):
         self.run_length = self.run_length + 1 if active else 0
         if not active:
             return self._report(event, "loss_oscillation", False)
-        severity = "high" if self.run_length > self.oscillation_window and r1 <= -0.7 else "medium"
+        severity = "high" if self.run_length > self.oscillation_window and r1 <= -0.7 else "low"
         return self._report(
             event, "loss_oscillation", True, severity=severity, value=amplitude,
             threshold=self.oscillation_amplitude,
