@@ -127,10 +127,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     settings, bootstrap = _context(args)
     run = known_run(bootstrap, settings, args.run)
     summary = summarize(args.run, _read_alerts(bootstrap, settings.topic("alerts")))
-    detail = {**run.overview(), "windows": run.windows}
+    detail = {**run.overview(), "first_ts": run.first_ts, "windows": run.windows, "history": run.history.to_dict()}
     out = Path(args.out or f"lossguard-reports/{run_file_stem(args.run)}.report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(summary, detail))
+    out.write_text(render_html(summary, detail, settings.detector_config))
     out.with_suffix(".json").write_text(json.dumps({**summary, "run": detail}, indent=2))
     if args.json:
         print(json.dumps({**summary, "html": str(out)}, indent=2))
