@@ -80,12 +80,13 @@ function lgDrawCharts(container, history, episodes, lastStep, width) {
     const tip = document.createElement("div");
     tip.className = "lg-tip";
     container.appendChild(box);
-    const bad = ((history.nonfinite || {})[name] || []).length;
+    const bad = (history.nonfinite || {})[name] || [];
     const opts = {
-      title: bad ? `${label} (${bad} non-finite values not drawn)` : label,
+      title: bad.length ? `${label} (non-finite values not drawn, the latest at step ${bad[bad.length - 1]})` : label,
       width: width || Math.max(320, Math.min(container.clientWidth || 900, 1100)),
       height: 220,
-      scales: {x: {time: false}},
+      // the x axis reaches the run's last step: a curve that ends in NaNs still shows the alert after it
+      scales: {x: {time: false, range: (u, min, max) => [min, Math.max(max, lastStep ?? max, ...episodes.map(e => e.start))]}},
       legend: {live: true},
       series: [{label: "step"}, {label, stroke: "#37474f", width: 1.5, spanGaps: true, points: {show: false}}],
       axes: [{label: "step"}, {size: 70, values: (u, ticks) => ticks.map(v => +v.toPrecision(3))}],
