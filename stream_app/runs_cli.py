@@ -32,7 +32,7 @@ from .aggregates import RunSummary
 from .oncall import UnknownRun, colour, connect, read_to_end
 from .report import render_html, summarize
 
-__all__ = ["add_parser", "read_runs", "parse_duration"]
+__all__ = ["add_parser", "known_run", "parse_duration", "read_runs", "write_report"]
 
 
 def read_runs(bootstrap: str, changelog: str) -> dict[str, RunSummary]:
@@ -121,23 +121,30 @@ def known_run(bootstrap: str, settings: Any, run_id: str) -> RunSummary:
     return run
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def write_report(bootstrap: str, settings: Any, run_id: str, out: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Write ``run_id``'s HTML report (and its JSON next to it); :class:`UnknownRun` before writing
+    anything when no worker has seen the run."""
     from .sinks.jsonl import run_file_stem
 
-    settings, bootstrap = _context(args)
-    run = known_run(bootstrap, settings, args.run)
-    summary = summarize(args.run, _read_alerts(bootstrap, settings.topic("alerts")))
+    run = known_run(bootstrap, settings, run_id)
+    summary = summarize(run_id, _read_alerts(bootstrap, settings.topic("alerts")))
     detail = {**run.overview(), "first_ts": run.first_ts, "windows": run.windows, "history": run.history.to_dict()}
-    out = Path(args.out or f"lossguard-reports/{run_file_stem(args.run)}.report.html")
+    out = out or Path(f"lossguard-reports/{run_file_stem(run_id)}.report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(summary, detail, settings.detector_config))
     out.with_suffix(".json").write_text(json.dumps({**summary, "run": detail}, indent=2))
+    return {**summary, "last_step": run.last_step, "events": run.events}, out
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    settings, bootstrap = _context(args)
+    summary, out = write_report(bootstrap, settings, args.run, Path(args.out) if args.out else None)
     if args.json:
         print(json.dumps({**summary, "html": str(out)}, indent=2))
     else:
         sev = ", ".join(f"{n} {k}" for k, n in summary["by_severity"].items() if n) or "no alerts"
-        print(f"run {args.run}: last step {run.last_step}, {run.events} events; {summary['total_alerts']} "
-              f"alerts ({sev}); open: {', '.join(summary['open']) or 'none'}")
+        print(f"run {args.run}: last step {summary['last_step']}, {summary['events']} events; "
+              f"{summary['total_alerts']} alerts ({sev}); open: {', '.join(summary['open']) or 'none'}")
         print(f"HTML report: {out}")
     return 0
 
