@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -208,9 +209,21 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if args.timeout:
-        threading.Timer(args.timeout, stop.set).start()
+        timer = threading.Timer(args.timeout, stop.set)
+        timer.daemon = True  # a Ctrl-C before the timeout must not wait it out
+        timer.start()
     threads = [threading.Thread(target=r.run, args=(stop,), name=f"sink-{r.sink.name}", daemon=True)
                for r in runners]
+    if args.metrics_port:
+        from .metrics import SinkMetrics
+
+        try:
+            SinkMetrics(runners).serve(args.metrics_port, settings.web_bind)
+            print(f"lossguard sinks: metrics at http://{settings.web_bind}:{args.metrics_port}/metrics",
+                  file=sys.stderr, flush=True)
+        except OSError as exc:
+            print(f"lossguard sinks: no /metrics: port {args.metrics_port} on {settings.web_bind}: {exc.strerror}",
+                  file=sys.stderr, flush=True)
     print(f"lossguard sinks on {bootstrap}: {', '.join(names)} ← {settings.topic('alerts')}", file=sys.stderr,
           flush=True)
     for t in threads:
@@ -264,4 +277,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
             p.add_argument("--only", action="append", help="only this sink (repeatable)")
         p.add_argument("--routes", help="sinks and routes TOML file")
         p.add_argument("--timeout", type=float, help="stop after this many seconds")
+        p.add_argument("--metrics-port", type=int, default=int(os.environ.get("LOSSGUARD_SINKS_METRICS_PORT", 6068)),
+                       help="serve Prometheus /metrics here (default 6068 or LOSSGUARD_SINKS_METRICS_PORT; 0: off)")
         p.set_defaults(func=cmd_sinks)

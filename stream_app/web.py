@@ -8,6 +8,7 @@
 - ``POST /lossguard/api/runs/{run_id}/stop`` ``{"reason": ...}`` — writes a stop control event.
 - ``POST /lossguard/api/silences`` ``{"run", "type", "severity", "for", "comment"}`` · ``POST
   /lossguard/api/silences/{id}/expire``.
+- ``GET /metrics`` — Prometheus metrics (:mod:`stream_app.metrics`).
 - ``GET /lossguard/runs/`` · ``/lossguard/runs/{run_id}/`` · ``/lossguard/stats/`` — JSON of this
   worker's own partitions and counters.
 """
@@ -31,9 +32,18 @@ _STATIC = {"app.js", "app.css", "charts.js", "vendor/uPlot.iife.min.js", "vendor
            "vendor/uPlot.LICENSE"}
 
 
-def register(app: faust.App, run_summary: Any, counters: dict[str, Any]) -> None:
-    """Add the dashboard, its API and the per-worker JSON views to ``app``'s web server."""
+def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics: Any = None) -> None:
+    """Add the dashboard, its API, ``/metrics`` (``metrics``: a :class:`~stream_app.metrics.WorkerMetrics`)
+    and the per-worker JSON views to ``app``'s web server."""
     view: dict[str, Any] = {}
+
+    if metrics is not None:
+        metrics.watch(runs_tracked=lambda: sum(1 for _ in run_summary.keys()), lag=lambda: _consumer_lag(app))
+
+        @app.page("/metrics")
+        async def prometheus(web: Any, request: Any) -> Any:
+            # text/plain is Prometheus' text format 0.0.4 (aiohttp takes no parameters in content_type)
+            return web.bytes(metrics.exposition(), content_type="text/plain")
 
     def deployment() -> Any:
         """The deployment view, started on first use (this module is imported before settings exist)."""
@@ -166,6 +176,22 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any]) -> None
     @app.page("/lossguard/stats/")
     async def stats(web: Any, request: Any) -> Any:
         return web.json(counters)
+
+
+def _consumer_lag(app: faust.App) -> list[tuple[str, int, int]]:
+    """(topic, partition, records behind the end) for the partitions this worker reads."""
+    consumer = app.consumer
+    out = []
+    for tp in sorted(consumer.assignment()):
+        read = consumer._read_offset.get(tp)  # Faust keeps no public "position"; the last offset read
+        try:
+            end = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 — not fetched yet
+            continue
+        if end is None:
+            continue
+        out.append((tp.topic, tp.partition, max(0, end - (read + 1 if read is not None else 0))))
+    return out
 
 
 async def _json_body(request: Any) -> dict[str, Any]:
