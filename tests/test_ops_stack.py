@@ -180,3 +180,18 @@ def test_alertmanager_sink_fires_resends_and_resolves(topics, alertmanager, tmp_
             sinks.kill()
             out = "(did not stop on SIGTERM)\n" + sinks.communicate()[0].decode()
     assert "Traceback" not in out and "did not stop" not in out, out
+
+
+def test_the_routes_file_to_copy_loads_and_routes(monkeypatch):
+    from stream_app.routing import load_routing
+    from stream_app.sinks import build_sink
+
+    routing = load_routing(ROOT / "deploy" / "routes.toml", "")
+    assert set(routing.sinks) == {"console", "jsonl", "alertmanager", "pager", "autostop"}
+    diverged = Alert.new(run_id="r", step=1, detector="d", category="c", alert_type="nonfinite_metric",
+                         severity="critical", message="", metadata={"run_tags": {"autostop": "yes"}})
+    assert routing.router.sinks_for(diverged) == ["console", "jsonl", "alertmanager", "autostop", "pager"]
+    monkeypatch.setenv("LOSSGUARD_ALERTMANAGER_URL", "http://127.0.0.1:9")
+    sink = build_sink("alertmanager", routing.sinks["alertmanager"], {})
+    sink.close()
+    assert sink.url == "http://127.0.0.1:9" and sink.resend_s == 60
