@@ -42,9 +42,38 @@ class History:
         self.nonfinite: dict[str, list[int]] = {}
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One step's values (the one-event path: no slicing, and a value inside its bucket's range costs
+        two comparisons)."""
+        stride = self.stride
+        bucket = step // stride
         for name, value in metrics.items():
-            if name in self.metrics:
-                self.add_column(name, (step,), (value,))
+            if name not in self.metrics:
+                continue
+            series = self.series.get(name)
+            if series is None:
+                series = self.series[name] = []
+            elif step <= series[-1][0]:
+                continue
+            if not math.isfinite(value):
+                self.add_column(name, (step,), (value,))  # the rare path keeps the bookkeeping
+                continue
+            last = series[-1] if series else None
+            if last is None or last[0] // stride != bucket:
+                series.append([step, value])
+                if len(series) > self.max_points:
+                    self._coarsen()
+                    stride, bucket = self.stride, step // self.stride
+            elif len(series) > 1 and series[-2][0] // stride == bucket:  # the bucket has its low and high
+                low, high = (series[-2], last) if series[-2][1] <= last[1] else (last, series[-2])
+                if value < low[1]:
+                    low = [step, value]
+                elif value > high[1]:
+                    high = [step, value]
+                else:
+                    continue
+                series[-2:] = [low, high] if low[0] < high[0] else [high, low]
+            elif value != last[1]:
+                series.append([step, value])  # a second point: the bucket's low and high
 
     def add_column(self, name: str, steps: Sequence[int], values: Sequence[float]) -> None:
         """Steps (ascending) and values of one metric; steps not past the series' last are skipped (a
@@ -69,8 +98,11 @@ class History:
 
     def _into_bucket(self, name: str, series: list[list[float]], bucket: int, steps: Sequence[int],
                      values: Sequence[float]) -> None:
-        finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
-        if len(finite) < len(steps):
+        if math.isfinite(sum(values)):  # the usual case, in C: no NaN or infinity among them
+            low, high = min(values), max(values)
+            finite = [(low, steps[values.index(low)]), (high, steps[values.index(high)])]
+        else:
+            finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
             bad = self.nonfinite.setdefault(name, [])
             bad.extend(s for s, v in zip(steps, values, strict=True) if not math.isfinite(v))
             del bad[:-_NONFINITE_KEPT]
