@@ -5,6 +5,10 @@ reads, on a background thread, every partition of the ``run_summary`` changelog 
 each run, chart history included), the alert topic (each run's latest alerts, bounded), the silences
 topic and the control topic (stop requests), from their beginning, and then follows them. It is a plain
 Kafka consumer without a group, so every worker's dashboard sees the same deployment.
+
+It costs the worker only while someone looks: the web views start it on first use and it stops after
+:data:`IDLE_STOP_S` without a request; a run's table value is kept as the bytes read and decoded only
+when a page asks for it (again only once it changed).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import threading
 import time
 from collections import deque
 from typing import Any
+
+import orjson
 
 from detectors import SEVERITIES, Alert, decode_alert, severity_rank
 from detectors.events import decode_control_event
@@ -32,6 +38,8 @@ LIVE_WINDOW_S = 120.0
 #: alert events kept per run (the run page's markers and timeline)
 ALERTS_PER_RUN = 1000
 SPARKLINE_POINTS = 60
+#: the view stops reading after this long without a request (and starts again on the next one)
+IDLE_STOP_S = 600.0
 
 
 def run_status(last_ts: float | None, stop_requested: bool, tags: dict[str, str] | None = None,
@@ -54,6 +62,8 @@ class DeploymentView:
         self.topics = {"runs": run_summary_changelog, "alerts": alerts_topic, "silences": silences_topic,
                        "control": control_topic}
         self._lock = threading.Lock()
+        #: run → its latest table value as read, and the summary decoded from it (on demand)
+        self._raw: dict[str, bytes] = {}
         self._runs: dict[str, RunSummary] = {}
         self._alerts: dict[str, deque[Alert]] = {}
         self._feed: deque[Alert] = deque(maxlen=2000)
@@ -62,12 +72,30 @@ class DeploymentView:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.caught_up = threading.Event()
+        self._last_used = time.monotonic()
 
     # -- reading -------------------------------------------------------------------------------------------
     def start(self) -> DeploymentView:
         self._thread = threading.Thread(target=self._follow, name="lossguard-deployment-view", daemon=True)
         self._thread.start()
         return self
+
+    def touch(self, wait_s: float = 0.0) -> None:
+        """A request came: (re)start reading if stopped, and wait up to ``wait_s`` for the first pass."""
+        self._last_used = time.monotonic()
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                self._raw.clear()
+                self._runs.clear()
+                self._alerts.clear()
+                self._feed.clear()
+                self._silences.clear()
+                self._stops.clear()
+            self.caught_up.clear()
+            self._stop.clear()
+            self.start()
+        if wait_s:
+            self.caught_up.wait(wait_s)
 
     def close(self) -> None:
         self._stop.set()
@@ -89,6 +117,9 @@ class DeploymentView:
                 assigned: set[TopicPartition] = set()
                 next_check = 0.0
                 while not self._stop.is_set():
+                    if time.monotonic() - self._last_used > IDLE_STOP_S:
+                        log.info("dashboard: no request for %.0f s; stopped reading the deployment", IDLE_STOP_S)
+                        return
                     if time.monotonic() >= next_check:  # topics appear as workers and commands create them
                         existing = consumer.topics()
                         wanted = {TopicPartition(t, p) for t in self.topics.values() if t in existing
@@ -124,10 +155,18 @@ class DeploymentView:
 
     def _apply_runs(self, record: Any) -> None:
         run_id = json.loads(record.key)
+        self._runs.pop(run_id, None)
         if record.value is None:
-            self._runs.pop(run_id, None)
+            self._raw.pop(run_id, None)
         else:
-            self._runs[run_id] = RunSummary.from_dict(json.loads(record.value))
+            self._raw[run_id] = record.value
+
+    def _summary(self, run_id: str) -> RunSummary | None:
+        """The run's summary, decoded from its latest table value on first use (call with the lock)."""
+        run = self._runs.get(run_id)
+        if run is None and run_id in self._raw:
+            run = self._runs[run_id] = RunSummary.from_dict(orjson.loads(self._raw[run_id]))
+        return run
 
     def _apply_alerts(self, record: Any) -> None:
         alert = decode_alert(record.value)
@@ -154,8 +193,8 @@ class DeploymentView:
         a loss sparkline."""
         now = time.time()
         with self._lock:
-            items = [(run, list(self._alerts.get(run_id, ())), run_id in self._stops)
-                     for run_id, run in self._runs.items()]
+            items = [(self._summary(run_id), list(self._alerts.get(run_id, ())), run_id in self._stops)
+                     for run_id in self._raw]
         rows = []
         for run, alerts, stopped in items:
             eps = episodes(alerts)
@@ -178,7 +217,7 @@ class DeploymentView:
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         with self._lock:
-            run = self._runs.get(run_id)
+            run = self._summary(run_id)
             alerts = list(self._alerts.get(run_id, ()))
             stop = self._stops.get(run_id)
         if run is None:

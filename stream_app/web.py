@@ -46,7 +46,8 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
             return web.bytes(metrics.exposition(), content_type="text/plain")
 
     def deployment() -> Any:
-        """The deployment view, started on first use (this module is imported before settings exist)."""
+        """The deployment view, started on first use and after it stopped idle (this module is imported
+        before the settings exist)."""
         if "view" not in view:
             from . import app as app_module
             from .deployment import DeploymentView
@@ -57,13 +58,16 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
             view["view"] = DeploymentView(
                 app_module._bootstrap, run_summary_changelog=s.changelog("run_summary"),
                 alerts_topic=s.topic("alerts"), silences_topic=silences_topic(s.topic_prefix),
-                control_topic=s.topic("control")).start()
+                control_topic=s.topic("control"))
+        view["view"].touch()
         return view["view"]
 
-    @app.task
-    async def start_dashboard_view() -> None:
-        if app.conf.web_enabled:
-            deployment()
+    async def warm() -> Any:
+        """The view, once its first pass over the topics is done (at most 3 s on a cold start)."""
+        current = deployment()
+        if not current.caught_up.is_set():
+            await blocking(current.caught_up.wait, 3.0)
+        return current
 
     async def blocking(fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -86,11 +90,11 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
 
     @app.page("/lossguard/api/runs")
     async def api_runs(web: Any, request: Any) -> Any:
-        return web.json(deployment().runs())
+        return web.json((await warm()).runs())
 
     @app.page("/lossguard/api/runs/{run_id}")
     async def api_run(web: Any, request: Any, run_id: str) -> Any:
-        run = deployment().run(run_id)
+        run = (await warm()).run(run_id)
         if run is None:
             return web.json({"error": f"unknown run {run_id}"}, status=404)
         return web.json(run)
@@ -102,7 +106,7 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
 
             from .control_cli import send_control
 
-            if deployment().run(run_id) is None:
+            if (await warm()).run(run_id) is None:
                 return self.json({"error": f"unknown run {run_id}"}, status=404)
             body = await _json_body(request)
             settings = view["settings"]
@@ -119,13 +123,13 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
         if severity and severity not in ("low", "medium", "high", "critical"):
             return web.json({"error": f"severity: expected low, medium, high or critical, got {severity!r}"},
                             status=400)
-        return web.json(deployment().alerts(run=q.get("run") or None, severity=severity,
+        return web.json((await warm()).alerts(run=q.get("run") or None, severity=severity,
                                             status=q.get("status") or None))
 
     @app.page("/lossguard/api/silences")
     class Silences(View):
         async def get(self, request: Any) -> Any:
-            return self.json(deployment().silences())
+            return self.json((await warm()).silences())
 
         async def post(self, request: Any) -> Any:
             from detectors.config import ConfigError
@@ -140,7 +144,6 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
                                       severity=body.get("severity") or None, comment=str(body.get("comment") or ""))
             except ConfigError as exc:
                 return self.json({"error": str(exc)}, status=400)
-            deployment()
             await blocking(write_silence, deployment().bootstrap, silences_topic(view["settings"].topic_prefix),
                            silence)
             return self.json({"ok": True, "id": silence.id})
@@ -152,7 +155,7 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics
 
             from .sinks.silences import Silence, silences_topic, write_silence
 
-            current = next((s for s in deployment().silences() if s.get("id") == silence_id), None)
+            current = next((s for s in (await warm()).silences() if s.get("id") == silence_id), None)
             if current is None:
                 return self.json({"error": f"no silence {silence_id}"}, status=404)
             fields = {k: v for k, v in current.items() if k != "active"}
