@@ -172,7 +172,8 @@ class RunSummary:
             history.add(first.step, first.metrics)
             return
         steps = [e.step for e in events]
-        for name in history.metrics.intersection(first.metrics):
+        # every charted metric of the record, also those logged at some steps only (a validation loss)
+        for name in history.metrics.intersection(set().union(*[e.metrics.keys() for e in events])):
             column = [e.metrics.get(name) for e in events]
             if None in column:  # not logged at every step of the record
                 pairs = [(s, v) for s, v in zip(steps, column, strict=True) if v is not None]
