@@ -94,3 +94,11 @@ def test_report_lists_every_episode_most_severe_first_and_draws_offline(browser,
     assert drawn > 50, f"no critical-coloured marker pixels on the loss chart ({drawn})"
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert errors == []
+
+
+def test_rlhf_metrics_are_charted_and_other_metrics_are_not():
+    summary = RunSummary("ppo")
+    summary.observe_new([MetricEvent("ppo", s, {"loss": 1.0, "reward_mean": 0.1 * s, "kl": 0.01 * s, "entropy": 2.0,
+                                               "response_length": 100.0 + s, "clipfrac": 0.2}, ts=T0 + s)
+                         for s in range(50)])
+    assert set(summary.history.series) == {"loss", "reward_mean", "kl", "entropy", "response_length"}
