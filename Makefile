@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean vendor
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# the dashboard's chart library, committed in stream_app/dashboard/vendor/: fetched again from the npm
+# registry (needs npm) and checked against the pinned tarball's sha256
+UPLOT_VERSION := 1.6.32
+UPLOT_SHA256  := 4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d
+vendor:
+	rm -rf .vendor-tmp && mkdir .vendor-tmp
+	cd .vendor-tmp && npm pack --silent uplot@$(UPLOT_VERSION) >/dev/null
+	echo "$(UPLOT_SHA256)  .vendor-tmp/uplot-$(UPLOT_VERSION).tgz" | sha256sum -c -
+	tar -xzf .vendor-tmp/uplot-$(UPLOT_VERSION).tgz -C .vendor-tmp
+	cp .vendor-tmp/package/dist/uPlot.iife.min.js .vendor-tmp/package/dist/uPlot.min.css stream_app/dashboard/vendor/
+	cp .vendor-tmp/package/LICENSE stream_app/dashboard/vendor/uPlot.LICENSE
+	rm -rf .vendor-tmp
 
 clean:
 	rm -rf $(VENV) .pytest_cache lossguard-data

@@ -41,6 +41,8 @@ from typing import Any
 
 from detectors import SEVERITIES, Alert, MetricEvent
 
+from .history import History
+
 __all__ = ["RunSummary"]
 
 #: how many recent steps a run remembers to tell a re-delivery from a late step
@@ -67,6 +69,8 @@ class RunSummary:
         self.recent_steps: list[int] = []
         #: oldest first: {"start", "count", "alerts", "metrics": {name: [n, min, max, sum]}, "nonfinite"}
         self._windows: list[dict[str, Any]] = []
+        #: the charts' bounded, downsampled series (stream_app.history)
+        self.history = History()
 
     def observe(self, event: MetricEvent) -> str:
         """Classify ``event`` (see the module docstring) and, unless dropped, add it to the aggregates."""
@@ -177,6 +181,19 @@ class RunSummary:
         recent = self.recent_steps
         recent.extend(e.step for e in events)
         del recent[:-_RECENT_STEPS]
+        history = self.history
+        if len(events) == 1:
+            history.add(first.step, first.metrics)
+            return
+        steps = [e.step for e in events]
+        # every charted metric of the record, also those logged at some steps only (a validation loss)
+        for name in history.metrics.intersection(set().union(*[e.metrics.keys() for e in events])):
+            column = [e.metrics.get(name) for e in events]
+            if None in column:  # not logged at every step of the record
+                pairs = [(s, v) for s, v in zip(steps, column, strict=True) if v is not None]
+                history.add_column(name, [s for s, _ in pairs], [v for _, v in pairs])
+            else:
+                history.add_column(name, steps, column)
 
     def _window_start(self, ts: float) -> float:
         return math.floor(ts / self.window_s) * self.window_s
@@ -235,7 +252,8 @@ class RunSummary:
                "events", "duplicates", "out_of_order", "resumes", "alerts", "recent_steps")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{name: getattr(self, name) for name in self._FIELDS}, "windows": self._windows}
+        return {**{name: getattr(self, name) for name in self._FIELDS}, "windows": self._windows,
+                "history": self.history.to_dict()}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> RunSummary:
@@ -244,6 +262,7 @@ class RunSummary:
             if name in state:
                 setattr(summary, name, state[name])
         summary._windows = state.get("windows", [])
+        summary.history = History.from_dict(state.get("history"))
         return summary
 
     def overview(self) -> dict[str, Any]:

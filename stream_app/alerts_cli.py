@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from detectors import Alert, decode_alert, severity_rank
 from detectors.events import SchemaError
 
+from .oncall import colour, connect
+
 __all__ = ["format_alert", "read_alerts", "add_parser"]
 
 _COLOURS = {"critical": "\033[1;31m", "high": "\033[31m", "medium": "\033[33m", "low": "\033[36m"}
@@ -57,19 +59,19 @@ def read_alerts(bootstrap: str, topic: str, *, from_beginning: bool = True, time
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from .cli import _settings_from, resolve_bootstrap
+    from .cli import _settings_from
 
     settings = _settings_from(args)
-    bootstrap, _ = resolve_bootstrap(settings, start_embedded=False)
+    bootstrap = connect(settings.bootstrap or f"127.0.0.1:{settings.broker_port}")
     min_rank = severity_rank(args.severity)
     shown = 0
-    colour = sys.stdout.isatty() and not args.json
+    paint = colour(sys.stdout) and not args.json
     try:
         for alert in read_alerts(bootstrap, settings.topic("alerts"), from_beginning=not args.new,
                                  timeout=args.timeout):
             if (args.run and alert.run_id not in args.run) or alert.rank < min_rank:
                 continue
-            print(alert.to_json().decode() if args.json else format_alert(alert, colour), flush=True)
+            print(alert.to_json().decode() if args.json else format_alert(alert, paint), flush=True)
             shown += 1
             if args.max and shown >= args.max:
                 break

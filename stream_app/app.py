@@ -31,6 +31,7 @@ from detectors.events import decode_metric_record, dumps
 
 from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
+from .metrics import WorkerMetrics
 from .settings import load_settings
 
 log = logging.getLogger("lossguard.worker")
@@ -95,6 +96,8 @@ SUITE_KEY = "suite"
 _suites: OrderedDict[str, tuple[DetectorSuite, RunSummary]] = OrderedDict()
 counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letters": 0, "duplicates": 0,
                             "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
+#: Prometheus /metrics (stream_app.metrics): reads ``counters`` when scraped
+worker_metrics = WorkerMetrics(counters)
 #: RunSummary.observe's verdict → the counter it bumps (new and resumed steps are processed events)
 _COUNTER = {"new": "events", "resumed": "events", "same_step": "events", "duplicate": "duplicates",
             "out_of_order": "out_of_order"}
@@ -137,6 +140,7 @@ async def dead_letter(key: bytes | None, raw: bytes, reason: str) -> None:
 
 async def publish(alert: Alert) -> None:
     counters["alerts"] += 1
+    worker_metrics.alert_published(alert)
     await alerts_topic.send(key=alert.run_id.encode(), value=alert.to_json())
 
 
@@ -205,6 +209,7 @@ async def _take(event: faust.types.EventT) -> tuple[faust.types.EventT, Detector
         return None
     for alert in alerts:
         await publish(alert)
+    worker_metrics.record_processed(event.message.timestamp)
     return event, suite, summary
 
 
@@ -277,4 +282,4 @@ async def tick() -> None:
             await publish(alert)
 
 
-web.register(app, run_summary, counters)
+web.register(app, run_summary, counters, worker_metrics)

@@ -63,7 +63,10 @@ def wait_for_broker(bootstrap: str, timeout: float = 20.0) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=3000)
+            # bounded by what is left of ``timeout``: the client's own bootstrap wait is 30 s
+            left_ms = max(100, int((deadline - time.monotonic()) * 1000))
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=min(3000, left_ms),
+                                     bootstrap_timeout_ms=left_ms)
             admin.list_topics()
             admin.close()
             return

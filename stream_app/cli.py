@@ -29,6 +29,7 @@ from .broker import (
     topic_partitions,
     wait_for_broker,
 )
+from .oncall import UnknownRun
 from .settings import Settings, load_settings
 
 __all__ = ["main", "resolve_bootstrap"]
@@ -197,6 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, BrokerError, DetectorLoadError) as exc:
         print(f"lossguard: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except UnknownRun as exc:
+        print(f"lossguard: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader went away (`lossguard runs | head`): nothing left to say, and nothing to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 

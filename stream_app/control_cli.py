@@ -8,11 +8,11 @@ that key's partition) sets ``should_stop``, which the HF and Lightning callbacks
 from __future__ import annotations
 
 import argparse
-import sys
 
 from detectors.events import ControlEvent
 
-from .broker import ensure_topics
+from .broker import BrokerError, ensure_topics
+from .oncall import connect
 from .settings import load_settings
 
 __all__ = ["add_parser", "send_control"]
@@ -32,19 +32,26 @@ def send_control(event: ControlEvent, bootstrap: str, topic: str, partitions: in
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from .runs_cli import known_run
+
     settings = load_settings(args.config, bootstrap=args.broker, topic_prefix=args.prefix,
                              partitions=args.partitions)
-    bootstrap = settings.bootstrap or f"127.0.0.1:{settings.broker_port}"  # the embedded broker's address
+    if args.app_id:
+        settings.app_id = args.app_id
+    bootstrap = connect(settings.bootstrap or f"127.0.0.1:{settings.broker_port}")  # else the embedded broker's
+    if not args.force:
+        known_run(bootstrap, settings, args.run_id)  # a mistyped id would stop nothing, silently
     topic = settings.topic("control")
     action = "resume" if args.resume else "stop"
     event = ControlEvent(run_id=args.run_id, action=action, reason=args.reason or f"{action} requested by operator")
     try:
         send_control(event, bootstrap, topic, settings.partitions)
-    except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable, timeouts: say what to check
-        print(f"lossguard: error: could not write to {topic} at {bootstrap} ({exc.__class__.__name__}: {exc}); "
-              "is the broker up? (--broker / LOSSGUARD_BOOTSTRAP)", file=sys.stderr)
-        return 1
-    print(f"{action} request for run {args.run_id} written to {topic} at {bootstrap}", flush=True)
+    except Exception as exc:  # noqa: BLE001 — timeouts after the broker answered: say what failed
+        raise BrokerError(f"could not write to {topic} at {bootstrap} ({exc.__class__.__name__}: {exc})") from None
+    if args.json:
+        print(event.to_json().decode())
+    else:
+        print(f"{action} request for run {args.run_id} written to {topic} at {bootstrap}", flush=True)
     return 0
 
 
@@ -54,4 +61,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--reason", help="why; shown in the job's log and as reporter.stop_reason")
     p.add_argument("--resume", action="store_true", help="withdraw an earlier stop request instead")
     p.add_argument("--broker", help="Kafka bootstrap servers (default LOSSGUARD_BOOTSTRAP, else 127.0.0.1:9092)")
+    p.add_argument("--app-id", help="the workers' Faust app id, to check the run exists (default lossguard)")
+    p.add_argument("--force", action="store_true",
+                   help="send even if no worker has seen the run (a job that has not reported yet)")
+    p.add_argument("--json", action="store_true", help="print the control event written")
     p.set_defaults(func=cmd_stop)

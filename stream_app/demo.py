@@ -50,8 +50,10 @@ def _kill(proc: subprocess.Popen, grace: float = 8.0) -> None:
 
 
 def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, max_wait: float = 90.0,
-             out_dir: str | None = None, show: str = "medium") -> dict[str, dict]:
-    """Run the demo; alerts of severity ``show`` and above are printed as they arrive (all are summarized)."""
+             out_dir: str | None = None, show: str = "medium", keep: bool = False) -> dict[str, dict]:
+    """Run the demo; alerts of severity ``show`` and above are printed as they arrive (all are summarized).
+    Each run's HTML report is written at the end; with ``keep`` the broker, worker and dashboard stay up
+    until Ctrl-C."""
     out = Path(out_dir or tempfile.mkdtemp(prefix="lossguard-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     settings = load_settings(env={})
@@ -65,16 +67,19 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
 
     previous = signal.signal(signal.SIGTERM, interrupted)
     try:
+        web_port = free_port()
+        dashboard = f"http://127.0.0.1:{web_port}/"
         broker.start()
         ensure_topics(broker.bootstrap, settings.topics.values(), settings.partitions)
         print(f"broker     embedded Tansu on {broker.bootstrap}, topics {', '.join(settings.topics.values())}")
         env = {**os.environ, "LOSSGUARD_BOOTSTRAP": broker.bootstrap, "PYTHONUNBUFFERED": "1",
-               "LOSSGUARD_DATA_DIR": str(out / "worker-data"), "LOSSGUARD_WEB_PORT": str(free_port()),
-               **BUNDLED_BROKER_WORKER_ENV}
+               "LOSSGUARD_DATA_DIR": str(out / "worker-data"), "LOSSGUARD_WEB_PORT": str(web_port),
+               "LOSSGUARD_WEB_ENABLED": "true", **BUNDLED_BROKER_WORKER_ENV}
         env.pop("LOSSGUARD_CONFIG", None)
         env.pop("LOSSGUARD_TOPIC_PREFIX", None)
         procs.append(_spawn([sys.executable, "-m", "stream_app", "worker"], env, out / "worker.log"))
         print(f"worker     Faust worker pid {procs[0].pid} (log {out / 'worker.log'})")
+        print(f"dashboard  {dashboard}")
 
         def reader():
             for alert in read_alerts(broker.bootstrap, settings.topic("alerts"), stop=stop_reading.is_set):
@@ -112,6 +117,19 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
                 break
         stop_reading.set()
         thread.join(5)
+        reports = _write_reports(broker.bootstrap, settings, out)
+        print("\nreports")
+        for run_id, path in reports.items():
+            print(f"  {run_id:<14} {path}")
+        print(f"dashboard  {dashboard}")
+        if keep:
+            print("broker, worker and dashboard stay up; Ctrl-C stops them", flush=True)
+            try:
+                while procs[0].poll() is None:
+                    time.sleep(0.5)
+                print(f"the worker exited (code {procs[0].returncode}); see {out / 'worker.log'}", file=sys.stderr)
+            except KeyboardInterrupt:
+                pass
     finally:
         stop_reading.set()
         for proc in reversed(procs):
@@ -119,6 +137,19 @@ def run_demo(steps: int = 400, delay: float = 0.02, quiet_after: float = 6.0, ma
         broker.stop()
         signal.signal(signal.SIGTERM, previous)
     return _summary(results, alerts, out)
+
+
+def _write_reports(bootstrap: str, settings, out: Path) -> dict[str, Path]:
+    from .oncall import UnknownRun
+    from .runs_cli import write_report
+
+    paths = {}
+    for run_id, _scenario in RUNS:
+        try:
+            paths[run_id] = write_report(bootstrap, settings, run_id, out / "reports" / f"{run_id}.report.html")[1]
+        except UnknownRun as exc:
+            print(f"  {exc}", file=sys.stderr)
+    return paths
 
 
 def _summary(results: dict[str, dict], alerts: list[Alert], out: Path) -> dict[str, dict]:
@@ -146,7 +177,7 @@ def _summary(results: dict[str, dict], alerts: list[Alert], out: Path) -> dict[s
 def cmd_demo(args: argparse.Namespace) -> int:
     steps, delay = (200, 0.0) if args.fast else (args.steps, args.delay)
     try:
-        summary = run_demo(steps=steps, delay=delay, out_dir=args.out, show=args.severity)
+        summary = run_demo(steps=steps, delay=delay, out_dir=args.out, show=args.severity, keep=args.keep)
     except KeyboardInterrupt:
         print("\ninterrupted; everything the demo started has been stopped", file=sys.stderr)
         return 130
@@ -159,6 +190,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
     p.add_argument("--delay", type=float, default=0.02, help="seconds per step spent sleeping (default 0.02)")
     p.add_argument("--fast", action="store_true", help="short runs, no sleeping (used by the test suite)")
+    p.add_argument("--keep", action="store_true", help="keep broker, worker and dashboard up until Ctrl-C")
     p.add_argument("--out", help="folder for logs and summary.json (default a temp folder)")
     p.add_argument("--severity", default="medium", choices=["low", "medium", "high", "critical"],
                    help="print alerts of this severity and above as they arrive (default medium)")

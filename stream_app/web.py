@@ -1,49 +1,168 @@
-"""The worker's small web view, on Faust's own web server (``--web-port``, default 6066).
+"""The worker's web server (Faust's, ``--web-port``, default 6066): the dashboard and its JSON API.
 
-- ``GET /lossguard/runs/``  — JSON: the runs this worker owns (last step, events, alerts by severity)
-- ``GET /lossguard/runs/{run_id}/`` — JSON: one run's summary with its tumbling windows
-- ``GET /lossguard/stats/`` — JSON: the worker's counters (records, events, dead letters by reason …)
-- ``GET /lossguard/``       — a minimal HTML dashboard over the same data, refreshing itself
-
-Each worker shows the partitions it owns; ``lossguard runs`` reads every partition from the changelog.
+- ``GET /`` — the dashboard: runs page, run page (charts with alert markers), alerts page (feed,
+  silences). Every run of the deployment, read from the compacted tables by :class:`DeploymentView`,
+  whichever worker owns it. Static files (the vendored uPlot, the page's script) under ``/static/``.
+- ``GET /lossguard/api/runs`` · ``/lossguard/api/runs/{run_id}`` · ``/lossguard/api/alerts?run=&severity=&status=``
+  · ``/lossguard/api/silences`` — the dashboard's data, as JSON.
+- ``POST /lossguard/api/runs/{run_id}/stop`` ``{"reason": ...}`` — writes a stop control event.
+- ``POST /lossguard/api/silences`` ``{"run", "type", "severity", "for", "comment"}`` · ``POST
+  /lossguard/api/silences/{id}/expire``.
+- ``GET /metrics`` — Prometheus metrics (:mod:`stream_app.metrics`).
+- ``GET /lossguard/runs/`` · ``/lossguard/runs/{run_id}/`` · ``/lossguard/stats/`` — JSON of this
+  worker's own partitions and counters.
 """
 
 from __future__ import annotations
 
-import html
+import asyncio
+import mimetypes
+from importlib import resources
 from typing import Any
 
 import faust
+from faust.web import View
 
 from .aggregates import RunSummary
 
-__all__ = ["register", "runs_table_html"]
+__all__ = ["register"]
+
+_DASHBOARD = resources.files("stream_app").joinpath("dashboard")
+_STATIC = {"app.js", "app.css", "charts.js", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css",
+           "vendor/uPlot.LICENSE"}
 
 
-def runs_table_html(runs: list[dict[str, Any]]) -> str:
-    """An HTML table of run overviews (also used by the report)."""
-    rows = "".join(
-        f"<tr><td>{html.escape(r['run_id'])}</td><td>{r['last_step']}</td><td>{r['events']}</td>"
-        + "".join(f"<td class='{sev}'>{r['alerts'][sev]}</td>" for sev in ("critical", "high", "medium", "low"))
-        + f"<td>{r['duplicates']}/{r['out_of_order']}/{r['resumes']}</td></tr>"
-        for r in runs)
-    return ("<table><tr><th>run</th><th>last step</th><th>events</th><th>critical</th><th>high</th>"
-            f"<th>medium</th><th>low</th><th>dup/late/resumed</th></tr>{rows}</table>")
+def register(app: faust.App, run_summary: Any, counters: dict[str, Any], metrics: Any = None) -> None:
+    """Add the dashboard, its API, ``/metrics`` (``metrics``: a :class:`~stream_app.metrics.WorkerMetrics`)
+    and the per-worker JSON views to ``app``'s web server."""
+    view: dict[str, Any] = {}
 
+    if metrics is not None:
+        metrics.watch(runs_tracked=lambda: sum(1 for _ in run_summary.keys()), lag=lambda: _consumer_lag(app))
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
-<title>lossguard</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
-.critical{{color:#b00;font-weight:bold}}.high{{color:#d40}}</style></head><body>
-<h1>lossguard — runs on this worker</h1><p>{stats}</p>{table}</body></html>"""
+        @app.page("/metrics")
+        async def prometheus(web: Any, request: Any) -> Any:
+            # text/plain is Prometheus' text format 0.0.4 (aiohttp takes no parameters in content_type)
+            return web.bytes(metrics.exposition(), content_type="text/plain")
 
+    def deployment() -> Any:
+        """The deployment view, started on first use and after it stopped idle (this module is imported
+        before the settings exist)."""
+        if "view" not in view:
+            from . import app as app_module
+            from .deployment import DeploymentView
+            from .sinks.silences import silences_topic
 
-def register(app: faust.App, run_summary: Any, counters: dict[str, Any]) -> None:
-    """Add the lossguard pages to ``app``'s web server."""
+            s = app_module.settings
+            view["settings"] = s
+            view["view"] = DeploymentView(
+                app_module._bootstrap, run_summary_changelog=s.changelog("run_summary"),
+                alerts_topic=s.topic("alerts"), silences_topic=silences_topic(s.topic_prefix),
+                control_topic=s.topic("control"))
+        view["view"].touch()
+        return view["view"]
+
+    async def warm() -> Any:
+        """The view, once its first pass over the topics is done (at most 3 s on a cold start)."""
+        current = deployment()
+        if not current.caught_up.is_set():
+            await blocking(current.caught_up.wait, 3.0)
+        return current
+
+    async def blocking(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     def overviews() -> list[dict[str, Any]]:
         runs = [RunSummary.from_dict(state).overview() for _, state in run_summary.items() if state]
         return sorted(runs, key=lambda r: r["last_ts"] or 0, reverse=True)
+
+    @app.page("/")
+    async def dashboard(web: Any, request: Any) -> Any:
+        return web.html(_DASHBOARD.joinpath("index.html").read_text(encoding="utf-8"))
+
+    @app.page("/static/{name:.+}")
+    async def static(web: Any, request: Any, name: str) -> Any:
+        if name not in _STATIC:
+            return web.json({"error": f"no static file {name}"}, status=404)
+        content_type = mimetypes.guess_type(name)[0] or "text/plain"
+        return web.bytes(_DASHBOARD.joinpath(name).read_bytes(), content_type=content_type,
+                         headers={"Cache-Control": "max-age=300"})
+
+    @app.page("/lossguard/api/runs")
+    async def api_runs(web: Any, request: Any) -> Any:
+        return web.json((await warm()).runs())
+
+    @app.page("/lossguard/api/runs/{run_id}")
+    async def api_run(web: Any, request: Any, run_id: str) -> Any:
+        run = (await warm()).run(run_id)
+        if run is None:
+            return web.json({"error": f"unknown run {run_id}"}, status=404)
+        return web.json(run)
+
+    @app.page("/lossguard/api/runs/{run_id}/stop")
+    class StopRun(View):
+        async def post(self, request: Any, run_id: str) -> Any:
+            from detectors.events import ControlEvent
+
+            from .control_cli import send_control
+
+            if (await warm()).run(run_id) is None:
+                return self.json({"error": f"unknown run {run_id}"}, status=404)
+            body = await _json_body(request)
+            settings = view["settings"]
+            event = ControlEvent(run_id=run_id, action="stop",
+                                 reason=str(body.get("reason") or "stopped from the dashboard"))
+            await blocking(send_control, event, deployment().bootstrap, settings.topic("control"),
+                           settings.partitions)
+            return self.json({"ok": True, "event": event.to_dict()})
+
+    @app.page("/lossguard/api/alerts")
+    async def api_alerts(web: Any, request: Any) -> Any:
+        q = request.query
+        severity = q.get("severity") or None
+        if severity and severity not in ("low", "medium", "high", "critical"):
+            return web.json({"error": f"severity: expected low, medium, high or critical, got {severity!r}"},
+                            status=400)
+        return web.json((await warm()).alerts(run=q.get("run") or None, severity=severity,
+                                            status=q.get("status") or None))
+
+    @app.page("/lossguard/api/silences")
+    class Silences(View):
+        async def get(self, request: Any) -> Any:
+            return self.json((await warm()).silences())
+
+        async def post(self, request: Any) -> Any:
+            from detectors.config import ConfigError
+
+            from .runs_cli import parse_duration
+            from .sinks.silences import Silence, silences_topic, write_silence
+
+            body = await _json_body(request)
+            try:
+                silence = Silence.new(duration_s=parse_duration(str(body.get("for") or "1h")),
+                                      run_id=body.get("run") or None, alert_type=body.get("type") or None,
+                                      severity=body.get("severity") or None, comment=str(body.get("comment") or ""))
+            except ConfigError as exc:
+                return self.json({"error": str(exc)}, status=400)
+            await blocking(write_silence, deployment().bootstrap, silences_topic(view["settings"].topic_prefix),
+                           silence)
+            return self.json({"ok": True, "id": silence.id})
+
+    @app.page("/lossguard/api/silences/{silence_id}/expire")
+    class ExpireSilence(View):
+        async def post(self, request: Any, silence_id: str) -> Any:
+            import time
+
+            from .sinks.silences import Silence, silences_topic, write_silence
+
+            current = next((s for s in (await warm()).silences() if s.get("id") == silence_id), None)
+            if current is None:
+                return self.json({"error": f"no silence {silence_id}"}, status=404)
+            fields = {k: v for k, v in current.items() if k != "active"}
+            silence = Silence(**{**fields, "expires_at": time.time()})
+            await blocking(write_silence, deployment().bootstrap, silences_topic(view["settings"].topic_prefix),
+                           silence)
+            return self.json({"ok": True})
 
     @app.page("/lossguard/runs/")
     async def runs(web: Any, request: Any) -> Any:
@@ -61,7 +180,26 @@ def register(app: faust.App, run_summary: Any, counters: dict[str, Any]) -> None
     async def stats(web: Any, request: Any) -> Any:
         return web.json(counters)
 
-    @app.page("/lossguard/")
-    async def dashboard(web: Any, request: Any) -> Any:
-        text = ", ".join(f"{k}: {v}" for k, v in counters.items() if not isinstance(v, dict))
-        return web.html(_PAGE.format(stats=html.escape(text), table=runs_table_html(overviews())))
+
+def _consumer_lag(app: faust.App) -> list[tuple[str, int, int]]:
+    """(topic, partition, records behind the end) for the partitions this worker reads."""
+    consumer = app.consumer
+    out = []
+    for tp in sorted(consumer.assignment()):
+        read = consumer._read_offset.get(tp)  # Faust keeps no public "position"; the last offset read
+        try:
+            end = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001 — not fetched yet
+            continue
+        if end is None:
+            continue
+        out.append((tp.topic, tp.partition, max(0, end - (read + 1 if read is not None else 0))))
+    return out
+
+
+async def _json_body(request: Any) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except Exception:  # noqa: BLE001 — an empty or non-JSON body counts as no options
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -82,8 +82,8 @@ class WorkerProcess:
 
     def __init__(self, topics: Topics, data_dir: Path, log_path: Path, extra_env: dict[str, str] | None = None,
                  config: Path | None = None):
-        env = topics.env(LOSSGUARD_DATA_DIR=str(data_dir), LOSSGUARD_WEB_ENABLED="false",
-                         **(extra_env or {}))
+        env = topics.env(**{"LOSSGUARD_DATA_DIR": str(data_dir), "LOSSGUARD_WEB_ENABLED": "false",
+                            **(extra_env or {})})  # extra_env may turn the web server on
         args = [sys.executable, "-m", "stream_app", "worker"]
         if config:
             args += ["--config", str(config)]

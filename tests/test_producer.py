@@ -114,7 +114,7 @@ def test_lossguard_stop_cli_raises_training_stopped_at_the_next_log(topics):
         for step in range(2000):
             reporter.log(step, loss=1.0)
             if step == 5:
-                proc = subprocess.Popen([sys.executable, "-m", "stream_app", "stop", "torch-stop", "--reason",
+                proc = subprocess.Popen([sys.executable, "-m", "stream_app", "stop", "torch-stop", "--force", "--reason",
                                          "operator says so"], cwd=ROOT, env=topics.env(),
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             time.sleep(0.01)
@@ -319,7 +319,7 @@ def test_a_sender_process_that_dies_while_idle_is_replaced_and_stop_requests_sti
             assert time.monotonic() < deadline, "no new sender process"
             time.sleep(0.1)
         time.sleep(1.0)  # the new sender has joined the control partition
-        out = subprocess.run([sys.executable, "-m", "stream_app", "stop", "torch-respawn", "--reason", "respawned"],
+        out = subprocess.run([sys.executable, "-m", "stream_app", "stop", "torch-respawn", "--force", "--reason", "respawned"],
                              cwd=ROOT, env=topics.env(), capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         deadline = time.monotonic() + 15

@@ -6,7 +6,7 @@
 A sink is a small object with one verb, ``deliver(alert, reason)``, that raises on failure; the runner
 (:mod:`.runner`) retries with backoff and commits an alert's offset only once it is delivered, so an
 endpoint that is down delays alerts but loses none. Kinds: ``console``, ``jsonl``, ``webhook``,
-``autostop``; which alerts each gets is decided by :mod:`stream_app.routing`.
+``autostop``, ``alertmanager``; which alerts each gets is decided by :mod:`stream_app.routing`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ SINK_KINDS = {
     "jsonl": "stream_app.sinks.jsonl:JsonlSink",
     "webhook": "stream_app.sinks.webhook:WebhookSink",
     "autostop": "stream_app.sinks.autostop:AutoStopSink",
+    "alertmanager": "stream_app.sinks.alertmanager:AlertmanagerSink",
 }
 
 

@@ -125,8 +125,10 @@ class SinkRunner:
         while not stop.is_set():
             try:
                 self.sink.deliver(alert, reason)
+                self.counts["delivered"] += 1
                 return True
             except Exception as exc:  # noqa: BLE001 — any failure of the endpoint: retry, never drop
+                self.counts["delivery_failed"] += 1
                 delay = self.backoff.delay(attempt)
                 log.warning("sink %s: %s; retrying in %.1fs", self.sink.name, exc, delay)
                 attempt += 1

@@ -1,0 +1,151 @@
+"""A run's chart history: a bounded, downsampled ``(step, value)`` series per charted metric.
+
+Min/max bucketing (the idea of M4, Jugel et al., VLDB 2014): steps fall into buckets of ``stride``
+steps and each bucket keeps its lowest and its highest point, so a one-step spike survives any amount
+of downsampling — what a chart of a sick run must show. When a series passes ``max_points`` the stride
+doubles and neighbouring buckets merge, so the cost per step stays constant and the size bounded
+(at most ``max_points`` points per metric, whatever the run's length). Non-finite values are not
+points; their latest steps are kept apart (the alert that a NaN raises marks them on the chart too).
+
+The state is plain JSON and lives inside the run's ``run_summary`` value, so it survives restarts and
+partition takeovers with the rest of the run.
+
+>>> h = History(max_points=8)
+>>> for step in range(100):
+...     h.add(step, {"loss": 50.0 if step == 37 else 1.0})
+>>> h.stride, len(h.series["loss"]) <= 8, [37, 50.0] in h.series["loss"]
+(16, True, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["CHART_METRICS", "History"]
+
+#: the metrics a run's charts draw (others stay in the windows' aggregates)
+CHART_METRICS = ("loss", "val_loss", "grad_norm", "lr", "reward_mean", "kl", "entropy", "response_length")
+
+_NONFINITE_KEPT = 20
+
+
+class History:
+    """Per-metric ``[[step, value], ...]`` (step order), at most ``max_points`` each."""
+
+    def __init__(self, max_points: int = 240, metrics: Sequence[str] = CHART_METRICS):
+        self.max_points = max_points
+        self.metrics = frozenset(metrics)
+        self.stride = 1
+        self.series: dict[str, list[list[float]]] = {}
+        self.nonfinite: dict[str, list[int]] = {}
+
+    def add(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One step's values (the one-event path: no slicing, and a value inside its bucket's range costs
+        two comparisons)."""
+        stride = self.stride
+        bucket = step // stride
+        for name, value in metrics.items():
+            if name not in self.metrics:
+                continue
+            series = self.series.get(name)
+            if series is None:
+                series = self.series[name] = []
+            elif step <= series[-1][0]:
+                continue
+            if not math.isfinite(value):
+                self.add_column(name, (step,), (value,))  # the rare path keeps the bookkeeping
+                continue
+            last = series[-1] if series else None
+            if last is None or last[0] // stride != bucket:
+                series.append([step, value])
+                if len(series) > self.max_points:
+                    self._coarsen()
+                    stride, bucket = self.stride, step // self.stride
+            elif len(series) > 1 and series[-2][0] // stride == bucket:  # the bucket has its low and high
+                low, high = (series[-2], last) if series[-2][1] <= last[1] else (last, series[-2])
+                if value < low[1]:
+                    low = [step, value]
+                elif value > high[1]:
+                    high = [step, value]
+                else:
+                    continue
+                series[-2:] = [low, high] if low[0] < high[0] else [high, low]
+            elif value != last[1]:
+                series.append([step, value])  # a second point: the bucket's low and high
+
+    def add_column(self, name: str, steps: Sequence[int], values: Sequence[float]) -> None:
+        """Steps (ascending) and values of one metric; steps not past the series' last are skipped (a
+        resumed run's replayed steps)."""
+        series = self.series.setdefault(name, [])
+        begin = 0
+        if series and steps[0] <= series[-1][0]:
+            while begin < len(steps) and steps[begin] <= series[-1][0]:
+                begin += 1
+        while begin < len(steps):
+            bucket = steps[begin] // self.stride
+            end = begin + 1
+            if steps[-1] // self.stride == bucket:  # the whole rest is one bucket: C-level min/max
+                end = len(steps)
+            else:
+                while end < len(steps) and steps[end] // self.stride == bucket:
+                    end += 1
+            self._into_bucket(name, series, bucket, steps[begin:end], values[begin:end])
+            begin = end
+        if len(series) > self.max_points:
+            self._coarsen()
+
+    def _into_bucket(self, name: str, series: list[list[float]], bucket: int, steps: Sequence[int],
+                     values: Sequence[float]) -> None:
+        if math.isfinite(sum(values)):  # the usual case, in C: no NaN or infinity among them
+            low, high = min(values), max(values)
+            finite = [(low, steps[values.index(low)]), (high, steps[values.index(high)])]
+        else:
+            finite = [(v, s) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+            bad = self.nonfinite.setdefault(name, [])
+            bad.extend(s for s, v in zip(steps, values, strict=True) if not math.isfinite(v))
+            del bad[:-_NONFINITE_KEPT]
+        if not finite:
+            return
+        points = [[s, v] for v, s in (min(finite), max(finite))]
+        # the points already in this bucket (one or two, at the end) compete with the new ones
+        while series and series[-1][0] // self.stride == bucket:
+            points.append(series.pop())
+        series.extend(_extremes(points))
+
+    def _coarsen(self) -> None:
+        while any(len(s) > self.max_points for s in self.series.values()):
+            self.stride *= 2
+            for name, series in self.series.items():
+                merged: list[list[float]] = []
+                for point in series:
+                    if merged and merged[-1][0] // self.stride == point[0] // self.stride:
+                        group = [point]
+                        while merged and merged[-1][0] // self.stride == point[0] // self.stride:
+                            group.append(merged.pop())
+                        merged.extend(_extremes(group))
+                    else:
+                        merged.append(point)
+                self.series[name] = merged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_points": self.max_points, "stride": self.stride, "series": self.series,
+                "nonfinite": self.nonfinite}
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any] | None) -> History:
+        history = cls()
+        if state:
+            history.max_points = state.get("max_points", history.max_points)
+            history.stride = state.get("stride", 1)
+            history.series = state.get("series", {})
+            history.nonfinite = state.get("nonfinite", {})
+        return history
+
+
+def _extremes(points: list[list[float]]) -> list[list[float]]:
+    """The lowest and the highest of ``points`` in step order (one point when they are the same)."""
+    low = min(points, key=lambda p: (p[1], p[0]))
+    high = max(points, key=lambda p: (p[1], -p[0]))
+    return [low] if low is high or low == high else sorted([low, high])
