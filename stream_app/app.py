@@ -63,7 +63,6 @@ app = faust.App(
     broker_heartbeat_interval=settings.heartbeat_interval,
     broker_rebalance_timeout=max(10.0, settings.session_timeout * 3),
     consumer_auto_offset_reset="earliest",
-    recovery_consistency_check=False,  # Tansu under-reports end offsets (STACK_NOTES.md)
     web_enabled=settings.web_enabled,
     web_port=settings.web_port,
     web_bind=settings.web_bind,

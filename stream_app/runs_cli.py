@@ -36,7 +36,7 @@ __all__ = ["add_parser", "read_records", "read_runs", "parse_duration"]
 
 def read_records(bootstrap: str, topic: str, quiet_s: float = 0.5) -> Iterator[Any]:
     """Every record on ``topic`` now; stops once past the end offsets and quiet for ``quiet_s``
-    (the embedded broker under-reports end offsets, STACK_NOTES.md)."""
+    (the embedded broker under-reports end offsets, docs/stack.md)."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
