@@ -8,7 +8,9 @@ one JSON event per message, key = run id. Measured in one run on one broker, for
 - latency: RUNS runs send a healthy step every 20 ms, then each in turn a NaN loss 50 ms after the
   previous run's (ROUNDS rounds); the time from the NaN's ``send()`` to its critical alert on the alert
   topic, p50/p99;
-- throughput: single events consumed from a backlog (the consumer paused while the backlog is written).
+- throughput: single events consumed from a backlog (the consumer paused while the backlog is written);
+- beside them, the same worker's NaN → alert latency through lossguard's own reporter
+  (``producers.watch()`` at its default send interval, ``latency_job.py``): from ``log()`` to the alert.
 
 Prints a table and writes benchmarks/results/stream_single_event.json. Broker: LOSSGUARD_BOOTSTRAP, else
 the embedded one. About 1–2 minutes on 2 cores.
@@ -34,7 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 from event_client import healthy_loss, metric_event  # noqa: E402
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
-from run import PARTITIONS, Worker, pct, plain_faust_rate, produce, raw_consume_rate  # noqa: E402
+from run import (  # noqa: E402
+    PARTITIONS,
+    Worker,
+    measure_latency,
+    pct,
+    plain_faust_rate,
+    produce,
+    raw_consume_rate,
+)
 
 from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
 
@@ -96,6 +106,8 @@ def main() -> int:
     parser.add_argument("--backlog-runs", type=int, default=200)
     parser.add_argument("--raw-events", type=int, default=100_000,
                         help="single events for raw aiokafka (it reads 20k in a few fetches: too few to time)")
+    parser.add_argument("--watch-samples", type=int, default=200,
+                        help="NaNs through producers.watch() (benchmarks/stream/latency_job.py), 50 a second")
     parser.add_argument("--lossguard-only", action="store_true", help="skip the ceiling and the floor")
     args = parser.parse_args()
 
@@ -132,6 +144,10 @@ def main() -> int:
         worker = Worker(bootstrap, prefix, tempfile.mkdtemp(prefix="lossguard-bench-"))
         wait_alerting(bootstrap, f"{prefix}.metrics", f"{prefix}.alerts")
         results["lossguard_latency"] = client_latency(bootstrap, prefix, args.runs, args.rounds)
+        # the same worker, lossguard's own reporter: producers.watch() at its default send interval
+        ms = measure_latency(bootstrap, prefix, args.watch_samples, 50.0)
+        results["watch_latency"] = {"sent_nans": args.watch_samples, "alerted": len(ms), "p50_ms": pct(ms, 0.5),
+                                    "p90_ms": pct(ms, 0.9), "p99_ms": pct(ms, 0.99), "max_ms": ms[-1] if ms else None}
         seconds, _ = worker.feed(bootstrap, f"{prefix}.metrics", backlog, args.events, timeout=180)
         results["lossguard_events_per_s"] = args.events / seconds
         results["worker_counters"] = worker.stats()
@@ -151,6 +167,7 @@ def main() -> int:
         ("plain Faust agent (floor)", f"{results['plain_faust_events_per_s']:,.0f}", lat("plain_faust_latency")),
     ]
     rows.append(("lossguard worker", f"{results['lossguard_events_per_s']:,.0f}", lat("lossguard_latency")))
+    rows.append(("  the same, producers.watch()", "", lat("watch_latency")))
     print(f"\nlossguard stream benchmark, single events — {PARTITIONS} partitions, {results['broker']}, "
           f"{results['bench_seconds']:.0f} s")
     print(f"{'':<28} {'events/s (backlog)':>20}  {'NaN → alert p50 / p99 (alerted/sent)':>38}")
