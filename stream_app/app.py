@@ -145,6 +145,8 @@ _burst: dict[str, Any] = {"stream": None, "pending": [], "unsaved": {}, "since":
 _PAUSE_S = 0.05
 #: event-loop turns that Faust's consumer takes to hand the agent its next fetched record
 _HANDOVER_YIELDS = 3
+#: longest the detectors hold the event loop before they yield it
+_TURN_S = 0.01
 #: decoded records not yet through the detectors, by run (in their order)
 _waiting: dict[str, list[tuple[faust.types.EventT, list[MetricEvent]]]] = {}
 
@@ -153,8 +155,8 @@ _waiting: dict[str, list[tuple[faust.types.EventT, list[MetricEvent]]]] = {}
 async def detect(stream: faust.StreamT) -> None:
     """A record goes through the detectors, and its alerts out, as soon as no other record is waiting
     behind it: a record alone is processed at once; records that queued up while the worker was busy are
-    taken together (up to ``take_records``), each run's steps through the detectors' batch paths in one
-    call — what a record costs then falls as the load rises, so a queue does not grow. A run's state is
+    taken together (up to ``take_records`` steps), each run's steps through the detectors' batch paths in
+    one call — what a record costs then falls as the load rises, so a queue does not grow. A run's state is
     saved, and the records acked, once per burst: after ``take_records`` records, or once none are
     waiting and ``save_interval_s`` have passed since the burst began. A restarted worker replays from the
     last commit, never past a step whose state was not saved."""
@@ -166,7 +168,7 @@ async def detect(stream: faust.StreamT) -> None:
             _add_to_burst(event)
         else:
             _waiting.setdefault(steps[0].run_id, []).append((event, steps))
-            waiting += 1
+            waiting += len(steps)
         if waiting >= settings.take_records or await _nothing_behind(manual.channel):
             waiting = 0
             await _detect_waiting()
@@ -227,8 +229,12 @@ async def _detect_waiting() -> None:
     """The waiting records through the detectors, run by run, their alerts published, the records added
     to the burst."""
     _burst["busy"] = True
+    turn = time.monotonic()
     try:
         while _waiting:
+            if time.monotonic() - turn > _TURN_S:  # let the web server and Faust's own tasks run
+                await asyncio.sleep(0)
+                turn = time.monotonic()
             run_id, records = _waiting.popitem()
             steps = records[0][1] if len(records) == 1 else [step for _, rec in records for step in rec]
             try:
