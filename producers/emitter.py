@@ -130,7 +130,9 @@ class Emitter:
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
-        self._hurry = threading.Event()  # set while flush() or close() waits: no lingering then
+        self._hurry = threading.Event()  # set while flush() or close() waits, or for an urgent event: no lingering
+        self._flushing = 0  # flush() calls waiting
+        self._urgent = False  # an urgent event set _hurry: the sender clears it once it has woken for it
         self._closed = False
         self._forked = False
         self._pid = os.getpid()
@@ -147,8 +149,9 @@ class Emitter:
         _LIVE.add(self)
 
     # -- caller side: must stay cheap and never raise ------------------------------------------------
-    def emit(self, key: str | bytes | None, value: Any) -> None:
-        """Queue one event; O(1), never blocks, never raises. Dropped in a forked child."""
+    def emit(self, key: str | bytes | None, value: Any, urgent: bool = False) -> None:
+        """Queue one event; O(1), never blocks, never raises. Dropped in a forked child. An ``urgent``
+        event (a NaN loss) ends the sender's linger: it goes out now with whatever else is queued."""
         if self._closed or self._forked:
             return
         queue = self._queue
@@ -160,6 +163,9 @@ class Emitter:
         # and then drains everything)
         if self._idle.is_set():
             self._idle.clear()
+        if urgent and not self._hurry.is_set():
+            self._urgent = True
+            self._hurry.set()
         if not self._wake.is_set():
             self._wake.set()
 
@@ -195,6 +201,7 @@ class Emitter:
         if self.inert or not self._thread.is_alive():
             return not self._queue
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
+        self._flushing += 1
         self._hurry.set()
         try:
             while True:
@@ -205,7 +212,8 @@ class Emitter:
                     return True
                 time.sleep(0.001)
         finally:
-            if not self._closed:
+            self._flushing -= 1
+            if not self._closed and not self._flushing:
                 self._hurry.clear()
 
     def close(self, timeout: float | None = None) -> None:
@@ -279,6 +287,10 @@ class Emitter:
                     self._idle.set()
                 # linger even while events keep coming: fewer, bigger rounds take less GIL time from training
                 self._hurry.wait(self.linger)
+                if self._urgent:  # woken for an urgent event, which the next round sends: linger again after
+                    self._urgent = False
+                    if not self._closed and not self._flushing:
+                        self._hurry.clear()
             except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
                 self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); retrying with backoff")
                 lost = unsent + sum(n for future, n in batch if not future.is_done)

@@ -179,6 +179,15 @@ def _encode_batch(items: list[_Item]) -> bytes:
     return encode_steps(_pack_batch(items))
 
 
+def _urgent(values: dict[str, Any]) -> bool:
+    """A non-finite loss or grad norm among the values already read (plain floats: a CPU run's): the step
+    is sent at once rather than at the next send interval. A tensor is not read here (on CUDA that is a
+    host sync on the training thread); the sender thread reads it at its next round."""
+    loss, norm = values.get("loss"), values.get("grad_norm")
+    return ((type(loss) is float and not math.isfinite(loss))
+            or (type(norm) is float and not math.isfinite(norm)))
+
+
 def _default_rank() -> int:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var, "").isdigit():
@@ -335,7 +344,8 @@ class Reporter:
             values["__rewards"] = _Summary("reward", rewards)
         if predictions is not None:
             values["__predictions"] = _Summary("prediction", predictions, labels)
-        self.emitter.emit(self._key, (self.run_id, step, time.time(), self.source, values, self.tags))
+        self.emitter.emit(self._key, (self.run_id, step, time.time(), self.source, values, self.tags),
+                          _urgent(values))
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Report only ``metrics`` at ``step`` (no grad norm, lr, timing): validation results, framework logs."""
@@ -343,7 +353,8 @@ class Reporter:
             return
         try:
             values = canonical_metrics({k: v.detach() if hasattr(v, "detach") else v for k, v in metrics.items()})
-            self.emitter.emit(self._key, (self.run_id, step, time.time(), self.source, values, self.tags))
+            self.emitter.emit(self._key, (self.run_id, step, time.time(), self.source, values, self.tags),
+                              _urgent(values))
         except Exception:  # noqa: BLE001 — reporting never breaks training
             log.debug("lossguard: log_metrics() failed", exc_info=True)
 

@@ -17,6 +17,7 @@ the new and resumed ones go through the run's :class:`~detectors.DetectorSuite`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -65,7 +66,6 @@ app = faust.App(
     broker_heartbeat_interval=settings.heartbeat_interval,
     broker_rebalance_timeout=max(10.0, settings.session_timeout * 3),
     consumer_auto_offset_reset="earliest",
-    recovery_consistency_check=False,  # Tansu under-reports end offsets (STACK_NOTES.md)
     web_enabled=settings.web_enabled,
     web_port=settings.web_port,
     web_bind=settings.web_bind,
@@ -145,31 +145,61 @@ async def publish(alert: Alert) -> None:
 
 
 #: records processed but not yet acked, and the runs whose state they changed (saved when acked); when the
-#: burst began and when its last record came
-_burst: dict[str, Any] = {"stream": None, "pending": [], "unsaved": {}, "since": 0.0, "last": 0.0}
+#: burst began and when its last record came; ``busy`` while records are between the detectors and the
+#: burst (a run's state is not saved then: it may hold steps of records whose alerts are not yet sent)
+_burst: dict[str, Any] = {"stream": None, "pending": [], "unsaved": {}, "since": 0.0, "last": 0.0, "busy": False}
 #: a burst is over once no record has come for this long (or the timer's own period, if shorter)
 _PAUSE_S = 0.05
+#: event-loop turns that Faust's consumer takes to hand the agent its next fetched record
+_HANDOVER_YIELDS = 3
+#: longest the detectors hold the event loop before they yield it
+_TURN_S = 0.01
+#: decoded records not yet through the detectors, by run (in their order)
+_waiting: dict[str, list[tuple[faust.types.EventT, list[MetricEvent]]]] = {}
 
 
 @app.agent(metrics_topic)
 async def detect(stream: faust.StreamT) -> None:
-    """Each record is processed, and its alerts published, as it comes. A run's state is saved, and the
-    records acked, once per burst: after ``take_records`` records, or once none are waiting and
-    ``save_interval_s`` have passed since the burst began. A restarted worker replays from the last
-    commit, never past a step whose state was not saved."""
+    """A record goes through the detectors, and its alerts out, as soon as no other record is waiting
+    behind it: a record alone is processed at once; records that queued up while the worker was busy are
+    taken together (up to ``take_records`` steps), each run's steps through the detectors' batch paths in
+    one call — what a record costs then falls as the load rises, so a queue does not grow. A run's state is
+    saved, and the records acked, once per burst: after ``take_records`` records, or once none are
+    waiting and ``save_interval_s`` have passed since the burst began. A restarted worker replays from the
+    last commit, never past a step whose state was not saved."""
     manual = _burst["stream"] = stream.noack()
+    waiting = 0
     async for event in manual.events():
-        taken = await _take(event)
-        pending = _burst["pending"]
-        _burst["last"] = now = time.monotonic()
-        if not pending:
-            _burst["since"] = now
-        pending.append(event)
-        if taken is not None:
-            _burst["unsaved"][taken[2].run_id] = taken
-        if len(pending) >= settings.take_records or (
-                manual.channel.empty() and now - _burst["since"] >= settings.save_interval_s):
+        steps = await _decode(event)
+        if steps is None:
+            _add_to_burst(event)
+        else:
+            _waiting.setdefault(steps[0].run_id, []).append((event, steps))
+            waiting += len(steps)
+        if waiting >= settings.take_records or await _nothing_behind(manual.channel):
+            waiting = 0
+            await _detect_waiting()
+        if _burst["pending"] and (len(_burst["pending"]) >= settings.take_records or (
+                manual.channel.empty() and time.monotonic() - _burst["since"] >= settings.save_interval_s)):
             await _save_burst()
+
+
+async def _nothing_behind(channel: Any) -> bool:
+    """True once no record is waiting for the agent: none in its channel, and none that Faust's consumer
+    has fetched and hands over a record at a time (it needs the event loop for each: yield to it)."""
+    for _ in range(_HANDOVER_YIELDS):
+        if not channel.empty():
+            return False
+        await asyncio.sleep(0)
+    return channel.empty()
+
+
+def _add_to_burst(event: faust.types.EventT) -> None:
+    pending = _burst["pending"]
+    _burst["last"] = now = time.monotonic()
+    if not pending:
+        _burst["since"] = now
+    pending.append(event)
 
 
 @app.timer(interval=min(_PAUSE_S, settings.save_interval_s))
@@ -177,7 +207,8 @@ async def _save_idle_burst() -> None:
     """The records before a pause are saved and acked here, within about 0.1 s: the table (what ``lossguard
     runs`` and the dashboard read) does not lag an alert by more."""
     now = time.monotonic()
-    if _burst["pending"] and (now - _burst["last"] >= _PAUSE_S or now - _burst["since"] >= settings.save_interval_s):
+    if _burst["pending"] and not _burst["busy"] and (
+            now - _burst["last"] >= _PAUSE_S or now - _burst["since"] >= settings.save_interval_s):
         await _save_burst()
 
 
@@ -191,26 +222,44 @@ async def _save_burst() -> None:
         await _burst["stream"].ack(event)
 
 
-async def _take(event: faust.types.EventT) -> tuple[faust.types.EventT, DetectorSuite, RunSummary] | None:
-    """One record through decoding and the detectors, its alerts published; the run's live state to save
-    (None: the record went to the dead-letter topic)."""
+async def _decode(event: faust.types.EventT) -> list[MetricEvent] | None:
+    """A record's steps (None: the record went to the dead-letter topic)."""
     counters["records"] += 1
-    key, raw = event.key, event.value
     try:
-        steps = decode_metric_record(raw, settings.max_record_bytes)
+        return decode_metric_record(event.value, settings.max_record_bytes)
     except SchemaError as exc:
-        await dead_letter(key, raw, str(exc))
+        await dead_letter(event.key, event.value, str(exc))
         return None
+
+
+async def _detect_waiting() -> None:
+    """The waiting records through the detectors, run by run, their alerts published, the records added
+    to the burst."""
+    _burst["busy"] = True
+    turn = time.monotonic()
     try:
-        alerts, (suite, summary) = _process(steps)
-    except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
-        log.exception("record of run %s failed in the detectors", steps[0].run_id)
-        await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
-        return None
-    for alert in alerts:
-        await publish(alert)
-    worker_metrics.record_processed(event.message.timestamp)
-    return event, suite, summary
+        while _waiting:
+            if time.monotonic() - turn > _TURN_S:  # let the web server and Faust's own tasks run
+                await asyncio.sleep(0)
+                turn = time.monotonic()
+            run_id, records = _waiting.popitem()
+            steps = records[0][1] if len(records) == 1 else [step for _, rec in records for step in rec]
+            try:
+                alerts, (suite, summary) = _process(steps)
+            except Exception as exc:  # a detector bug must not stop the agent: park the records, go on
+                log.exception("records of run %s failed in the detectors", run_id)
+                for event, _ in records:
+                    await dead_letter(event.key, event.value, f"processing: {type(exc).__name__}: {exc}")
+                    _add_to_burst(event)
+                continue
+            for alert in alerts:
+                await publish(alert)
+            for event, _ in records:
+                worker_metrics.record_processed(event.message.timestamp)
+                _add_to_burst(event)
+            _burst["unsaved"][run_id] = (records[-1][0], suite, summary)
+    finally:
+        _burst["busy"] = False
 
 
 def process(events: list[MetricEvent]) -> list[Alert]:

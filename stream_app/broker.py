@@ -20,7 +20,7 @@ log = logging.getLogger("lossguard.broker")
 
 
 #: environment for a worker on the bundled broker: Tansu under-reports the end of multi-record batches
-#: (STACK_NOTES.md), so a worker taking over a partition could miss a run's last changelog record unless
+#: (docs/stack.md), so a worker taking over a partition could miss a run's last changelog record unless
 #: every record is sent alone (settings.max_batch_bytes), with no linger for batches that cannot grow. Real
 #: Kafka keeps normal batching.
 BUNDLED_BROKER_WORKER_ENV = {"LOSSGUARD_MAX_BATCH_BYTES": "1", "LOSSGUARD_PRODUCER_LINGER_S": "0"}

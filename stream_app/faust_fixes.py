@@ -25,20 +25,75 @@
 :func:`as_current` makes an event the stream's current one for a table write made after the stream has
 moved on to later records (the agent saves a run's state once per burst of records): Faust's tables and
 stores take the changelog partition and the RocksDB partition of a write from the current event.
+
+Each adjustment replaces a piece of faust-streaming 0.15.x (or mode-streaming 0.7) that :func:`check_upstream`
+first finds as it expects (the code that has the bug); anything else — a fixed or rewritten upstream —
+stops the worker with :class:`UnexpectedUpstream` instead of patching code we have not read. The tests
+in ``tests/test_faust_fixes.py`` show each bug in the upstream code, and fail the day it is fixed.
+See docs/stack.md for the measured facts behind them.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["AckedOffsets", "as_current", "install"]
+__all__ = ["AckedOffsets", "UnexpectedUpstream", "as_current", "check_upstream", "install", "upstream"]
 
 _installed = False
 _fetch_max_wait_ms = 1500
+#: the upstream functions the adjustments replace, by name (the tests read the bugs in them)
+upstream: dict[str, Any] = {}
+
+
+class UnexpectedUpstream(RuntimeError):
+    """faust-streaming / mode-streaming / aiokafka is not the code an adjustment was written for."""
+
+
+def _expect(found: bool, what: str) -> None:
+    if not found:
+        import faust
+
+        raise UnexpectedUpstream(
+            f"lossguard's Faust adjustments were written for faust-streaming 0.15.x, but {what} "
+            f"(installed: faust-streaming {faust.__version__}). Install the tested range "
+            "(pip install 'faust-streaming>=0.15,<0.16') or review stream_app/faust_fixes.py for this version.")
+
+
+def _source(obj: Any) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def check_upstream() -> None:
+    """Raise :class:`UnexpectedUpstream` unless each piece the adjustments replace is the code they expect."""
+    import aiokafka
+    from faust import streams
+    from faust.transport import consumer as consumer_module
+    from faust.transport.drivers import aiokafka as driver
+    from mode.utils.queues import FlowControlEvent
+
+    consumer = consumer_module.Consumer
+    _expect("self._acked = defaultdict(list)" in _source(upstream.get("Consumer.__init__", consumer.__init__)),
+            "Consumer.__init__ no longer makes the acked lists as defaultdict(list)")
+    _expect("acked.extend(stuff_to_add)" in _source(consumer._new_offset),
+            "Consumer._new_offset no longer extends the acked list with the gap offsets (faust-streaming#596)")
+    create = upstream.get("_create_worker_consumer", driver.AIOKafkaConsumerThread._create_worker_consumer)
+    _expect("fetch_max_wait_ms=1500" in _source(create),
+            "AIOKafkaConsumerThread._create_worker_consumer no longer hard-codes fetch_max_wait_ms=1500")
+    _expect("fetch_max_wait_ms=self._fetch_max_wait_ms" in _source(aiokafka.AIOKafkaConsumer.start),
+            "aiokafka's AIOKafkaConsumer.start no longer reads self._fetch_max_wait_ms")
+    resume = upstream.get("FlowControlEvent.resume", FlowControlEvent.resume)
+    _expect("self.clear()" in _source(resume) and "_suspend" in _source(FlowControlEvent.__init__),
+            "mode's FlowControlEvent.resume no longer clears the queues unconditionally")
+    _expect(type(getattr(streams, "_current_event", None)).__name__ == "ContextVar",
+            "faust.streams._current_event is no longer the ContextVar of the current event")
 
 
 class AckedOffsets(list):
@@ -72,10 +127,11 @@ def install(fetch_max_wait_ms: int = 10) -> None:
     _fetch_max_wait_ms = int(fetch_max_wait_ms)
     if _installed:
         return
+    check_upstream()
     from faust.transport import consumer as consumer_module
     from faust.transport.drivers import aiokafka as driver
 
-    base_init = consumer_module.Consumer.__init__
+    base_init = upstream["Consumer.__init__"] = consumer_module.Consumer.__init__
 
     def __init__(self, *args, **kwargs):  # noqa: N807
         base_init(self, *args, **kwargs)
@@ -83,7 +139,7 @@ def install(fetch_max_wait_ms: int = 10) -> None:
 
     consumer_module.Consumer.__init__ = __init__
 
-    create = driver.AIOKafkaConsumerThread._create_worker_consumer
+    create = upstream["_create_worker_consumer"] = driver.AIOKafkaConsumerThread._create_worker_consumer
 
     def _create_worker_consumer(self, transport):
         consumer = create(self, transport)
@@ -94,7 +150,7 @@ def install(fetch_max_wait_ms: int = 10) -> None:
 
     from mode.utils.queues import FlowControlEvent
 
-    resume = FlowControlEvent.resume
+    resume = upstream["FlowControlEvent.resume"] = FlowControlEvent.resume
 
     def resume_after_suspension(self) -> None:
         if self._suspend.is_set():  # a real resume: the queues hold records from before the suspension

@@ -30,7 +30,7 @@ class Settings:
     data_dir: str = "lossguard-data"
     #: ``memory`` (changelog recovery) or ``rocksdb`` (falls back to memory when rocksdict is missing)
     store: str = "memory"
-    #: short group timeouts: a worker starts and resumes in seconds on every broker (STACK_NOTES.md)
+    #: short group timeouts: a worker starts and resumes in seconds on every broker (docs/stack.md)
     session_timeout: float = 3.0
     heartbeat_interval: float = 1.0
     #: Faust hard-codes 1500 ms; a short fetch wait is what keeps alert latency in milliseconds
@@ -38,7 +38,7 @@ class Settings:
     #: Kafka producer batch limit in bytes for the worker's writes (0: Faust's 16 KB). A burst's state
     #: values (~10 KB a run) then share a few produce requests: each request costs the worker more than
     #: its bytes. 1 sends every record alone — for the bundled Tansu broker, which under-reports the end
-    #: of multi-record batches (STACK_NOTES.md), so a worker taking over a partition could miss a run's
+    #: of multi-record batches (docs/stack.md), so a worker taking over a partition could miss a run's
     #: last changelog record
     max_batch_bytes: int = 262_144
     #: seconds the worker's producer waits to fill a batch (alerts wait as long); 0 with one-record batches

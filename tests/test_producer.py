@@ -154,6 +154,55 @@ def test_non_finite_values_arrive_as_signals_and_stop_requests_reach_either_tran
     assert losses[0] == 1.0 and math.isnan(losses[1]) and losses[2:] == [math.inf, -math.inf]
 
 
+@pytest.mark.parametrize("transport", ["thread", "process"])
+def test_a_non_finite_loss_or_grad_norm_is_sent_at_once_and_healthy_steps_keep_the_interval(topics, transport):
+    """With a 6 s send interval, a NaN loss (CPU tensor) and an infinite grad norm each reach the topic in
+    well under the interval; a healthy step logged after them waits for the interval."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    run = f"urgent-{transport}"
+    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=20)
+    tps = [TopicPartition(topics.name("metrics"), p) for p in range(topics.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    arrived: dict[int, float] = {}
+
+    def poll(until: float) -> None:
+        while time.monotonic() < until:
+            for records in consumer.poll(timeout_ms=50).values():
+                for record in records:
+                    for event in decode_metric_record(record.value):
+                        if event.run_id == run:
+                            arrived.setdefault(event.step, time.monotonic())
+
+    reporter = _watch(topics, run, transport=transport, send_interval=6.0)
+    logged: dict[int, float] = {}
+
+    def log(step: int, wait: float, **values) -> None:
+        logged[step] = time.monotonic()
+        reporter.log(step, **values)
+        poll(logged[step] + wait)
+
+    try:
+        reporter.log(0, loss=1.0)
+        assert reporter.flush(10.0)  # connected
+        poll(time.monotonic() + 1.0)
+        log(1, 1.0, loss=1.0)  # sent at once (the sender was idle), then the sender lingers for 6 s
+        log(2, 1.0, loss=1.0)  # healthy: queued until the interval ends...
+        assert 2 not in arrived
+        log(3, 2.5, loss=torch.tensor(float("nan")))  # ...or until an urgent step comes
+        log(4, 1.0, loss=1.0)
+        assert 4 not in arrived
+        log(5, 2.5, loss=1.0, grad_norm=math.inf)
+    finally:
+        reporter.close()
+        consumer.close()
+    fast = {step: arrived.get(step, math.inf) - logged[step] for step in (1, 3, 5)}
+    assert all(seconds < 2.0 for seconds in fast.values()), fast
+    assert arrived[2] >= arrived[3] - 0.5 and arrived[4] >= arrived[5] - 0.5  # they went with the urgent steps
+
+
 def test_every_kind_of_value_arrives_as_a_number_or_is_left_out(topics):
     """Steps of plain numbers are packed as they are and the sender process makes floats of them; a step
     with a tensor, a numpy scalar or a summary is read on the sender thread first. Both arrive alike."""

@@ -1,0 +1,119 @@
+"""The adjustments to Faust and the Tansu workaround: each bug shown in the upstream code (these tests
+fail the day upstream fixes it: then drop the adjustment), each adjustment refusing code it was not
+written for, and the recovery workaround applying to the bundled broker only (docs/stack.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from faust.transport.consumer import Consumer
+from intervaltree import Interval, IntervalTree
+from kafka import KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
+from mode.utils.queues import FlowControlEvent, FlowControlQueue
+
+from stream_app import faust_fixes, recovery
+from stream_app.broker import free_port
+
+faust_fixes.install(10)  # as the worker does; the upstream originals are kept in faust_fixes.upstream
+
+
+def _new_offset(acked: list[int]) -> tuple[int | None, list[int]]:
+    """Upstream ``Consumer._new_offset`` for a partition whose offsets 5–7 were acked, a gap record for 6–7
+    (offsets the consumer saw skipped, then acked all the same) and offset 4 committed."""
+    consumer = SimpleNamespace(_acked={"tp": acked}, _gap={"tp": IntervalTree([Interval(6, 8)])},
+                               _committed_offset={"tp": 4}, _acked_index={"tp": set(acked)})
+    return Consumer._new_offset(consumer, "tp"), consumer._acked["tp"]
+
+
+def test_canary_duplicate_acked_offsets_stop_the_commit_upstream_and_not_with_acked_offsets():
+    # faust-streaming#596: the gap's offsets are appended again; the commit stops at the first duplicate
+    assert _new_offset([5, 6, 7]) == (7, [6, 7, 7])
+    assert _new_offset(faust_fixes.AckedOffsets([5, 6, 7])) == (8, [])
+
+
+def test_canary_faust_hard_codes_the_fetch_wait():
+    source = faust_fixes._source(faust_fixes.upstream["_create_worker_consumer"])
+    assert "fetch_max_wait_ms=1500" in source
+
+
+def test_canary_resuming_running_flow_control_drops_queued_records_upstream_and_not_once_fixed():
+    async def queued_after_resume(resume) -> int:
+        flow = FlowControlEvent(initially_suspended=False)
+        queue = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+        queue.put_nowait("record already marked read")
+        resume(flow)  # what Faust does at the end of every table recovery, with flow control running
+        return queue.qsize()
+
+    assert asyncio.run(queued_after_resume(faust_fixes.upstream["FlowControlEvent.resume"])) == 0
+    assert asyncio.run(queued_after_resume(FlowControlEvent.resume)) == 1
+
+    async def cleared_after_suspension() -> int:  # what the clear is for is kept
+        flow = FlowControlEvent(initially_suspended=False)
+        queue = FlowControlQueue(flow_control=flow, clear_on_resume=True)
+        flow.suspend()
+        queue.put_nowait("fetched before a rebalance")
+        flow.resume()
+        return queue.qsize()
+
+    assert asyncio.run(cleared_after_suspension()) == 0
+
+
+def _rewritten_upstream(*_args):
+    return None
+
+
+@pytest.mark.parametrize("name, says", [
+    ("FlowControlEvent.resume", "FlowControlEvent.resume"),
+    ("_create_worker_consumer", "fetch_max_wait_ms=1500"),
+    ("Consumer.__init__", "Consumer.__init__"),
+])
+def test_an_upstream_that_is_not_the_expected_code_is_refused_with_what_changed(monkeypatch, name, says):
+    faust_fixes.check_upstream()  # the installed versions pass
+    recovery.check_upstream()
+    monkeypatch.setitem(faust_fixes.upstream, name, _rewritten_upstream)
+    with pytest.raises(faust_fixes.UnexpectedUpstream, match=says) as refused:
+        faust_fixes.check_upstream()
+    assert "faust-streaming>=0.15,<0.16" in str(refused.value)
+
+
+def test_a_changed_recovery_upstream_is_refused(monkeypatch):
+    recovery.install("127.0.0.1:1")  # as the worker does (nothing connects until a recovery)
+    recovery.check_upstream()  # the original, not the wrapper, is checked
+    monkeypatch.setitem(faust_fixes.upstream, "Recovery._build_highwaters", _rewritten_upstream)
+    with pytest.raises(faust_fixes.UnexpectedUpstream, match="_build_highwaters"):
+        recovery.check_upstream()
+
+
+def test_a_fixed_new_offset_upstream_is_refused(monkeypatch):
+    monkeypatch.setattr(Consumer, "_new_offset", _rewritten_upstream)
+    with pytest.raises(faust_fixes.UnexpectedUpstream, match="faust-streaming#596"):
+        faust_fixes.check_upstream()
+
+
+def test_canary_tansu_under_reports_the_end_of_a_multi_record_batch(topics):
+    """The fact behind recovery.py and BUNDLED_BROKER_WORKER_ENV: fails once the broker reports the end."""
+    topic = topics.name("metrics")
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap, linger_ms=200, batch_size=1 << 20)
+    for i in range(5):
+        producer.send(topic, key=b"run", value=b"%d" % i, partition=0)
+    producer.flush()
+    producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=topics.bootstrap)
+    try:
+        from kafka import KafkaConsumer
+
+        consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=None)
+        reported = consumer.end_offsets([TopicPartition(topic, 0)])[TopicPartition(topic, 0)]
+        consumer.close()
+        real = recovery._real_ends(topics.bootstrap, {TopicPartition(topic, 0): reported})
+    finally:
+        admin.close()
+    assert reported < 5 == real[TopicPartition(topic, 0)]
+
+
+def test_the_recovery_workaround_knows_the_bundled_broker_from_another(topics):
+    assert recovery.is_tansu(topics.bootstrap)
+    assert not recovery.is_tansu(f"127.0.0.1:{free_port()}")  # no broker: no workaround
