@@ -313,7 +313,9 @@ class LossDivergenceDetector(_SmoothedLoss):
     Active when the smoothed loss is more than ``divergence_threshold`` (relative) above its running
     minimum, that rise is over 2× the loss noise (so a noisy late-training loss near zero does not trip a
     relative test) *and* it undoes at least 5 % of what the run learned (start − best): at a converged
-    run's floor a tiny best can double without anything going wrong. ``low`` for one step (an epoch boundary's
+    run's floor a tiny best can double without anything going wrong. In its first two warm-ups (all a
+    fragment has), a loss that rose two points in a row to 1.5× the lowest it showed, and above the first,
+    is ``low``, three points ``high``. ``low`` for one step (an epoch boundary's
     sawtooth), ``medium`` for two, ``high`` after ``divergence_steps`` steps in a row,
     ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
 
@@ -330,15 +332,22 @@ class LossDivergenceDetector(_SmoothedLoss):
     """
 
     name = "loss_divergence"
-    state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length", "first_step", "interval")
+    state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length", "first_step", "interval",
+                                                 "low", "last", "climb")
 
     def reset(self) -> None:
         super().reset()
+        #: whether the last _advance stopped at a climb (not state: read right after the call)
+        self._climbing = False
         self.best: float | None = None
         self.start: float | None = None
         self.run_length = 0
         self.first_step: int | None = None
         self.interval: int | None = None
+        #: during the warm-up: the lowest loss, the last one, and how many rises in a row led to it
+        self.low: float | None = None
+        self.last: float | None = None
+        self.climb = 0
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, smoothing span, steps to high), in points, for a run logged every ``interval`` steps."""
@@ -352,8 +361,15 @@ class LossDivergenceDetector(_SmoothedLoss):
             return []
         active = self._advance([x], [event.step], commit=True) == 0
         warmup, _, persist = self._sizes(self.interval)
+        if active and self._climbing:
+            self.run_length += 1
+            return self._report(
+                event, "convergence_divergence", True, severity="high" if self.climb >= 3 else "low",
+                value=x, threshold=1.5 * self.low,
+                message=f"{self.metric} {x:.4g} rose {self.climb} points in a row to {x / self.low:.1f}x its lowest "
+                        f"{self.low:.4g}", metadata={"low": self.low, "climb": self.climb, "early": True})
         if self.seen < warmup:
-            return []
+            return self._report(event, "convergence_divergence", False) if self.episodes else []
         self.run_length = self.run_length + 1 if active else 0
         if not active:
             return self._report(event, "convergence_divergence", False)
@@ -378,10 +394,10 @@ class LossDivergenceDetector(_SmoothedLoss):
         ``commit`` or when none was."""
         threshold = self.divergence_threshold
         smooth, absdev, seen, start, best = self.smooth, self.absdev, self.seen, self.start, self.best
-        first_step, interval = self.first_step, self.interval
+        first_step, interval, low, last, climb = self.first_step, self.interval, self.low, self.last, self.climb
         warmup, span, _ = self._sizes(interval)
         alpha = 2.0 / (span + 1)
-        found = len(xs)
+        found, self._climbing = len(xs), False
         for i, x in enumerate(xs):
             if interval is None:
                 if first_step is None:
@@ -398,6 +414,16 @@ class LossDivergenceDetector(_SmoothedLoss):
             seen += 1
             if seen == 1:
                 start = smooth
+            if seen < 2 * warmup:
+                # a fragment has little history to smooth: a loss rising point after point to 1.5x the
+                # lowest it has shown, and above where it started (early training bounces below that), is
+                # already a divergence
+                climb = climb + 1 if last is not None and x > last else 0
+                low = x if low is None or x < low else low
+                last = x
+                if climb >= 2 and low > 0 and x >= 1.5 * low and x > start:
+                    found, self._climbing = i, True
+                    break
             if seen < warmup:
                 continue
             if best is None or smooth < best:
@@ -410,7 +436,7 @@ class LossDivergenceDetector(_SmoothedLoss):
                 break
         if commit or found == len(xs):
             self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
-            self.first_step, self.interval = first_step, interval
+            self.first_step, self.interval, self.low, self.last, self.climb = first_step, interval, low, last, climb
         return found
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:

@@ -187,3 +187,17 @@ def test_a_metric_turning_nonfinite_later_is_a_new_critical_alert_not_swallowed(
                  if a.alert_type == "nonfinite_metric" and a.status == "firing"]
     assert nonfinite == [(10, "medium", ["grad_norm"]), (25, "critical", ["loss"])]
     assert len({a.alert_id for a in alerts}) == len(alerts)
+
+
+def test_a_fragment_that_climbs_for_three_points_is_a_failure():
+    """A log pasted into an issue: five points every 100 steps, no history, the loss climbing from the
+    second on. Three rises in a row to 1.5x its lowest page at high; the same points falling do not."""
+    losses = [2.1, 1.9, 2.4, 3.3, 4.8]
+    suite = DetectorSuite()
+    alerts = [a for i, x in enumerate(losses) for a in suite.update(MetricEvent("frag", 100 * i, {"loss": x}, ts=i))]
+    assert [(a.step, a.severity) for a in alerts if a.alert_type == "convergence_divergence"] == [(300, "low"),
+                                                                                               (400, "high")]
+    suite = DetectorSuite()
+    calm = [a for i, x in enumerate(sorted(losses, reverse=True))
+            for a in suite.update(MetricEvent("frag", 100 * i, {"loss": x}, ts=i))]
+    assert calm == []
