@@ -17,7 +17,6 @@ the new and resumed ones go through the run's :class:`~detectors.DetectorSuite`.
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections import OrderedDict
@@ -26,10 +25,10 @@ from typing import Any
 import faust
 
 from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
-from detectors.events import decode_metric_record, dumps
 
 from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
+from .intake import dead_letter_value, read_record
 from .settings import load_settings
 
 log = logging.getLogger("lossguard.worker")
@@ -123,13 +122,15 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
     return live
 
 
-async def dead_letter(key: bytes | None, raw: bytes, reason: str) -> None:
+async def dead_letter(key: bytes | None, raw: bytes | None, reason: str) -> None:
+    """Park a record on the dead-letter topic with its reason (never raises: the agent goes on)."""
     counters["dead_letters"] += 1
-    field = reason.split(":", 1)[0]
+    field = reason.split(":", 1)[0][:100]
     counters["dead_letter_reasons"][field] = counters["dead_letter_reasons"].get(field, 0) + 1
-    record = {"reason": reason, "ts": time.time(), "key": (key or b"").decode("utf-8", "replace"),
-              "original": raw.decode("utf-8", "replace"), "original_b64": base64.b64encode(raw).decode()}
-    await dlq_topic.send(key=key, value=dumps(record))
+    try:
+        await dlq_topic.send(key=key[:1000] if key else key, value=dead_letter_value(key, raw, reason))
+    except Exception:  # noqa: BLE001 — the dead-letter topic down or refusing: log, never stop the agent
+        log.exception("could not dead-letter a record (%s)", reason[:200])
 
 
 async def publish(alert: Alert) -> None:
@@ -178,8 +179,14 @@ async def _save_burst() -> None:
     events, unsaved = _burst["pending"], _burst["unsaved"]
     _burst["pending"], _burst["unsaved"] = [], {}  # taken whole before the first await
     for run_id, (last, suite, summary) in unsaved.items():
-        with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
-            run_summary[run_id] = _saved_value(suite, summary)
+        try:
+            with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
+                run_summary[run_id] = _saved_value(suite, summary)
+        except Exception:  # noqa: BLE001 — unreachable for decoded records; if it happens, one run loses
+            # its unsaved steps (restored from the table on its next record), the others go on
+            log.exception("could not save the state of run %r", run_id[:200])
+            counters["state_save_failures"] = counters.get("state_save_failures", 0) + 1
+            _suites.pop(run_id, None)
     for event in events:
         await _burst["stream"].ack(event)
 
@@ -190,18 +197,23 @@ async def _take(event: faust.types.EventT) -> tuple[faust.types.EventT, Detector
     counters["records"] += 1
     key, raw = event.key, event.value
     try:
-        steps = decode_metric_record(raw, settings.max_record_bytes)
+        steps = read_record(key, raw, settings.max_record_bytes)
     except SchemaError as exc:
         await dead_letter(key, raw, str(exc))
         return None
+    except Exception as exc:  # noqa: BLE001 — a decoder bug must not stop the agent either
+        log.exception("a record could not be read")
+        await dead_letter(key, raw, f"event: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
+        return None
     try:
         alerts, (suite, summary) = _process(steps)
-    except Exception as exc:  # a detector bug must not stop the agent: park the record, go on
-        log.exception("record of run %s failed in the detectors", steps[0].run_id)
-        await dead_letter(key, raw, f"processing: {type(exc).__name__}: {exc}")
+        for alert in alerts:
+            await publish(alert)
+    except Exception as exc:  # noqa: BLE001 — a detector bug must not stop the agent: park the record, go on
+        log.exception("record of run %r failed in the detectors", steps[0].run_id[:200])
+        await dead_letter(key, raw, f"processing: {type(exc).__name__}: {str(exc)[:500]}")
+        _suites.pop(steps[0].run_id, None)  # its live state may be half-updated: restore from the table
         return None
-    for alert in alerts:
-        await publish(alert)
     return event, suite, summary
 
 

@@ -118,7 +118,7 @@ def test_bedrock_training_and_validation_csvs_make_one_run(tmp_path):
     ("step,loss\n1,2.3\n2,abc\n", ".csv", ":3: column 'loss'"),
     ("loss,lr\n2.3,0.1\n", ".csv", "no 'step' column"),
     ("step,loss\n1.5,2.3\n", ".csv", ":2: column 'step'"),
-    ('{"run_id": "r", "step": 1, "metrics": {"loss": 1}}\n{"run_id": "r", "step": 2, "metrics": {"loss": null}}\n',
+    ('{"run_id": "r", "step": 1, "metrics": {"loss": 1}}\n{"run_id": "r", "step": 2, "metrics": {"loss": "high"}}\n',
      ".jsonl", ":2: column 'metrics.loss'"),
     ('{"log_history": [{"loss": 1.0}]}', ".json", "log_history[0]: 'step' must be an integer"),
 ])

@@ -1,0 +1,84 @@
+"""Faults against a real worker on the real broker: poison and fuzzed records, SIGTERM in every state.
+
+The worker must survive any record (each bad one in the dead-letter topic with a reason, committed, never
+retried), keep paging the good runs around them, and stop on SIGTERM within 10 s whatever it is doing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import pytest
+
+from detectors import MetricEvent
+from tests.conftest import collect_alerts, read_topic
+from tests.stream_fixtures import healthy, send
+from tests.test_intake import POISON
+
+pytestmark = pytest.mark.slow
+
+SIGTERM_LIMIT_S = 10.0
+
+
+def fuzzed_records(rng: random.Random, n: int) -> list[tuple[bytes | None, bytes | None]]:
+    """Bounded, seeded fuzz: flipped bytes of a valid record, random bytes, hostile JSON shapes."""
+    valid = MetricEvent("fz", 1, {"loss": 1.0}, ts=1.0).to_json()
+    shapes = [b"null", b"[]", b"{}", b'"s"', b"1e999", b'{"steps":[]}', b'{"run_id":"fz","steps":[1,2]}',
+              b'{"run_id":"fz","step":1,"metrics":{"loss":{"a":1}}}', b'{"run_id":7}', b"\x00" * 50]
+    records = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            raw = bytearray(valid)
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(len(raw))] = rng.randrange(256)
+            records.append((b"fz", bytes(raw)))
+        elif kind == 1:
+            records.append((rng.choice([None, b"fz", rng.randbytes(8)]), rng.randbytes(rng.randint(0, 300))))
+        else:
+            records.append((b"fz", rng.choice(shapes)))
+    return records
+
+
+def test_poison_and_fuzzed_records_neither_crash_nor_block_the_worker(topics, start_worker):
+    from kafka import KafkaProducer
+
+    worker = start_worker()
+    rng = random.Random(14)
+    bad: list[tuple[bytes | None, bytes | None]] = [(b"r", value) for value, _ in POISON.values()]
+    bad.append((b"r", b"{" + b"x" * 900_000))  # a malformed record near the producer's 1 MiB limit
+    bad.append((b"someone-else", MetricEvent("r", 1, {"loss": 1.0}, ts=1.0).to_json()))  # key ≠ run id
+    bad += fuzzed_records(rng, 150)
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap, max_request_size=2_000_000)
+    good_runs = [f"good{i}" for i in range(6)]
+    # good runs before, between and after the bad records: each ends in a NaN loss that must page
+    send(topics.bootstrap, topics.name("metrics"), [e for r in good_runs[:2] for e in healthy(r, range(30))])
+    for key, value in bad:
+        producer.send(topics.name("metrics"), key=key, value=value)
+    producer.flush()
+    send(topics.bootstrap, topics.name("metrics"), [e for r in good_runs[2:] for e in healthy(r, range(30))], batch=10)
+    nan = [MetricEvent(r, 30, {"loss": float("nan")}, ts=1_030.0) for r in good_runs]
+    send(topics.bootstrap, topics.name("metrics"), nan)
+    producer.close()
+
+    alerts = collect_alerts(topics, lambda al: {a.run_id for a in al if a.alert_type == "nonfinite_metric"}
+                            >= set(good_runs), timeout=90)
+    assert {a.run_id for a in alerts if a.alert_type == "nonfinite_metric"} >= set(good_runs), worker.log()[-3000:]
+    assert worker.proc.poll() is None, worker.log()[-3000:]
+    fuzz_valid = sum(1 for a in alerts if a.run_id == "fz")  # a flipped byte may leave a valid record
+    dead = [json.loads(r.value) for r in read_topic(topics.bootstrap, topics.name("dlq"), topics.partitions, 3)]
+    assert all(d["reason"] and ":" in d["reason"] and len(d["sha256"]) == 64 for d in dead)
+    reasons = {d["reason"].split(":", 1)[0] for d in dead}
+    assert {"step", "ts", "metrics.loss", "event", "key", "steps[0].tags", "tags"} <= reasons, reasons
+    # every poison record and the big one are there; most fuzzed ones too (a few flips stay valid events)
+    assert len(dead) >= len(POISON) + 2 + 100 and len(dead) <= len(bad), (len(dead), fuzz_valid)
+    big = [d for d in dead if d["size"] > 800_000]
+    assert len(big) == 1 and big[0]["truncated"]
+    assert "Traceback" not in worker.log()
+
+    started = time.monotonic()
+    worker.stop(signal.SIGTERM, timeout=30)
+    assert worker.proc.returncode is not None and time.monotonic() - started < SIGTERM_LIMIT_S
