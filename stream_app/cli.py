@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -80,6 +81,30 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded_shutdown(worker_class: type) -> type:
+    """``worker_class`` whose stop on SIGTERM/SIGINT ends the process within ``shutdown_timeout_s``:
+    Faust's shutdown waits until every fetched record is acked, with no limit, and a record fetched but
+    never handed to the agent is never acked (measured: > 60 s, idle or under load). The timer is a
+    thread, so it fires whatever the event loop is doing."""
+
+    class BoundedShutdownWorker(worker_class):
+        shutdown_timeout_s = 8.0
+
+        def _schedule_shutdown(self, signal: signal.Signals) -> None:
+            timer = threading.Timer(self.shutdown_timeout_s, _exit_now, (self.shutdown_timeout_s,))
+            timer.daemon = True
+            timer.start()
+            super()._schedule_shutdown(signal)
+
+    return BoundedShutdownWorker
+
+
+def _exit_now(timeout_s: float) -> None:
+    print(f"lossguard worker: shutdown not done after {timeout_s:g} s; exiting (records not acked are read "
+          "again by the next owner)", file=sys.stderr, flush=True)
+    os._exit(0)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     bootstrap, broker = resolve_bootstrap(settings)
@@ -116,7 +141,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         print(f"lossguard worker {app_settings.app_id} on {bootstrap}: consuming "
               f"{app_settings.topic('metrics')}, alerts to {app_settings.topic('alerts')}", flush=True)
-        worker = Worker(app, loglevel=args.loglevel or app_settings.log_level, quiet=True)
+        worker = _bounded_shutdown(Worker)(app, loglevel=args.loglevel or app_settings.log_level, quiet=True)
+        worker.shutdown_timeout_s = app_settings.shutdown_timeout_s
         worker.execute_from_commandline()
     finally:
         if broker is not None:

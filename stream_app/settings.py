@@ -63,6 +63,10 @@ class Settings:
     tick_interval: float = 10.0
     #: metric records over this size go to the dead-letter topic unread
     max_record_bytes: int = 4_000_000
+    #: a worker told to stop (SIGTERM/SIGINT) exits after this many seconds even if Faust's shutdown has
+    #: not finished (it can wait forever on a record it fetched but never handed to the agent); every
+    #: record whose state was saved is acked, the rest are read again by the next owner
+    shutdown_timeout_s: float = 8.0
     #: sinks and routes (TOML); empty: console + JSONL for everything, webhook for high+ if a URL is set
     routes: str = ""
     #: Slack-compatible webhook URL for the webhook sink (LOSSGUARD_WEBHOOK_URL)

@@ -82,3 +82,56 @@ def test_poison_and_fuzzed_records_neither_crash_nor_block_the_worker(topics, st
     started = time.monotonic()
     worker.stop(signal.SIGTERM, timeout=30)
     assert worker.proc.returncode is not None and time.monotonic() - started < SIGTERM_LIMIT_S
+
+
+def _sigterm_seconds(worker) -> float:
+    started = time.monotonic()
+    worker.stop(signal.SIGTERM, timeout=60)
+    return time.monotonic() - started
+
+
+def _flood(topics, runs: int, steps: int) -> None:
+    send(topics.bootstrap, topics.name("metrics"), [e for r in range(runs) for e in healthy(f"f{r}", range(steps))])
+
+
+@pytest.mark.parametrize("state", ["starting", "idle", "under load", "after a poison record"])
+def test_sigterm_stops_a_worker_within_10_s(state, topics, start_worker):
+    from kafka import KafkaProducer
+
+    worker = start_worker()
+    if state != "starting":
+        send(topics.bootstrap, topics.name("metrics"), [MetricEvent("w", 1, {"loss": float("nan")}, ts=1.0)])
+        assert collect_alerts(topics, lambda al: bool(al), timeout=60), worker.log()[-2000:]
+    if state == "under load":
+        _flood(topics, 20, 2000)
+        time.sleep(0.5)
+    if state == "after a poison record":
+        producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
+        for value, _ in POISON.values():
+            producer.send(topics.name("metrics"), key=b"r", value=value)
+        producer.flush()
+        producer.close()
+        time.sleep(2)
+    if state == "starting":
+        time.sleep(1.5)
+    assert worker.proc.poll() is None, worker.log()[-2000:]
+    assert _sigterm_seconds(worker) < SIGTERM_LIMIT_S, worker.log()[-2000:]
+
+
+def test_sigterm_stops_a_worker_whose_broker_went_away(tmp_path):
+    from stream_app.broker import EmbeddedBroker, free_port
+    from tests.conftest import Topics, WorkerProcess
+
+    with EmbeddedBroker(port=free_port()) as broker:
+        topics = Topics(broker.bootstrap)
+        worker = WorkerProcess(topics, tmp_path / "data", tmp_path / "worker.log",
+                               {"LOSSGUARD_MAX_BATCH_BYTES": "1", "LOSSGUARD_PRODUCER_LINGER_S": "0"})
+        try:
+            send(topics.bootstrap, topics.name("metrics"), [MetricEvent("w", 1, {"loss": float("nan")}, ts=1.0)])
+            assert collect_alerts(topics, lambda al: bool(al), timeout=60), worker.log()[-2000:]
+            broker.stop()
+            time.sleep(3)
+            assert worker.proc.poll() is None
+            assert _sigterm_seconds(worker) < SIGTERM_LIMIT_S, worker.log()[-2000:]
+        finally:
+            worker.stop(signal.SIGKILL)
