@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from detectors.config import ConfigError
 
+from . import redact
 from .broker import (
     BUNDLED_BROKER_WORKER_ENV,
     BrokerError,
@@ -177,13 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redact.install()  # no secret (webhook URL, SASL password, AWS key) in any log line of any command
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
     except (ConfigError, BrokerError) as exc:
-        print(f"lossguard: error: {exc}", file=sys.stderr)
+        print(f"lossguard: error: {redact.redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

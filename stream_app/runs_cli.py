@@ -125,7 +125,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = summarize(args.run, _read_alerts(bootstrap, settings.topic("alerts")))
     run = read_runs(bootstrap, settings.changelog("run_summary")).get(args.run)
     detail = {**run.overview(), "windows": run.windows} if run else None
-    out = Path(args.out or f"lossguard-reports/{re.sub(r'[^A-Za-z0-9._-]', '_', args.run)}.report.html")
+    from .sinks.jsonl import run_file_stem
+
+    out = Path(args.out or f"lossguard-reports/{run_file_stem(args.run)}.report.html")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_html(summary, detail))
     out.with_suffix(".json").write_text(json.dumps({**summary, "run": detail}, indent=2))
@@ -184,7 +186,8 @@ def cmd_sinks(args: argparse.Namespace) -> int:
         policy = AlertPolicy(group_by_run=bool(options.get("group_by_run", sink.paging)),
                              cooldown_s=float(options.get("cooldown_s", 300.0 if sink.paging else 0.0)))
         runners.append(SinkRunner(sink, bootstrap, settings.topic("alerts"), f"{settings.app_id}-sink-{name}",
-                                  routing.router, policy, SilenceBook(bootstrap, silences_topic(settings.topic_prefix))))
+                                  routing.router, policy, SilenceBook(bootstrap, silences_topic(settings.topic_prefix)),
+                                  dead_letter_dir=Path(settings.alerts_dir) / "dead-letters"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

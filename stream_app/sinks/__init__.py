@@ -5,7 +5,9 @@
 
 A sink is a small object with one verb, ``deliver(alert, reason)``, that raises on failure; the runner
 (:mod:`.runner`) retries with backoff and commits an alert's offset only once it is delivered, so an
-endpoint that is down delays alerts but loses none. Kinds: ``console``, ``jsonl``, ``webhook``,
+endpoint that is down delays alerts but loses none. A failure that no retry can mend (an HTTP 4xx other
+than 408/429, a file name the file system refuses) is permanent: the alert goes to the sink's dead letters
+with the reason and the sink moves on. Kinds: ``console``, ``jsonl``, ``webhook``,
 ``autostop``; which alerts each gets is decided by :mod:`stream_app.routing`.
 """
 
@@ -17,7 +19,7 @@ from typing import Any, ClassVar
 from detectors import Alert
 from detectors.config import ConfigError
 
-__all__ = ["Sink", "DeliveryError", "SINK_KINDS", "build_sink", "POLICY_OPTIONS"]
+__all__ = ["Sink", "DeliveryError", "PermanentDeliveryError", "SINK_KINDS", "build_sink", "POLICY_OPTIONS"]
 
 #: per-sink options the runner's policy takes (the rest go to the sink)
 POLICY_OPTIONS = ("group_by_run", "cooldown_s")
@@ -25,6 +27,10 @@ POLICY_OPTIONS = ("group_by_run", "cooldown_s")
 
 class DeliveryError(RuntimeError):
     """Delivery failed; the runner retries the same alert with backoff."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Delivery failed for a reason no retry mends; the runner dead-letters the alert and moves on."""
 
 
 class Sink:
