@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .kafka_security import KafkaSecurityError, client_config
 from .sender_child import partition_for_key
 
 __all__ = ["Emitter", "EmitterStats", "default_bootstrap", "partition_for_key", "topic_name"]
@@ -323,15 +324,23 @@ class Emitter:
 
     def _connect(self):
         try:
+            # the [kafka] security settings (SASL/TLS) first; an explicit producer_config wins
+            config = {**client_config(), **self._producer_config}
+        except KafkaSecurityError as exc:
+            self._warn(f"lossguard: Kafka security settings unusable ({exc}); training continues, events are "
+                       "queued and the oldest dropped when full")
+            return None
+        try:
             if self.transport == "process":
                 from .sender import SenderProcess
 
+                # the child reads the security settings from the environment it inherits (not argv)
                 return SenderProcess(self.topic, self.bootstrap, self._producer_config, self.flush_timeout,
                                      follow=self._follow, on_control=self._control_record,
                                      on_warning=self._control_warning)
             from kafka import KafkaProducer
 
-            return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **self._producer_config)
+            return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **config)
         except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable and friends
             self._warn(f"lossguard: no Kafka broker at {self.bootstrap} ({exc.__class__.__name__}); "
                        "training continues, events are queued and the oldest dropped when full")

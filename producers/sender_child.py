@@ -31,6 +31,11 @@ import time
 from collections.abc import Callable
 
 HEADER = struct.Struct(">cIii")
+try:  # imported as producers.sender_child (the control listener's thread)
+    from .kafka_security import client_config
+except ImportError:  # run as a script: its folder is on sys.path; the module imports the stdlib only
+    from kafka_security import client_config
+
 SCHEMA_VERSION = 1  # detectors.events.SCHEMA_VERSION: the child imports nothing of lossguard
 
 try:
@@ -142,6 +147,7 @@ def _assign(bootstrap: str, topic: str, key: bytes, since_ms: int, poll_interval
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+                             **client_config(),  # SASL/TLS from the [kafka] settings (inherited environment)
                              fetch_max_wait_ms=int(poll_interval * 1000),  # an idle topic: 2 fetches/s
                              allow_auto_create_topics=False,  # Tansu would create it with 4 partitions
                              request_timeout_ms=5000, bootstrap_timeout_ms=2000, reconnect_backoff_max_ms=2000)
@@ -220,7 +226,8 @@ def main(argv: list[str]) -> int:
             try:
                 from kafka import KafkaProducer
 
-                producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **config)
+                # SASL/TLS from the inherited environment: a password must never ride on the command line
+                producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **{**client_config(), **config})
                 backoff = 0.5
             except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable and friends
                 next_try = time.monotonic() + backoff

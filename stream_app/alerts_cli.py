@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 from detectors import Alert, decode_alert, severity_rank
 from detectors.events import SchemaError
+from producers.kafka_security import client_config
 
 __all__ = ["format_alert", "read_alerts", "add_parser"]
 
@@ -44,7 +45,7 @@ def read_alerts(bootstrap: str, topic: str, *, from_beginning: bool = True, time
     """Yield alerts from every partition of ``topic`` (no consumer group), until ``timeout`` or ``stop()``."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), enable_auto_commit=False,
                              group_id=None, fetch_max_wait_ms=50, request_timeout_ms=10000)
     try:
         deadline = None if timeout is None else time.monotonic() + timeout

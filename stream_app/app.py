@@ -29,7 +29,7 @@ from detectors import Alert, DetectorSuite, MetricEvent, SchemaError
 from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
 from .intake import dead_letter_value, read_record
-from .settings import load_settings
+from .settings import faust_credentials, load_settings
 
 log = logging.getLogger("lossguard.worker")
 
@@ -53,6 +53,7 @@ def _store_url() -> str:
 app = faust.App(
     settings.app_id,
     broker=f"kafka://{_bootstrap}",
+    broker_credentials=faust_credentials(settings.kafka),  # SASL/TLS from [kafka] / LOSSGUARD_KAFKA_*
     store=_store_url(),
     datadir=settings.data_dir,
     topic_partitions=settings.partitions,

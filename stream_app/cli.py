@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 from detectors.config import ConfigError
+from producers.kafka_security import KafkaSecurityError
 
 from . import redact
 from .broker import (
@@ -182,9 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):  # every Kafka client of this command reads its [kafka] section
+        os.environ["LOSSGUARD_CONFIG"] = args.config
     try:
         return args.func(args) or 0
-    except (ConfigError, BrokerError) as exc:
+    except (ConfigError, BrokerError, KafkaSecurityError) as exc:
         print(f"lossguard: error: {redact.redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

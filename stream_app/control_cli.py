@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from detectors.events import ControlEvent
+from producers.kafka_security import client_config
 
 from .broker import ensure_topics
 from .settings import load_settings
@@ -23,7 +24,7 @@ def send_control(event: ControlEvent, bootstrap: str, topic: str, partitions: in
 
     # Create it up front when missing: a broker that auto-creates topics would pick its own partition count.
     ensure_topics(bootstrap, [topic], partitions)
-    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all", enable_idempotence=False,
+    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **client_config(), acks="all", enable_idempotence=False,
                              max_block_ms=int(timeout * 1000))
     try:
         producer.send(topic, key=event.run_id.encode(), value=event.to_json()).get(timeout=timeout)

@@ -15,6 +15,8 @@ import asyncio
 import time
 from typing import Any
 
+from producers.kafka_security import client_config
+
 __all__ = ["install"]
 
 _installed = False
@@ -30,7 +32,7 @@ def _real_ends(bootstrap: str, reported: dict[Any, int], quiet_s: float = 0.3,
     """
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), group_id=None, enable_auto_commit=False,
                              fetch_max_wait_ms=20)
     ends = dict(reported)
     try:

@@ -27,6 +27,7 @@ from typing import Any
 
 from detectors import Alert, SchemaError, decode_alert
 from detectors.config import ConfigError
+from producers.kafka_security import client_config
 
 from .aggregates import RunSummary
 from .report import render_html, summarize
@@ -39,7 +40,7 @@ def read_records(bootstrap: str, topic: str, quiet_s: float = 0.5) -> Iterator[A
     (the embedded broker under-reports end offsets, STACK_NOTES.md)."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), group_id=None, enable_auto_commit=False,
                              fetch_max_wait_ms=50)
     try:
         partitions = consumer.partitions_for_topic(topic) or set()

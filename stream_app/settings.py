@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from detectors.config import ConfigError, build_config
+from producers.kafka_security import KafkaSecurity, KafkaSecurityError
 
-__all__ = ["Settings", "load_settings", "read_toml", "ConfigError"]
+__all__ = ["Settings", "load_settings", "read_toml", "ConfigError", "faust_credentials"]
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Settings:
     alerts_dir: str = "lossguard-alerts"
     #: the parsed detector configuration (sections → keys)
     detector_config: dict[str, Any] | None = None
+    #: Kafka security (``[kafka]`` section, ``LOSSGUARD_KAFKA_*``): see :mod:`producers.kafka_security`
+    kafka: KafkaSecurity = KafkaSecurity()
 
     def topic(self, kind: str) -> str:
         return f"{self.topic_prefix}.{kind}"
@@ -88,7 +91,7 @@ class Settings:
         return f"{self.app_id}-{table}-changelog"
 
 
-_STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name != "detector_config"}
+_STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name not in ("detector_config", "kafka")}
 
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
@@ -132,6 +135,11 @@ def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, s
     path = config_path or env.get("LOSSGUARD_CONFIG")
     doc: dict[str, Any] = read_toml(path, "config") if path else {}
     stream = doc.pop("stream", {})
+    kafka_section = doc.pop("kafka", {})
+    try:
+        kafka = KafkaSecurity.load(kafka_section if isinstance(kafka_section, dict) else {"": kafka_section}, env)
+    except KafkaSecurityError as exc:
+        raise ConfigError(exc.key, exc.reason) from None
     values: dict[str, Any] = {}
     for key, value in stream.items():
         if key not in _STREAM_KEYS:
@@ -144,9 +152,24 @@ def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, s
     for key, value in overrides.items():
         if value is not None:
             values[key] = _coerce(key, _STREAM_KEYS[key].default, value)
-    settings = Settings(**values, detector_config=build_config(doc))
+    settings = Settings(**values, detector_config=build_config(doc), kafka=kafka)
     if settings.store not in ("memory", "rocksdb"):
         raise ConfigError("stream.store", f"expected 'memory' or 'rocksdb', got {settings.store!r}")
     if settings.partitions < 1:
         raise ConfigError("stream.partitions", f"expected at least 1, got {settings.partitions}")
     return settings
+
+
+def faust_credentials(security: KafkaSecurity) -> Any:
+    """Faust's ``broker_credentials`` for ``security`` (None: plaintext)."""
+    if security.security_protocol == "PLAINTEXT":
+        return None
+    import faust
+    from aiokafka.helpers import create_ssl_context
+
+    context = create_ssl_context(cafile=security.ssl_cafile or None, certfile=security.ssl_certfile or None,
+                                 keyfile=security.ssl_keyfile or None) if security.ssl else None
+    if security.sasl:
+        return faust.SASLCredentials(username=security.sasl_username, password=security.sasl_password,
+                                     ssl_context=context, mechanism=security.sasl_mechanism)
+    return faust.SSLCredentials(context)

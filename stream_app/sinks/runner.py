@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from detectors import Alert, SchemaError, decode_alert
+from producers.kafka_security import client_config
 
 from ..redact import redact
 from ..routing import Router
@@ -92,7 +93,7 @@ class SinkRunner:
         from kafka import KafkaConsumer, TopicPartition
         from kafka.structs import OffsetAndMetadata
 
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=self.group_id,
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), **client_config(), group_id=self.group_id,
                                  enable_auto_commit=False, fetch_max_wait_ms=20, auto_offset_reset="earliest")
         try:
             partitions = None
