@@ -135,3 +135,58 @@ def test_sigterm_stops_a_worker_whose_broker_went_away(tmp_path):
             assert _sigterm_seconds(worker) < SIGTERM_LIMIT_S, worker.log()[-2000:]
         finally:
             worker.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("transport", ["process", "thread"])
+def test_an_outage_shorter_than_the_queue_loses_no_step(transport, tmp_path):
+    """Real training through a broker stopped and restarted (the bundled broker keeps records in memory,
+    so the steps before the outage are read before it stops, the rest from the new broker)."""
+    torch = pytest.importorskip("torch")
+    import producers
+    from detectors.events import decode_metric_record
+    from stream_app.broker import EmbeddedBroker, ensure_topics, free_port
+
+    port = free_port()
+    topic = f"outage-{transport}.metrics"
+
+    def steps_on(bootstrap: str) -> list[int]:
+        records = read_topic(bootstrap, topic, 1, timeout=1.5)
+        return sorted(e.step for r in records for e in decode_metric_record(r.value) if "status" not in e.tags)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+
+    def train(reporter, steps: range, delay: float) -> None:
+        for step in steps:
+            x, y = torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            reporter.log(step, loss=loss)
+            time.sleep(delay)
+
+    broker = EmbeddedBroker(port=port).start()
+    try:
+        ensure_topics(broker.bootstrap, [topic, f"outage-{transport}.control"], 1)
+        reporter = producers.watch(f"outage-{transport}", model=model, optimizer=optimizer, bootstrap=broker.bootstrap,
+                                   topic=topic, max_queue=2_000, transport=transport)
+        train(reporter, range(0, 50), 0.0)
+        assert reporter.flush(10.0)
+        assert steps_on(broker.bootstrap) == list(range(50))
+        broker.stop()
+        started = time.perf_counter()
+        train(reporter, range(50, 800), 0.005)  # ~4-6 s of training with the broker gone
+        outage_s = time.perf_counter() - started
+        broker = EmbeddedBroker(port=port).start()
+        ensure_topics(broker.bootstrap, [topic, f"outage-{transport}.control"], 1)
+        train(reporter, range(800, 850), 0.0)
+        assert reporter.flush(60.0), reporter.stats
+        stats = dict(reporter.stats)
+        assert steps_on(broker.bootstrap) == list(range(50, 850)), stats
+        assert stats["dropped"] == 0 and outage_s > 3, (stats, outage_s)
+        reporter.close(timeout=10)
+    finally:
+        broker.stop()
