@@ -7,6 +7,7 @@ setting. Unknown keys and bad values are errors that name the key.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -92,6 +93,12 @@ class Settings:
 
 
 _STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name not in ("detector_config", "kafka")}
+#: the least each numeric setting may be (every number must also be finite); ports at most 65535
+_AT_LEAST = {"partitions": 1, "web_port": 1, "broker_port": 1, "session_timeout": 0.1, "heartbeat_interval": 0.01,
+             "fetch_max_wait_ms": 0, "max_batch_bytes": 0, "producer_linger_s": 0, "take_records": 1,
+             "save_interval_s": 0.001, "window_s": 0.001, "keep_windows": 1, "live_runs": 1, "tick_interval": 0.01,
+             "max_record_bytes": 1, "shutdown_timeout_s": 0.1}
+_PORTS = ("web_port", "broker_port")
 
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
@@ -155,8 +162,11 @@ def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, s
     settings = Settings(**values, detector_config=build_config(doc), kafka=kafka)
     if settings.store not in ("memory", "rocksdb"):
         raise ConfigError("stream.store", f"expected 'memory' or 'rocksdb', got {settings.store!r}")
-    if settings.partitions < 1:
-        raise ConfigError("stream.partitions", f"expected at least 1, got {settings.partitions}")
+    for key, least in _AT_LEAST.items():
+        value = getattr(settings, key)
+        if not math.isfinite(value) or value < least or (key in _PORTS and value > 65535):
+            bound = "65535" if key in _PORTS else "no limit"
+            raise ConfigError(f"stream.{key}", f"expected a finite number from {least} to {bound}, got {value!r}")
     return settings
 
 

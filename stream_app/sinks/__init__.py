@@ -14,6 +14,7 @@ with the reason and the sink moves on. Kinds: ``console``, ``jsonl``, ``webhook`
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, ClassVar
 
 from detectors import Alert
@@ -62,6 +63,13 @@ def build_sink(name: str, options: dict[str, Any], context: dict[str, Any]) -> S
         raise ConfigError(f"sinks.{name}.kind", f"unknown sink kind {kind!r} (known: {', '.join(SINK_KINDS)})")
     module, cls_name = SINK_KINDS[kind].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
+    # a sink swallows the context it does not use (**_context): a misspelt option must not vanish there too
+    accepted = {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", *context}
+    for option in options:
+        if option not in accepted:
+            raise ConfigError(f"sinks.{name}.{option}", f"unknown option of a {kind} sink (known: "
+                              f"{', '.join(sorted(accepted | {'kind', *POLICY_OPTIONS}))})")
     try:
         sink = cls(**options, **context)
     except TypeError as exc:
