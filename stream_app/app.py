@@ -179,7 +179,9 @@ async def _save_idle_burst() -> None:
 async def _save_burst() -> None:
     events, unsaved = _burst["pending"], _burst["unsaved"]
     _burst["pending"], _burst["unsaved"] = [], {}  # taken whole before the first await
+    seen_at = time.time()
     for run_id, (last, suite, summary) in unsaved.items():
+        summary.seen_at = seen_at
         try:
             with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
                 run_summary[run_id] = _saved_value(suite, summary)
@@ -275,14 +277,52 @@ async def _quiet_debug_logging() -> None:
         root.setLevel(level)
 
 
+#: a run whose last step's timestamp was this far behind the worker's clock when it arrived is a replay
+#: or a backfill of an old run: it is not watched for silence
+REPLAY_LAG_S = 3600.0
+
+
+def _watched_runs(now: float) -> list[tuple[DetectorSuite, RunSummary]]:
+    """The runs this worker owns that the tick checks: every live one, and every other run in the table
+    that has been silent for the least a stall can be (after a restart or a rebalance no run is live)."""
+    runs = list(_suites.values())
+    quiet_s = float(settings.detector_config.get("liveness", {}).get("min_seconds", 60.0)
+                    if settings.detector_config else 60.0)
+    for run_id, value in list(run_summary.items()):
+        if run_id in _suites or not isinstance(value, dict):
+            continue
+        seen_at, last_ts = value.get("seen_at"), value.get("last_ts")
+        if seen_at is None or last_ts is None or now - seen_at <= quiet_s or seen_at - last_ts > REPLAY_LAG_S:
+            continue
+        liveness = ((value.get(SUITE_KEY) or {}).get("detectors") or {}).get("stalled_run") or {}
+        if not liveness.get("finished"):  # a run that ended stays in the table, and out of memory
+            runs.append(suite_for(run_id))
+    return runs
+
+
+def _check_silence(suite: DetectorSuite, summary: RunSummary, now: float) -> list[Alert]:
+    """The run's time-based alerts: its silence is how long ago the worker last saw it, carried over to
+    the run's own clock (its last step's timestamp), so neither a replay's old timestamps nor a skewed
+    producer clock reads as silence."""
+    seen_at, last_ts = summary.seen_at, summary.last_ts
+    if seen_at is None or last_ts is None or seen_at - last_ts > REPLAY_LAG_S:
+        return []
+    return suite.tick(last_ts + max(0.0, now - seen_at))
+
+
 @app.timer(interval=settings.tick_interval)
 async def tick() -> None:
-    """Time-based checks (a run gone silent) for the live runs. Tables cannot be written outside a
-    stream, so a tick's episode is saved with the run's next event; until then a restarted worker may
-    raise the same alert again — with the same alert id, which the sinks drop."""
+    """Time-based checks (a run gone silent) for the runs this worker owns. Tables cannot be written
+    outside a stream, so a tick's episode is saved with the run's next event; until then a restarted
+    worker may raise the same alert again — with the same alert id, which the sinks drop."""
     now = time.time()
-    for suite, summary in list(_suites.values()):
-        for alert in suite.tick(now):
+    try:
+        runs = _watched_runs(now)
+    except Exception:  # noqa: BLE001 — a table read failing (mid-rebalance): the next tick tries again
+        log.exception("could not list the runs to check for silence")
+        return
+    for suite, summary in runs:
+        for alert in _check_silence(suite, summary, now):
             alert.metadata.update(source=summary.source, run_tags=summary.tags)
             await publish(alert)
 

@@ -190,3 +190,28 @@ def test_an_outage_shorter_than_the_queue_loses_no_step(transport, tmp_path):
         reporter.close(timeout=10)
     finally:
         broker.stop()
+
+
+def test_a_run_silent_across_a_restart_is_found_stalled_and_a_replayed_run_is_not(topics, start_worker, tmp_path):
+    from tests.stream_fixtures import wait_runs
+
+    config = tmp_path / "c.toml"
+    config.write_text("[liveness]\nmin_seconds = 6.0\n[stream]\ntick_interval = 0.5\n")
+    first = start_worker(config=config)
+    now = time.time()
+    live = [MetricEvent("live", s, {"loss": 1.0}, ts=now - 2.0 + s * 0.2) for s in range(10)]
+    old = [MetricEvent("replayed", s, {"loss": 1.0}, ts=1_600_000_000.0 + s * 0.2) for s in range(10)]
+    send(topics.bootstrap, topics.name("metrics"), live + old)
+    runs = wait_runs(topics.bootstrap, topics.app_id, lambda r: all(
+        k in r and r[k].events == 10 for k in ("live", "replayed")), timeout=60)
+    assert runs["live"].events == 10, first.log()[-2000:]
+    first.stop(signal.SIGKILL)  # before either run has been silent for min_seconds
+    killed_at = time.time()
+    second = start_worker(config=config)
+    alerts = collect_alerts(topics, lambda al: any(a.alert_type == "stalled_run" for a in al), timeout=60)
+    stalled = [a for a in alerts if a.alert_type == "stalled_run"]
+    assert [a.run_id for a in stalled][:1] == ["live"], second.log()[-3000:]
+    assert time.time() - killed_at > 4  # raised by the restarted worker, which never saw the run live
+    time.sleep(3)  # several more ticks
+    alerts = collect_alerts(topics, lambda al: False, timeout=3)
+    assert not [a for a in alerts if a.run_id == "replayed"], [a.to_dict() for a in alerts if a.run_id == "replayed"]
