@@ -42,6 +42,8 @@ EXIT_USAGE = 2
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
+    if getattr(args, "config", None):  # every Kafka client of this command reads the file's [kafka] section
+        os.environ["LOSSGUARD_CONFIG"] = args.config
     return load_settings(getattr(args, "config", None), bootstrap=getattr(args, "broker", None),
                          topic_prefix=getattr(args, "prefix", None), partitions=getattr(args, "partitions", None))
 
@@ -183,8 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "config", None):  # every Kafka client of this command reads its [kafka] section
-        os.environ["LOSSGUARD_CONFIG"] = args.config
     try:
         return args.func(args) or 0
     except (ConfigError, BrokerError, KafkaSecurityError) as exc:

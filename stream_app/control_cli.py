@@ -14,7 +14,6 @@ from detectors.events import ControlEvent
 from producers.kafka_security import client_config
 
 from .broker import ensure_topics
-from .settings import load_settings
 
 __all__ = ["add_parser", "send_control"]
 
@@ -33,8 +32,9 @@ def send_control(event: ControlEvent, bootstrap: str, topic: str, partitions: in
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config, bootstrap=args.broker, topic_prefix=args.prefix,
-                             partitions=args.partitions)
+    from .cli import _settings_from
+
+    settings = _settings_from(args)
     bootstrap = settings.bootstrap or f"127.0.0.1:{settings.broker_port}"  # the embedded broker's address
     topic = settings.topic("control")
     action = "resume" if args.resume else "stop"
