@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .kafka_security import KafkaSecurityError, client_config
-from .sender_child import partition_for_key
+from .sender_child import PERMANENT, partition_for_key
 
 __all__ = ["Emitter", "EmitterStats", "default_bootstrap", "partition_for_key", "topic_name"]
 
@@ -273,6 +273,13 @@ class Emitter:
                     except _Unencodable:
                         handed += 1
                         continue
+                    except Exception as exc:
+                        if _passing(exc):
+                            raise  # broker trouble: this group and the rest go back to the queue
+                        handed += 1  # e.g. a record over the broker's size limit: no retry sends it
+                        self.stats.dropped += len(values)
+                        self._warn(f"lossguard: an event could not be sent ({exc}); dropped")
+                        continue
                     handed += 1
                     entry = [future, len(values), key, values, True]  # [4]: not yet settled
                     batch.append(entry)
@@ -413,6 +420,8 @@ class Emitter:
 def _passing(exc: BaseException) -> bool:
     """Whether a failed send may succeed later (broker down or slow): kafka-python's retriable errors, and
     the sender process's connection and timeout failures."""
+    if isinstance(exc, ConnectionError) and str(exc).startswith(PERMANENT):  # the sender process said so
+        return False
     return bool(getattr(exc, "retriable", False)) or isinstance(exc, (ConnectionError, TimeoutError)) \
         or type(exc).__name__ in ("KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionError")
 

@@ -99,6 +99,16 @@ def _finite(metrics: dict[str, float]) -> dict[str, float | str]:
     return {k: "NaN" if v != v else _NONFINITE.get(v, v) for k, v in metrics.items()}
 
 
+#: starts the reason of a failure that no retry mends (the parent drops that record instead of requeueing it)
+PERMANENT = "permanent: "
+
+
+def _failure(exc: BaseException) -> str:
+    """The reason a send failed, marked permanent unless kafka-python says a retry may succeed."""
+    passing = getattr(exc, "retriable", False) or isinstance(exc, (ConnectionError, TimeoutError))
+    return f"{'' if passing else PERMANENT}{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
 def partition_for_key(key: bytes, partitions: list[int] | set[int]) -> int:
     """The partition kafka-python's default partitioner (and the Java client's) picks for ``key``.
 
@@ -257,14 +267,14 @@ def main(argv: list[str]) -> int:
         try:
             value = encode_steps(value) if kind == b"M" else value
         except Exception as exc:  # noqa: BLE001 — a bad batch is lost (and counted), never fatal
-            answer(f"E {fid} could not encode ({exc})".replace("\n", " "))
+            answer(f"E {fid} {PERMANENT}could not encode ({exc})".replace("\n", " "))
             continue
         try:
             future = producer.send(topic, key=key, value=value)
             future.add_callback(lambda _md, fid=fid: answer(f"A {fid}"))
-            future.add_errback(lambda exc, fid=fid: answer(f"E {fid} {exc}".replace("\n", " ")))
+            future.add_errback(lambda exc, fid=fid: answer(f"E {fid} {_failure(exc)}"))
         except Exception as exc:  # noqa: BLE001
-            answer(f"E {fid} {exc}".replace("\n", " "))
+            answer(f"E {fid} {_failure(exc)}")
             try:
                 producer.close(timeout=0)
             except Exception:  # noqa: BLE001

@@ -215,3 +215,26 @@ def test_a_run_silent_across_a_restart_is_found_stalled_and_a_replayed_run_is_no
     time.sleep(3)  # several more ticks
     alerts = collect_alerts(topics, lambda al: False, timeout=3)
     assert not [a for a in alerts if a.run_id == "replayed"], [a.to_dict() for a in alerts if a.run_id == "replayed"]
+
+
+def test_a_send_that_no_retry_mends_is_dropped_not_requeued_forever(topics):
+    """A record over the producer's size limit (a permanent failure) is dropped and counted, with either
+    transport; the events around it still arrive."""
+    from detectors.events import decode_metric_record
+    from producers.emitter import Emitter
+
+    for transport in ("thread", "process"):
+        emitter = Emitter(topics.name("metrics"), bootstrap=topics.bootstrap, transport=transport,
+                          producer_config={"max_request_size": 100_000})
+        run = f"big-{transport}"
+        emitter.emit(run, MetricEvent(run, 1, {"loss": 1.0}, ts=1.0).to_json())
+        assert emitter.flush(30)
+        emitter.emit(run, b'{"pad":"' + b"x" * 200_000 + b'"}')
+        emitter.emit(run, MetricEvent(run, 2, {"loss": 1.0}, ts=2.0).to_json())
+        assert emitter.flush(30), emitter.stats.as_dict()
+        stats = emitter.stats.as_dict()
+        emitter.close(5)
+        assert stats["dropped"] == 1 and stats["sent"] == 2 and stats["requeued"] == 0, (transport, stats)
+    steps = sorted((e.run_id, e.step) for r in read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, 2)
+                   for e in decode_metric_record(r.value))
+    assert steps == [("big-process", 1), ("big-process", 2), ("big-thread", 1), ("big-thread", 2)]
