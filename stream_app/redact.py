@@ -63,7 +63,9 @@ def install() -> None:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 — a bad format string: let the handler report it as usual
             return record
-        record.msg, record.args = redact(message), None
+        clean = redact(message)
+        if clean != message:  # only a record that held a secret is rewritten; () as handlers expect a tuple
+            record.msg, record.args = clean, ()
         if record.exc_info and not record.exc_text:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return record

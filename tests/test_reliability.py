@@ -238,3 +238,26 @@ def test_a_send_that_no_retry_mends_is_dropped_not_requeued_forever(topics):
     steps = sorted((e.run_id, e.step) for r in read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, 2)
                    for e in decode_metric_record(r.value))
     assert steps == [("big-process", 1), ("big-process", 2), ("big-thread", 1), ("big-thread", 2)]
+
+
+def test_three_sigkills_mid_stream_lose_no_alert(topics, start_worker):
+    """A worker SIGKILLed three times while runs stream in: every run's NaN still pages, under one alert id
+    per run (a replayed record may publish an alert again — with the same id, which the sinks drop)."""
+    runs = [f"k{i}" for i in range(30)]
+    worker = start_worker()
+    send(topics.bootstrap, topics.name("metrics"), [MetricEvent("warm", 0, {"loss": 1.0}, ts=1.0)])
+    assert collect_alerts(topics, lambda al: False, timeout=1) == []
+    for part in range(4):
+        steps = range(part * 10, part * 10 + 10)
+        send(topics.bootstrap, topics.name("metrics"), [e for r in runs for e in healthy(r, steps)], batch=5)
+        if part < 3:
+            time.sleep(1.0 + part)  # killed at different moments of its work
+            worker.stop(signal.SIGKILL)
+            worker = start_worker()
+    send(topics.bootstrap, topics.name("metrics"), [MetricEvent(r, 40, {"loss": float("nan")}, ts=1_040.0) for r in runs])
+    alerts = collect_alerts(topics, lambda al: {a.run_id for a in al if a.alert_type == "nonfinite_metric"} >= set(runs),
+                            timeout=120)
+    nan = [a for a in alerts if a.alert_type == "nonfinite_metric" and a.status == "firing"]
+    assert {a.run_id for a in nan} == set(runs), worker.log()[-3000:]
+    assert len({a.alert_id for a in nan}) == len(runs)
+    assert all(a.step == 40 for a in nan)

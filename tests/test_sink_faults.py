@@ -145,3 +145,16 @@ def test_every_log_record_is_redacted_once_installed(caplog):
             log.exception("failed")
     text = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records) + caplog.text
     assert "hooks.example.com/…" in text and SECRET.split("/")[0] not in text and "RuntimeError" in text
+
+
+def test_redaction_leaves_other_records_and_their_arguments_alone(caplog):
+    """Handlers (mode's among them) re-format ``msg % args``: a record without a secret keeps both."""
+    redact.install()
+    log = logging.getLogger("lossguard.test")
+    with caplog.at_level(logging.INFO):
+        log.info("Creating topic %s with %d partitions (100%% sure)", "t.metrics", 6)
+        log.info("posting to %s", "https://h.example/services/T1/B2/SECRETX")
+    plain, secret = caplog.records[-2:]
+    assert plain.args == ("t.metrics", 6) and plain.getMessage() == "Creating topic t.metrics with 6 partitions (100% sure)"
+    assert secret.args == () and secret.getMessage() == "posting to https://h.example/…"
+    assert logging.Formatter("%(message)s").format(secret) == "posting to https://h.example/…"
