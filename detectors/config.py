@@ -15,6 +15,7 @@ detectors.config.ConfigError: loss_spike.treshold: unknown key (known: ...)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,21 @@ def default_config() -> dict[str, dict[str, Any]]:
 
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
+    number = _coerce_value(key, default, value)
+    if isinstance(number, (int, float)) and not isinstance(number, bool):
+        # every detector setting is a threshold, a factor, a count or a window: finite and not negative,
+        # and a window holds at least one step
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(key, f"expected a finite number >= 0, got {value!r}")
+        name = key.rsplit(".", 1)[-1]
+        if number < 1 and isinstance(number, int) and ("window" in name or name in ("span", "baseline")):
+            raise ConfigError(key, f"expected at least 1, got {value!r}")
+    if isinstance(number, list) and not all(isinstance(item, str) for item in number):
+        raise ConfigError(key, f"expected a list of names, got {value!r}")
+    return number
+
+
+def _coerce_value(key: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

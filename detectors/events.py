@@ -6,7 +6,13 @@ A metric event is one training step (or one poll of a managed job) of one run::
      "metrics": {"loss": 2.31, "grad_norm": "NaN"}, "tags": {"model": "mlp"}}
 
 Non-finite numbers travel as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` so that a NaN
-loss survives every JSON library: a NaN is a signal to detect, never a parse error.
+loss survives every JSON library: a NaN is a signal to detect, never a parse error. A metric value of
+``null`` is read as NaN too: JavaScript's ``JSON.stringify`` (and other writers) turn a NaN into ``null``,
+and a metric that was not logged at a step is left out of ``metrics``, never written as ``null``.
+
+A record is rejected (``SchemaError`` naming the field) when it holds anything the worker's state could
+not hold: a step outside the 64-bit range, a number too large for a float, a string that is not valid
+UTF-8 (an escaped lone surrogate), nesting deeper than the JSON reader's limit.
 
 >>> e = MetricEvent(run_id="r1", step=3, metrics={"loss": float("nan")}, ts=1.0)
 >>> e.to_json()
@@ -57,6 +63,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: steps are 64-bit signed integers wherever they are stored (tables, numpy columns, other readers)
+MIN_STEP, MAX_STEP = -(2**63), 2**63 - 1
 MAX_EVENT_BYTES = 1_000_000
 #: a batched record holds many steps, hence its larger limit
 MAX_RECORD_BYTES = 4_000_000
@@ -89,14 +97,20 @@ def encode_number(x: float) -> float | str:
 
 
 def decode_number(value: Any, field_name: str) -> float:
-    """Read a metric value from its JSON form; raise SchemaError naming ``field_name`` otherwise."""
-    if isinstance(value, bool) or value is None:
-        raise SchemaError(field_name, f"expected a number, got {value!r}")
+    """Read a metric value from its JSON form (``null`` is NaN: see the module's docstring); raise
+    SchemaError naming ``field_name`` otherwise."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool):
+        raise SchemaError(field_name, f"expected a number, got {_short(value)}")
     if isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise SchemaError(field_name, f"{_short(value)} is too large for a float") from None
     if isinstance(value, str) and value in _NONFINITE_IN:
         return _NONFINITE_IN[value]
-    raise SchemaError(field_name, f"expected a number or 'NaN'/'Infinity'/'-Infinity', got {value!r}")
+    raise SchemaError(field_name, f"expected a number or 'NaN'/'Infinity'/'-Infinity', got {_short(value)}")
 
 
 def dumps(obj: Any) -> bytes:
@@ -139,43 +153,64 @@ class MetricEvent:
         if not isinstance(d, dict):
             raise SchemaError("event", f"expected a JSON object, got {type(d).__name__}")
         v = d.get("v", SCHEMA_VERSION)
-        if v != SCHEMA_VERSION:
-            raise SchemaError("v", f"unsupported schema version {v!r} (this reader knows {SCHEMA_VERSION})")
+        if type(v) is not int or v != SCHEMA_VERSION:
+            raise SchemaError("v", f"unsupported schema version {_short(v)} (this reader knows {SCHEMA_VERSION})")
         run_id = d.get("run_id")
         if not isinstance(run_id, str) or not run_id:
-            raise SchemaError("run_id", f"expected a non-empty string, got {run_id!r}")
+            raise SchemaError("run_id", f"expected a non-empty string, got {_short(run_id)}")
         step = d.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
             if isinstance(step, float) and step.is_integer():
                 step = int(step)
             else:
-                raise SchemaError("step", f"expected an integer, got {step!r}")
+                raise SchemaError("step", f"expected an integer, got {_short(step)}")
+        if not MIN_STEP <= step <= MAX_STEP:
+            raise SchemaError("step", f"{_short(step)} is outside the 64-bit integer range")
         ts = d.get("ts", None)
         if ts is None:
             ts = time.time()
-        elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
-            raise SchemaError("ts", f"expected unix seconds as a number, got {ts!r}")
+        else:
+            try:
+                if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+                    raise OverflowError
+                ts = float(ts)
+            except OverflowError:
+                raise SchemaError("ts", f"expected unix seconds as a finite number, got {_short(ts)}") from None
         source = d.get("source", "unknown")
         if not isinstance(source, str):
-            raise SchemaError("source", f"expected a string, got {source!r}")
+            raise SchemaError("source", f"expected a string, got {_short(source)}")
         raw_metrics = d.get("metrics")
         if not isinstance(raw_metrics, dict):
-            raise SchemaError("metrics", f"expected an object of name → number, got {raw_metrics!r}")
+            raise SchemaError("metrics", f"expected an object of name → number, got {_short(raw_metrics)}")
         metrics = {}
         for name, value in raw_metrics.items():
             metrics[name] = decode_number(value, f"metrics.{name}")
         raw_tags = d.get("tags") or {}
         if not isinstance(raw_tags, dict):
-            raise SchemaError("tags", f"expected an object of name → string, got {raw_tags!r}")
+            raise SchemaError("tags", f"expected an object of name → string, got {_short(raw_tags)}")
         tags = {}
         for name, value in raw_tags.items():
             if not isinstance(value, str):
-                raise SchemaError(f"tags.{name}", f"expected a string, got {value!r}")
+                raise SchemaError(f"tags.{name}", f"expected a string, got {_short(value)}")
             tags[name] = value
-        return cls(run_id=run_id, step=step, metrics=metrics, ts=float(ts), source=source, tags=tags, v=v)
+        return cls(run_id=run_id, step=step, metrics=metrics, ts=ts, source=source, tags=tags, v=v)
 
 
-def _parse(data: bytes | str, max_bytes: int = MAX_EVENT_BYTES) -> Any:
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a reason must stay readable, whatever was sent); an
+    integer too long for ``repr`` is described by its sign and size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {type(value).__name__}"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _parse(data: bytes | str | None, max_bytes: int = MAX_EVENT_BYTES) -> Any:
+    if data is None:
+        raise SchemaError("event", "an empty record (a tombstone: null value)")
     if len(data) > max_bytes:
         raise SchemaError("event", f"{len(data)} bytes is over the {max_bytes}-byte limit")
     try:
@@ -183,9 +218,20 @@ def _parse(data: bytes | str, max_bytes: int = MAX_EVENT_BYTES) -> Any:
     except _FastError:
         pass  # bare NaN tokens are off-contract, but a NaN is a signal: the stdlib reader accepts them
     try:
-        return loads(data)
+        doc = loads(data)
+    except RecursionError:
+        raise SchemaError("event", "nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise SchemaError("event", f"not valid JSON ({exc})") from None
+        raise SchemaError("event", f"not valid JSON ({str(exc)[:200]})") from None
+    # what orjson refused and the stdlib read: strings must be valid UTF-8 (no escaped lone surrogates),
+    # numbers must fit a float — or no serializer can write the run's state back
+    try:
+        json.dumps(doc, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise SchemaError("event", "a string holds an escaped lone surrogate (not valid UTF-8)") from None
+    except (RecursionError, ValueError):
+        raise SchemaError("event", "nested too deeply") from None
+    return doc
 
 
 def decode_metric_event(data: bytes | str) -> MetricEvent:
@@ -202,19 +248,24 @@ def decode_metric_record(data: bytes | str, max_bytes: int = MAX_RECORD_BYTES) -
         return [MetricEvent.from_dict(doc)]
     steps = doc["steps"]
     if not isinstance(steps, list) or not steps:
-        raise SchemaError("steps", f"expected a non-empty list of steps, got {steps!r:.80}")
+        raise SchemaError("steps", f"expected a non-empty list of steps, got {_short(steps)}")
     events = _plain_steps(doc, steps)
     if events is not None:
         return events
     run = {k: doc[k] for k in ("v", "run_id", "source") if k in doc}
     tags = doc.get("tags") or {}
+    if not isinstance(tags, dict):
+        raise SchemaError("tags", f"expected an object of name → string, got {_short(tags)}")
     events = []
     for i, item in enumerate(steps):
         if not isinstance(item, dict):
-            raise SchemaError(f"steps[{i}]", f"expected an object, got {item!r:.80}")
+            raise SchemaError(f"steps[{i}]", f"expected an object, got {_short(item)}")
         merged: dict[str, Any] = {**item, **run}
+        own = item.get("tags") or {}
+        if not isinstance(own, dict):
+            raise SchemaError(f"steps[{i}].tags", f"expected an object of name → string, got {_short(own)}")
         if tags:
-            merged["tags"] = {**tags, **(item.get("tags") or {})} if isinstance(tags, dict) else tags
+            merged["tags"] = {**tags, **own}
         try:
             events.append(MetricEvent.from_dict(merged))
         except SchemaError as exc:
@@ -227,7 +278,8 @@ def _plain_steps(doc: dict[str, Any], steps: list[Any]) -> list[MetricEvent] | N
     per-step tags — read without the per-field checks (which they would pass); None: anything else,
     which the validating path reads (and rejects with a reason when it is malformed)."""
     run_id, source, tags = doc.get("run_id"), doc.get("source", "unknown"), doc.get("tags") or {}
-    if (doc.get("v", SCHEMA_VERSION) != SCHEMA_VERSION or type(run_id) is not str or not run_id
+    v = doc.get("v", SCHEMA_VERSION)
+    if (type(v) is not int or v != SCHEMA_VERSION or type(run_id) is not str or not run_id
             or type(source) is not str or type(tags) is not dict
             or any(type(value) is not str for value in tags.values())):
         return None
@@ -240,7 +292,8 @@ def _plain_steps(doc: dict[str, Any], steps: list[Any]) -> list[MetricEvent] | N
         numbers, times, metrics = (list(map(itemgetter(key), steps)) for key in ("step", "ts", "metrics"))
     except KeyError:
         return None
-    if (set(map(type, numbers)) != _INT or set(map(type, times)) != _FLOAT or not math.isfinite(sum(times))
+    if (set(map(type, numbers)) != _INT or min(numbers) < MIN_STEP or max(numbers) > MAX_STEP
+            or set(map(type, times)) != _FLOAT or not math.isfinite(sum(times))
             or set(map(type, metrics)) != _DICT
             or not set(map(type, chain.from_iterable(map(dict.values, metrics)))) <= _FLOAT):
         return None

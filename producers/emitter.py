@@ -22,7 +22,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .sender_child import partition_for_key
+from .kafka_security import KafkaSecurityError, client_config
+from .sender_child import PERMANENT, partition_for_key
 
 __all__ = ["Emitter", "EmitterStats", "default_bootstrap", "partition_for_key", "topic_name"]
 
@@ -74,10 +75,12 @@ def quiet_kafka_logs() -> None:
 
 
 class EmitterStats:
-    __slots__ = ("queued", "sent", "dropped", "errors")
+    #: requeued: events whose send failed for a passing reason (broker down, timeout) and that went back to
+    #: the front of the queue for the next round (counted each time)
+    __slots__ = ("queued", "sent", "dropped", "errors", "requeued")
 
     def __init__(self) -> None:
-        self.queued = self.sent = self.dropped = self.errors = 0
+        self.queued = self.sent = self.dropped = self.errors = self.requeued = 0
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -141,6 +144,7 @@ class Emitter:
                                  "retries": 3, "request_timeout_ms": 5000, "reconnect_backoff_max_ms": 2000,
                                  **(producer_config or {})}
         self._warned = False
+        self._settling = threading.Lock()
         self._partitions: dict[bytes, int] = {}
         self._producer: Any = None  # the sender thread's current producer (close() may need to end it)
         quiet_kafka_logs()
@@ -266,20 +270,26 @@ class Emitter:
                     self._wake.set()
                     continue
                 backoff = 0.2
-            batch: list[Any] = []  # this round's [future, events]: those still open when the producer dies are lost
+            # this round's [future, n, key, values]: those still open when the producer dies go back to the queue
+            batch: list[Any] = []
             groups = self._drain()
-            unsent = sum(len(values) for _, values in groups)  # drained but not yet handed to kafka-python
+            handed = 0  # groups handed to kafka-python; the rest go back to the queue if the round fails
             try:
                 for key, values in groups:
-                    unsent -= len(values)
                     try:
                         future = self._send(producer, key, values)
                     except _Unencodable:
+                        handed += 1
                         continue
-                    except Exception:
-                        self.stats.dropped += len(values)  # taken off the queue, never handed over: lost
-                        raise
-                    entry = [future, len(values)]
+                    except Exception as exc:
+                        if _passing(exc):
+                            raise  # broker trouble: this group and the rest go back to the queue
+                        handed += 1  # e.g. a record over the broker's size limit: no retry sends it
+                        self.stats.dropped += len(values)
+                        self._warn(f"lossguard: an event could not be sent ({exc}); dropped")
+                        continue
+                    handed += 1
+                    entry = [future, len(values), key, values, True]  # [4]: not yet settled
                     batch.append(entry)
                     future.add_callback(self._sent, batch, entry).add_errback(self._failed, batch, entry)
                 producer.flush(timeout=self.flush_timeout)
@@ -292,10 +302,12 @@ class Emitter:
                     if not self._closed and not self._flushing:
                         self._hurry.clear()
             except Exception as exc:  # noqa: BLE001 — broker trouble: reconnect later
-                self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); retrying with backoff")
-                lost = unsent + sum(n for future, n in batch if not future.is_done)
-                batch.clear()  # callbacks that still fire now count nothing: the loss is counted here
-                self.stats.dropped += lost
+                self._warn(f"lossguard: sending to {self.bootstrap} failed ({exc}); events are kept (up to "
+                           "max_queue) and sent when it is back")
+                # callbacks that still fire now count nothing: what is open is requeued here, with the groups
+                # never handed over (the one whose send() raised included)
+                open_entries = [(entry[2], entry[3]) for entry in batch if self._settle(entry)]
+                self._requeue(open_entries + groups[handed:])
                 _close_producer(producer, 0)
                 producer = self._producer = None
                 self._wake.set()
@@ -335,15 +347,23 @@ class Emitter:
 
     def _connect(self):
         try:
+            # the [kafka] security settings (SASL/TLS) first; an explicit producer_config wins
+            config = {**client_config(), **self._producer_config}
+        except KafkaSecurityError as exc:
+            self._warn(f"lossguard: Kafka security settings unusable ({exc}); training continues, events are "
+                       "queued and the oldest dropped when full")
+            return None
+        try:
             if self.transport == "process":
                 from .sender import SenderProcess
 
+                # the child reads the security settings from the environment it inherits (not argv)
                 return SenderProcess(self.topic, self.bootstrap, self._producer_config, self.flush_timeout,
                                      follow=self._follow, on_control=self._control_record,
                                      on_warning=self._control_warning)
             from kafka import KafkaProducer
 
-            return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **self._producer_config)
+            return KafkaProducer(bootstrap_servers=self.bootstrap.split(","), **config)
         except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable and friends
             self._warn(f"lossguard: no Kafka broker at {self.bootstrap} ({exc.__class__.__name__}); "
                        "training continues, events are queued and the oldest dropped when full")
@@ -367,20 +387,55 @@ class Emitter:
         return [(key, values[i:i + self.max_batch]) for key, values in groups.items()
                 for i in range(0, len(values), self.max_batch)]
 
+    def _settle(self, entry: list[Any]) -> bool:
+        """Mark a sent batch's outcome as taken into account; False if it already was (by the sender thread
+        giving up on the round or by a callback on kafka-python's thread)."""
+        with self._settling:
+            open_, entry[4] = entry[4], False
+            return open_
+
     def _sent(self, batch: list[Any], entry: list[Any], _metadata: Any) -> None:
-        if entry in batch:
+        if self._settle(entry):
             self.stats.sent += entry[1]
 
     def _failed(self, batch: list[Any], entry: list[Any], exc: BaseException) -> None:
-        if entry not in batch:
+        if not self._settle(entry):
+            return
+        if _passing(exc):
+            self._warn(f"lossguard: events could not be delivered yet ({exc}); kept for the next round")
+            self._requeue([(entry[2], entry[3])])
             return
         self.stats.dropped += entry[1]
         self._warn(f"lossguard: an event could not be delivered ({exc}); dropped")
+
+    def _requeue(self, groups: list[tuple[bytes | None, list[Any]]]) -> None:
+        """Put events whose send failed back at the front of the queue, oldest first; beyond ``max_queue``
+        the oldest are dropped (and counted), as for new events."""
+        items = [(key, value) for key, values in groups for value in values]
+        if not items:
+            return
+        room = max(0, self._queue.maxlen - len(self._queue))
+        if len(items) > room:
+            self.stats.dropped += len(items) - room
+            items = items[len(items) - room:]
+        self._queue.extendleft(reversed(items))
+        self.stats.requeued += len(items)
+        self._idle.clear()
+        self._wake.set()
 
     def _warn(self, message: str) -> None:
         if not self._warned:  # log once; stats keep counting
             self._warned = True
             log.warning(message)
+
+
+def _passing(exc: BaseException) -> bool:
+    """Whether a failed send may succeed later (broker down or slow): kafka-python's retriable errors, and
+    the sender process's connection and timeout failures."""
+    if isinstance(exc, ConnectionError) and str(exc).startswith(PERMANENT):  # the sender process said so
+        return False
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, (ConnectionError, TimeoutError)) \
+        or type(exc).__name__ in ("KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionError")
 
 
 class _Unencodable(Exception):

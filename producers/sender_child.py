@@ -31,6 +31,11 @@ import time
 from collections.abc import Callable
 
 HEADER = struct.Struct(">cIii")
+try:  # imported as producers.sender_child (the control listener's thread)
+    from .kafka_security import client_config
+except ImportError:  # run as a script: its folder is on sys.path; the module imports the stdlib only
+    from kafka_security import client_config
+
 SCHEMA_VERSION = 1  # detectors.events.SCHEMA_VERSION: the child imports nothing of lossguard
 
 try:
@@ -94,6 +99,16 @@ def _finite(metrics: dict[str, float]) -> dict[str, float | str]:
     return {k: "NaN" if v != v else _NONFINITE.get(v, v) for k, v in metrics.items()}
 
 
+#: starts the reason of a failure that no retry mends (the parent drops that record instead of requeueing it)
+PERMANENT = "permanent: "
+
+
+def _failure(exc: BaseException) -> str:
+    """The reason a send failed, marked permanent unless kafka-python says a retry may succeed."""
+    passing = getattr(exc, "retriable", False) or isinstance(exc, (ConnectionError, TimeoutError))
+    return f"{'' if passing else PERMANENT}{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
 def partition_for_key(key: bytes, partitions: list[int] | set[int]) -> int:
     """The partition kafka-python's default partitioner (and the Java client's) picks for ``key``.
 
@@ -142,6 +157,7 @@ def _assign(bootstrap: str, topic: str, key: bytes, since_ms: int, poll_interval
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+                             **client_config(),  # SASL/TLS from the [kafka] settings (inherited environment)
                              fetch_max_wait_ms=int(poll_interval * 1000),  # an idle topic: 2 fetches/s
                              allow_auto_create_topics=False,  # Tansu would create it with 4 partitions
                              request_timeout_ms=5000, bootstrap_timeout_ms=2000, reconnect_backoff_max_ms=2000)
@@ -220,7 +236,8 @@ def main(argv: list[str]) -> int:
             try:
                 from kafka import KafkaProducer
 
-                producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **config)
+                # SASL/TLS from the inherited environment: a password must never ride on the command line
+                producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **{**client_config(), **config})
                 backoff = 0.5
             except Exception as exc:  # noqa: BLE001 — NoBrokersAvailable and friends
                 next_try = time.monotonic() + backoff
@@ -250,14 +267,14 @@ def main(argv: list[str]) -> int:
         try:
             value = encode_steps(value) if kind == b"M" else value
         except Exception as exc:  # noqa: BLE001 — a bad batch is lost (and counted), never fatal
-            answer(f"E {fid} could not encode ({exc})".replace("\n", " "))
+            answer(f"E {fid} {PERMANENT}could not encode ({exc})".replace("\n", " "))
             continue
         try:
             future = producer.send(topic, key=key, value=value)
             future.add_callback(lambda _md, fid=fid: answer(f"A {fid}"))
-            future.add_errback(lambda exc, fid=fid: answer(f"E {fid} {exc}".replace("\n", " ")))
+            future.add_errback(lambda exc, fid=fid: answer(f"E {fid} {_failure(exc)}"))
         except Exception as exc:  # noqa: BLE001
-            answer(f"E {fid} {exc}".replace("\n", " "))
+            answer(f"E {fid} {_failure(exc)}")
             try:
                 producer.close(timeout=0)
             except Exception:  # noqa: BLE001

@@ -67,6 +67,9 @@ class RunSummary:
         self.resumes = 0
         self.alerts = dict.fromkeys(SEVERITIES, 0)
         self.recent_steps: list[int] = []
+        #: the worker's clock (unix seconds) when it last saved a record of the run: how long a run has been
+        #: silent is measured on this clock, not against the producer's timestamps (a replay, a skewed clock)
+        self.seen_at: float | None = None
         #: oldest first: {"start", "count", "alerts", "metrics": {name: [n, min, max, sum]}, "nonfinite"}
         self._windows: list[dict[str, Any]] = []
         #: the charts' bounded, downsampled series (stream_app.history)
@@ -249,7 +252,7 @@ class RunSummary:
 
     # -- state -------------------------------------------------------------------------------------------
     _FIELDS = ("run_id", "window_s", "keep_windows", "source", "tags", "first_ts", "last_ts", "last_step",
-               "events", "duplicates", "out_of_order", "resumes", "alerts", "recent_steps")
+               "events", "duplicates", "out_of_order", "resumes", "alerts", "recent_steps", "seen_at")
 
     def to_dict(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in self._FIELDS}, "windows": self._windows,

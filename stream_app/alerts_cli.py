@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 from detectors import Alert, decode_alert, severity_rank
 from detectors.events import SchemaError
+from producers.kafka_security import client_config
 
 from .oncall import colour, connect
 
@@ -17,12 +18,28 @@ __all__ = ["format_alert", "read_alerts", "add_parser"]
 _COLOURS = {"critical": "\033[1;31m", "high": "\033[31m", "medium": "\033[33m", "low": "\033[36m"}
 
 
+#: control characters (C0, DEL, C1) and bidirectional overrides → a visible escape: a run id must not be
+#: able to move the cursor, retitle the terminal or reorder what an operator reads
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in [*range(0x20), *range(0x7f, 0xa0), *range(0x202a, 0x202f), *range(0x2066, 0x206a)]}
+
+
+def escape_control(text: str) -> str:
+    r"""``text`` with control characters shown as escapes.
+
+    >>> escape_control("run\x1b]0;pwned\x07-1")
+    'run\\x1b]0;pwned\\x07-1'
+    """
+    return text.translate(_ESCAPES)
+
+
 def format_alert(alert: Alert, colour: bool = False) -> str:
     sev = alert.severity.upper()
     if colour:
         sev = f"{_COLOURS[alert.severity]}{sev}\033[0m"
     mark = "RESOLVED " if alert.status == "resolved" else ""
-    return f"[{alert.run_id}] step {alert.step:>6} {sev:<8} {mark}{alert.alert_type}: {alert.message}"
+    return escape_control(f"[{alert.run_id}] step {alert.step:>6} ") + sev.ljust(8) + " " + escape_control(
+        f"{mark}{alert.alert_type}: {alert.message}")
 
 
 def read_alerts(bootstrap: str, topic: str, *, from_beginning: bool = True, timeout: float | None = None,
@@ -30,7 +47,7 @@ def read_alerts(bootstrap: str, topic: str, *, from_beginning: bool = True, time
     """Yield alerts from every partition of ``topic`` (no consumer group), until ``timeout`` or ``stop()``."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), enable_auto_commit=False,
                              group_id=None, fetch_max_wait_ms=50, request_timeout_ms=10000)
     try:
         deadline = None if timeout is None else time.monotonic() + timeout

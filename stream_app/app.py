@@ -18,7 +18,6 @@ the new and resumed ones go through the run's :class:`~detectors.DetectorSuite`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections import OrderedDict
@@ -28,12 +27,12 @@ import faust
 
 from detectors import Alert, DetectorSuite, MetricEvent, SchemaError, load_detectors
 from detectors.driver import enrich
-from detectors.events import decode_metric_record, dumps
 
 from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
+from .intake import dead_letter_value, read_record
 from .metrics import WorkerMetrics
-from .settings import load_settings
+from .settings import faust_credentials, load_settings
 
 log = logging.getLogger("lossguard.worker")
 
@@ -58,6 +57,7 @@ def _store_url() -> str:
 app = faust.App(
     settings.app_id,
     broker=f"kafka://{_bootstrap}",
+    broker_credentials=faust_credentials(settings.kafka),  # SASL/TLS from [kafka] / LOSSGUARD_KAFKA_*
     store=_store_url(),
     datadir=settings.data_dir,
     topic_partitions=settings.partitions,
@@ -129,13 +129,15 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
     return live
 
 
-async def dead_letter(key: bytes | None, raw: bytes, reason: str) -> None:
+async def dead_letter(key: bytes | None, raw: bytes | None, reason: str) -> None:
+    """Park a record on the dead-letter topic with its reason (never raises: the agent goes on)."""
     counters["dead_letters"] += 1
-    field = reason.split(":", 1)[0]
+    field = reason.split(":", 1)[0][:100]
     counters["dead_letter_reasons"][field] = counters["dead_letter_reasons"].get(field, 0) + 1
-    record = {"reason": reason, "ts": time.time(), "key": (key or b"").decode("utf-8", "replace"),
-              "original": raw.decode("utf-8", "replace"), "original_b64": base64.b64encode(raw).decode()}
-    await dlq_topic.send(key=key, value=dumps(record))
+    try:
+        await dlq_topic.send(key=key[:1000] if key else key, value=dead_letter_value(key, raw, reason))
+    except Exception:  # noqa: BLE001 — the dead-letter topic down or refusing: log, never stop the agent
+        log.exception("could not dead-letter a record (%s)", reason[:200])
 
 
 async def publish(alert: Alert) -> None:
@@ -215,9 +217,17 @@ async def _save_idle_burst() -> None:
 async def _save_burst() -> None:
     events, unsaved = _burst["pending"], _burst["unsaved"]
     _burst["pending"], _burst["unsaved"] = [], {}  # taken whole before the first await
+    seen_at = time.time()
     for run_id, (last, suite, summary) in unsaved.items():
-        with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
-            run_summary[run_id] = _saved_value(suite, summary)
+        summary.seen_at = seen_at
+        try:
+            with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
+                run_summary[run_id] = _saved_value(suite, summary)
+        except Exception:  # noqa: BLE001 — unreachable for decoded records; if it happens, one run loses
+            # its unsaved steps (restored from the table on its next record), the others go on
+            log.exception("could not save the state of run %r", run_id[:200])
+            counters["state_save_failures"] = counters.get("state_save_failures", 0) + 1
+            _suites.pop(run_id, None)
     for event in events:
         await _burst["stream"].ack(event)
 
@@ -226,9 +236,13 @@ async def _decode(event: faust.types.EventT) -> list[MetricEvent] | None:
     """A record's steps (None: the record went to the dead-letter topic)."""
     counters["records"] += 1
     try:
-        return decode_metric_record(event.value, settings.max_record_bytes)
+        return read_record(event.key, event.value, settings.max_record_bytes)
     except SchemaError as exc:
         await dead_letter(event.key, event.value, str(exc))
+        return None
+    except Exception as exc:  # noqa: BLE001 — a decoder bug must not stop the agent either
+        log.exception("a record could not be read")
+        await dead_letter(event.key, event.value, f"event: unreadable ({type(exc).__name__}: {str(exc)[:200]})")
         return None
 
 
@@ -246,14 +260,15 @@ async def _detect_waiting() -> None:
             steps = records[0][1] if len(records) == 1 else [step for _, rec in records for step in rec]
             try:
                 alerts, (suite, summary) = _process(steps)
-            except Exception as exc:  # a detector bug must not stop the agent: park the records, go on
-                log.exception("records of run %s failed in the detectors", run_id)
+                for alert in alerts:
+                    await publish(alert)
+            except Exception as exc:  # noqa: BLE001 — a detector bug must not stop the agent: park the records
+                log.exception("records of run %r failed in the detectors", run_id[:200])
                 for event, _ in records:
-                    await dead_letter(event.key, event.value, f"processing: {type(exc).__name__}: {exc}")
+                    await dead_letter(event.key, event.value, f"processing: {type(exc).__name__}: {str(exc)[:500]}")
                     _add_to_burst(event)
+                _suites.pop(run_id, None)  # its live state may be half-updated: restore from the table
                 continue
-            for alert in alerts:
-                await publish(alert)
             for event, _ in records:
                 worker_metrics.record_processed(event.message.timestamp)
                 _add_to_burst(event)
@@ -319,14 +334,52 @@ async def _quiet_debug_logging() -> None:
         root.setLevel(level)
 
 
+#: a run whose last step's timestamp was this far behind the worker's clock when it arrived is a replay
+#: or a backfill of an old run: it is not watched for silence
+REPLAY_LAG_S = 3600.0
+
+
+def _watched_runs(now: float) -> list[tuple[DetectorSuite, RunSummary]]:
+    """The runs this worker owns that the tick checks: every live one, and every other run in the table
+    that has been silent for the least a stall can be (after a restart or a rebalance no run is live)."""
+    runs = list(_suites.values())
+    quiet_s = float(settings.detector_config.get("liveness", {}).get("min_seconds", 60.0)
+                    if settings.detector_config else 60.0)
+    for run_id, value in list(run_summary.items()):
+        if run_id in _suites or not isinstance(value, dict):
+            continue
+        seen_at, last_ts = value.get("seen_at"), value.get("last_ts")
+        if seen_at is None or last_ts is None or now - seen_at <= quiet_s or seen_at - last_ts > REPLAY_LAG_S:
+            continue
+        liveness = ((value.get(SUITE_KEY) or {}).get("detectors") or {}).get("stalled_run") or {}
+        if not liveness.get("finished"):  # a run that ended stays in the table, and out of memory
+            runs.append(suite_for(run_id))
+    return runs
+
+
+def _check_silence(suite: DetectorSuite, summary: RunSummary, now: float) -> list[Alert]:
+    """The run's time-based alerts: its silence is how long ago the worker last saw it, carried over to
+    the run's own clock (its last step's timestamp), so neither a replay's old timestamps nor a skewed
+    producer clock reads as silence."""
+    seen_at, last_ts = summary.seen_at, summary.last_ts
+    if seen_at is None or last_ts is None or seen_at - last_ts > REPLAY_LAG_S:
+        return []
+    return suite.tick(last_ts + max(0.0, now - seen_at))
+
+
 @app.timer(interval=settings.tick_interval)
 async def tick() -> None:
-    """Time-based checks (a run gone silent) for the live runs. Tables cannot be written outside a
-    stream, so a tick's episode is saved with the run's next event; until then a restarted worker may
-    raise the same alert again — with the same alert id, which the sinks drop."""
+    """Time-based checks (a run gone silent) for the runs this worker owns. Tables cannot be written
+    outside a stream, so a tick's episode is saved with the run's next event; until then a restarted
+    worker may raise the same alert again — with the same alert id, which the sinks drop."""
     now = time.time()
-    for suite, summary in list(_suites.values()):
-        for alert in suite.tick(now):
+    try:
+        runs = _watched_runs(now)
+    except Exception:  # noqa: BLE001 — a table read failing (mid-rebalance): the next tick tries again
+        log.exception("could not list the runs to check for silence")
+        return
+    for suite, summary in runs:
+        for alert in _check_silence(suite, summary, now):
             enrich((alert,), summary.source, summary.tags)
             await publish(alert)
 

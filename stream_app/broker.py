@@ -13,6 +13,8 @@ import subprocess
 import time
 from collections.abc import Iterable
 
+from producers.kafka_security import client_config
+
 __all__ = ["BUNDLED_BROKER_WORKER_ENV", "BrokerError", "EmbeddedBroker", "die_with_parent", "ensure_topics", "free_port", "topic_partitions",
            "wait_for_broker"]
 
@@ -65,8 +67,8 @@ def wait_for_broker(bootstrap: str, timeout: float = 20.0) -> None:
         try:
             # bounded by what is left of ``timeout``: the client's own bootstrap wait is 30 s
             left_ms = max(100, int((deadline - time.monotonic()) * 1000))
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=min(3000, left_ms),
-                                     bootstrap_timeout_ms=left_ms)
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **client_config(),
+                                     request_timeout_ms=min(3000, left_ms), bootstrap_timeout_ms=left_ms)
             admin.list_topics()
             admin.close()
             return
@@ -82,7 +84,7 @@ def ensure_topics(bootstrap: str, topics: Iterable[str], partitions: int) -> lis
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=10000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **client_config(), request_timeout_ms=10000)
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]
@@ -100,7 +102,7 @@ def topic_partitions(bootstrap: str, topic: str) -> int | None:
     """How many partitions ``topic`` has (``None`` when it does not exist)."""
     from kafka import KafkaConsumer
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), request_timeout_ms=10000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), request_timeout_ms=10000)
     try:
         partitions = consumer.partitions_for_topic(topic)
         return len(partitions) if partitions else None

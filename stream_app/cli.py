@@ -15,12 +15,15 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
 from detectors.config import ConfigError
 from detectors.driver import DetectorLoadError
+from producers.kafka_security import KafkaSecurityError
 
+from . import redact
 from .broker import (
     BUNDLED_BROKER_WORKER_ENV,
     BrokerError,
@@ -55,6 +58,8 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
+    if getattr(args, "config", None):  # every Kafka client of this command reads the file's [kafka] section
+        os.environ["LOSSGUARD_CONFIG"] = args.config
     return load_settings(getattr(args, "config", None), bootstrap=getattr(args, "broker", None),
                          topic_prefix=getattr(args, "prefix", None), partitions=getattr(args, "partitions", None))
 
@@ -104,6 +109,30 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounded_shutdown(worker_class: type) -> type:
+    """``worker_class`` whose stop on SIGTERM/SIGINT ends the process within ``shutdown_timeout_s``:
+    Faust's shutdown waits until every fetched record is acked, with no limit, and a record fetched but
+    never handed to the agent is never acked (measured: > 60 s, idle or under load). The timer is a
+    thread, so it fires whatever the event loop is doing."""
+
+    class BoundedShutdownWorker(worker_class):
+        shutdown_timeout_s = 8.0
+
+        def _schedule_shutdown(self, signal: signal.Signals) -> None:
+            timer = threading.Timer(self.shutdown_timeout_s, _exit_now, (self.shutdown_timeout_s,))
+            timer.daemon = True
+            timer.start()
+            super()._schedule_shutdown(signal)
+
+    return BoundedShutdownWorker
+
+
+def _exit_now(timeout_s: float) -> None:
+    print(f"lossguard worker: shutdown not done after {timeout_s:g} s; exiting (records not acked are read "
+          "again by the next owner)", file=sys.stderr, flush=True)
+    os._exit(0)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     require("faust")
     settings = _settings_from(args)
@@ -146,7 +175,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         print(f"lossguard worker {app_settings.app_id} on {bootstrap}: consuming "
               f"{app_settings.topic('metrics')}, alerts to {app_settings.topic('alerts')}", flush=True)
-        worker = Worker(app, loglevel=args.loglevel or app_settings.log_level, quiet=True)
+        worker = _bounded_shutdown(Worker)(app, loglevel=args.loglevel or app_settings.log_level, quiet=True)
+        worker.shutdown_timeout_s = app_settings.shutdown_timeout_s
         worker.execute_from_commandline()
     finally:
         if broker is not None:
@@ -184,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    redact.install()  # no secret (webhook URL, SASL password, AWS key) in any log line of any command
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -195,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lossguard {args.command}: {message}", file=sys.stderr)
         return 1
-    except (ConfigError, BrokerError, DetectorLoadError) as exc:
-        print(f"lossguard: error: {exc}", file=sys.stderr)
+    except (ConfigError, BrokerError, DetectorLoadError, KafkaSecurityError) as exc:
+        print(f"lossguard: error: {redact.redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except UnknownRun as exc:
         print(f"lossguard: {exc}", file=sys.stderr)

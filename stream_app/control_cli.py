@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 
 from detectors.events import ControlEvent
+from producers.kafka_security import client_config
 
 from .broker import BrokerError, ensure_topics
 from .oncall import connect
-from .settings import load_settings
 
 __all__ = ["add_parser", "send_control"]
 
@@ -23,7 +23,7 @@ def send_control(event: ControlEvent, bootstrap: str, topic: str, partitions: in
 
     # Create it up front when missing: a broker that auto-creates topics would pick its own partition count.
     ensure_topics(bootstrap, [topic], partitions)
-    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all", enable_idempotence=False,
+    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **client_config(), acks="all", enable_idempotence=False,
                              max_block_ms=int(timeout * 1000))
     try:
         producer.send(topic, key=event.run_id.encode(), value=event.to_json()).get(timeout=timeout)
@@ -32,10 +32,10 @@ def send_control(event: ControlEvent, bootstrap: str, topic: str, partitions: in
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    from .cli import _settings_from
     from .runs_cli import known_run
 
-    settings = load_settings(args.config, bootstrap=args.broker, topic_prefix=args.prefix,
-                             partitions=args.partitions)
+    settings = _settings_from(args)
     if args.app_id:
         settings.app_id = args.app_id
     bootstrap = connect(settings.bootstrap or f"127.0.0.1:{settings.broker_port}")  # else the embedded broker's

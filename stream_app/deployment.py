@@ -25,6 +25,7 @@ import orjson
 
 from detectors import SEVERITIES, Alert, decode_alert, severity_rank
 from detectors.events import decode_control_event
+from producers.kafka_security import client_config
 
 from .aggregates import RunSummary
 from .report import episodes
@@ -107,8 +108,8 @@ class DeploymentView:
 
         while not self._stop.is_set():
             try:
-                consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=None,
-                                         enable_auto_commit=False, fetch_max_wait_ms=200)
+                consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), **client_config(),
+                                         group_id=None, enable_auto_commit=False, fetch_max_wait_ms=200)
             except Exception as exc:  # noqa: BLE001 — broker not up yet: try again
                 log.warning("dashboard: cannot reach %s (%s); retrying", self.bootstrap, exc)
                 self._stop.wait(2.0)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from producers.kafka_security import client_config
+
 from .broker import BrokerError, wait_for_broker
 
 __all__ = ["CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "UnknownRun", "colour", "connect", "quiet_kafka_logs",
@@ -58,8 +60,8 @@ def read_to_end(bootstrap: str, topic: str, timeout: float = READ_TIMEOUT_S) -> 
     while reading may come too, never wait for). Nothing when the topic does not exist."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
-                             fetch_max_wait_ms=50, bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), group_id=None,
+                             enable_auto_commit=False, fetch_max_wait_ms=50, bootstrap_timeout_ms=int(CONNECT_TIMEOUT_S * 1000),
                              request_timeout_ms=10000)
     try:
         if topic not in consumer.topics():  # asking for a missing topic's partitions could auto-create it

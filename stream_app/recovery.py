@@ -20,6 +20,8 @@ import time
 import warnings
 from typing import Any
 
+from producers.kafka_security import client_config
+
 __all__ = ["TANSU_CLUSTER_ID", "check_upstream", "install", "is_tansu"]
 
 _installed = False
@@ -34,7 +36,7 @@ def is_tansu(bootstrap: str) -> bool:
         from kafka.admin import KafkaAdminClient
 
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=5000)
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **client_config(), request_timeout_ms=5000)
             try:
                 _tansu[bootstrap] = admin.describe_cluster().get("cluster_id") == TANSU_CLUSTER_ID
             finally:
@@ -54,7 +56,7 @@ def _real_ends(bootstrap: str, reported: dict[Any, int], quiet_s: float = 0.3,
     """
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False,
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), group_id=None, enable_auto_commit=False,
                              fetch_max_wait_ms=20)
     ends = dict(reported)
     try:

@@ -204,7 +204,8 @@ def cmd_sinks(args: argparse.Namespace) -> int:
         policy = AlertPolicy(group_by_run=bool(options.get("group_by_run", sink.paging)),
                              cooldown_s=float(options.get("cooldown_s", 300.0 if sink.paging else 0.0)))
         runners.append(SinkRunner(sink, bootstrap, settings.topic("alerts"), f"{settings.app_id}-sink-{name}",
-                                  routing.router, policy, SilenceBook(bootstrap, silences_topic(settings.topic_prefix))))
+                                  routing.router, policy, SilenceBook(bootstrap, silences_topic(settings.topic_prefix)),
+                                  dead_letter_dir=Path(settings.alerts_dir) / "dead-letters"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

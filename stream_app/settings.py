@@ -7,6 +7,7 @@ setting. Unknown keys and bad values are errors that name the key.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from detectors.config import ConfigError, build_config
+from producers.kafka_security import KafkaSecurity, KafkaSecurityError
 
-__all__ = ["Settings", "load_settings", "read_toml", "ConfigError"]
+__all__ = ["Settings", "load_settings", "read_toml", "ConfigError", "faust_credentials"]
 
 
 @dataclass
@@ -63,6 +65,10 @@ class Settings:
     tick_interval: float = 10.0
     #: metric records over this size go to the dead-letter topic unread
     max_record_bytes: int = 4_000_000
+    #: a worker told to stop (SIGTERM/SIGINT) exits after this many seconds even if Faust's shutdown has
+    #: not finished (it can wait forever on a record it fetched but never handed to the agent); every
+    #: record whose state was saved is acked, the rest are read again by the next owner
+    shutdown_timeout_s: float = 8.0
     #: sinks and routes (TOML); empty: console + JSONL for everything, webhook for high+ if a URL is set
     routes: str = ""
     #: Slack-compatible webhook URL for the webhook sink (LOSSGUARD_WEBHOOK_URL)
@@ -71,6 +77,8 @@ class Settings:
     alerts_dir: str = "lossguard-alerts"
     #: the parsed detector configuration (sections → keys)
     detector_config: dict[str, Any] | None = None
+    #: Kafka security (``[kafka]`` section, ``LOSSGUARD_KAFKA_*``): see :mod:`producers.kafka_security`
+    kafka: KafkaSecurity = KafkaSecurity()
 
     def topic(self, kind: str) -> str:
         return f"{self.topic_prefix}.{kind}"
@@ -84,7 +92,13 @@ class Settings:
         return f"{self.app_id}-{table}-changelog"
 
 
-_STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name != "detector_config"}
+_STREAM_KEYS = {f.name: f for f in fields(Settings) if f.name not in ("detector_config", "kafka")}
+#: the least each numeric setting may be (every number must also be finite); ports at most 65535
+_AT_LEAST = {"partitions": 1, "web_port": 1, "broker_port": 1, "session_timeout": 0.1, "heartbeat_interval": 0.01,
+             "fetch_max_wait_ms": 0, "max_batch_bytes": 0, "producer_linger_s": 0, "take_records": 1,
+             "save_interval_s": 0.001, "window_s": 0.001, "keep_windows": 1, "live_runs": 1, "tick_interval": 0.01,
+             "max_record_bytes": 1, "shutdown_timeout_s": 0.1}
+_PORTS = ("web_port", "broker_port")
 
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
@@ -128,6 +142,11 @@ def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, s
     path = config_path or env.get("LOSSGUARD_CONFIG")
     doc: dict[str, Any] = read_toml(path, "config") if path else {}
     stream = doc.pop("stream", {})
+    kafka_section = doc.pop("kafka", {})
+    try:
+        kafka = KafkaSecurity.load(kafka_section if isinstance(kafka_section, dict) else {"": kafka_section}, env)
+    except KafkaSecurityError as exc:
+        raise ConfigError(exc.key, exc.reason) from None
     values: dict[str, Any] = {}
     for key, value in stream.items():
         if key not in _STREAM_KEYS:
@@ -140,9 +159,27 @@ def load_settings(config_path: str | os.PathLike | None = None, env: dict[str, s
     for key, value in overrides.items():
         if value is not None:
             values[key] = _coerce(key, _STREAM_KEYS[key].default, value)
-    settings = Settings(**values, detector_config=build_config(doc))
+    settings = Settings(**values, detector_config=build_config(doc), kafka=kafka)
     if settings.store not in ("memory", "rocksdb"):
         raise ConfigError("stream.store", f"expected 'memory' or 'rocksdb', got {settings.store!r}")
-    if settings.partitions < 1:
-        raise ConfigError("stream.partitions", f"expected at least 1, got {settings.partitions}")
+    for key, least in _AT_LEAST.items():
+        value = getattr(settings, key)
+        if not math.isfinite(value) or value < least or (key in _PORTS and value > 65535):
+            bound = "65535" if key in _PORTS else "no limit"
+            raise ConfigError(f"stream.{key}", f"expected a finite number from {least} to {bound}, got {value!r}")
     return settings
+
+
+def faust_credentials(security: KafkaSecurity) -> Any:
+    """Faust's ``broker_credentials`` for ``security`` (None: plaintext)."""
+    if security.security_protocol == "PLAINTEXT":
+        return None
+    import faust
+    from aiokafka.helpers import create_ssl_context
+
+    context = create_ssl_context(cafile=security.ssl_cafile or None, certfile=security.ssl_certfile or None,
+                                 keyfile=security.ssl_keyfile or None) if security.ssl else None
+    if security.sasl:
+        return faust.SASLCredentials(username=security.sasl_username, password=security.sasl_password,
+                                     ssl_context=context, mechanism=security.sasl_mechanism)
+    return faust.SSLCredentials(context)

@@ -36,7 +36,7 @@ def test_other_json_writers_are_read_too():
     ({"run_id": "", "step": 1, "metrics": {}}, "run_id"),
     ({"run_id": "r", "step": "one", "metrics": {}}, "step"),
     ({"run_id": "r", "step": 1.5, "metrics": {}}, "step"),
-    ({"run_id": "r", "step": 1, "metrics": {"loss": None}}, "metrics.loss"),
+    ({"run_id": "r", "step": 1, "metrics": {"loss": [1.0]}}, "metrics.loss"),
     ({"run_id": "r", "step": 1, "metrics": {"loss": "high"}}, "metrics.loss"),
     ({"run_id": "r", "step": 1, "metrics": [1, 2]}, "metrics"),
     ({"run_id": "r", "step": 1, "metrics": {}, "tags": {"host": 3}}, "tags.host"),

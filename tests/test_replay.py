@@ -120,7 +120,7 @@ def test_bedrock_training_and_validation_csvs_make_one_run(tmp_path):
     ("loss,lr\n2.3,0.1\n", ".csv", "no 'step' column (nor a date/time column)"),
     ("Wall time,Step,Value\n1700000000.5,1,2.3\n", ".csv", "column 'Value': a 'Value' column, but which metric"),
     ("step,loss\n1.5,2.3\n", ".csv", ":2: column 'step'"),
-    ('{"run_id": "r", "step": 1, "metrics": {"loss": 1}}\n{"run_id": "r", "step": 2, "metrics": {"loss": null}}\n',
+    ('{"run_id": "r", "step": 1, "metrics": {"loss": 1}}\n{"run_id": "r", "step": 2, "metrics": {"loss": "high"}}\n',
      ".jsonl", ":2: column 'metrics.loss'"),
     ('{"log_history": [{"loss": 1.0}]}', ".json", "log_history[0]: 'step' must be an integer"),
 ])

@@ -17,7 +17,7 @@ from stream_app.routing import Route, Router, load_routing
 from stream_app.settings import load_settings
 from stream_app.sinks import build_sink
 from stream_app.sinks.autostop import AutoStopSink
-from stream_app.sinks.jsonl import JsonlSink
+from stream_app.sinks.jsonl import JsonlSink, run_file_stem
 from stream_app.sinks.policy import AlertPolicy
 from stream_app.sinks.runner import Backoff, SinkRunner
 from stream_app.sinks.silences import Silence, SilenceBook, silences_topic, write_silence
@@ -187,9 +187,10 @@ def test_jsonl_sink_writes_alerts_and_the_summary_report_and_resumes(tmp_path):
     sink = JsonlSink(dir=str(tmp_path))  # a restarted sink reads the run's file back
     for a in alerts:
         sink.deliver(a, "new")
-    lines = (tmp_path / "r_1.alerts.jsonl").read_text().splitlines()
+    stem = run_file_stem("r/1")
+    lines = (tmp_path / f"{stem}.alerts.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    summary = json.loads((tmp_path / "r_1.summary.json").read_text())
+    summary = json.loads((tmp_path / f"{stem}.summary.json").read_text())
     assert summary["total_alerts"] == 2 and summary["by_category"] == {"loss": 2}
     assert summary["by_severity"] == {"critical": 1, "high": 1, "medium": 0, "low": 0}
     assert [a["alert_id"] for a in summary["latest_alerts"]] == [a.alert_id for a in alerts]

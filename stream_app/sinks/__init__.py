@@ -5,19 +5,22 @@
 
 A sink is a small object with one verb, ``deliver(alert, reason)``, that raises on failure; the runner
 (:mod:`.runner`) retries with backoff and commits an alert's offset only once it is delivered, so an
-endpoint that is down delays alerts but loses none. Kinds: ``console``, ``jsonl``, ``webhook``,
-``autostop``, ``alertmanager``; which alerts each gets is decided by :mod:`stream_app.routing`.
+endpoint that is down delays alerts but loses none. A failure that no retry can mend (an HTTP 4xx other
+than 408/429, a file name the file system refuses) is permanent: the alert goes to the sink's dead letters
+with the reason and the sink moves on. Kinds: ``console``, ``jsonl``, ``webhook``, ``autostop``,
+``alertmanager``; which alerts each gets is decided by :mod:`stream_app.routing`.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, ClassVar
 
 from detectors import Alert
 from detectors.config import ConfigError
 
-__all__ = ["Sink", "DeliveryError", "SINK_KINDS", "build_sink", "POLICY_OPTIONS"]
+__all__ = ["Sink", "DeliveryError", "PermanentDeliveryError", "SINK_KINDS", "build_sink", "POLICY_OPTIONS"]
 
 #: per-sink options the runner's policy takes (the rest go to the sink)
 POLICY_OPTIONS = ("group_by_run", "cooldown_s")
@@ -25,6 +28,10 @@ POLICY_OPTIONS = ("group_by_run", "cooldown_s")
 
 class DeliveryError(RuntimeError):
     """Delivery failed; the runner retries the same alert with backoff."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """Delivery failed for a reason no retry mends; the runner dead-letters the alert and moves on."""
 
 
 class Sink:
@@ -57,6 +64,13 @@ def build_sink(name: str, options: dict[str, Any], context: dict[str, Any]) -> S
         raise ConfigError(f"sinks.{name}.kind", f"unknown sink kind {kind!r} (known: {', '.join(SINK_KINDS)})")
     module, cls_name = SINK_KINDS[kind].split(":")
     cls = getattr(importlib.import_module(module), cls_name)
+    # a sink swallows the context it does not use (**_context): a misspelt option must not vanish there too
+    accepted = {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", *context}
+    for option in options:
+        if option not in accepted:
+            raise ConfigError(f"sinks.{name}.{option}", f"unknown option of a {kind} sink (known: "
+                              f"{', '.join(sorted(accepted | {'kind', *POLICY_OPTIONS}))})")
     try:
         sink = cls(**options, **context)
     except TypeError as exc:

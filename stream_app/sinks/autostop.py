@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from detectors import Alert, ControlEvent
+from producers.kafka_security import client_config
 
 from . import Sink
 
@@ -31,7 +32,7 @@ class ControlTopicStopper:
         from kafka import KafkaProducer
 
         self.topic = topic
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all")
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **client_config(), acks="all")
 
     def __call__(self, event: ControlEvent) -> None:
         self.producer.send(self.topic, key=event.run_id.encode(), value=event.to_json()).get(timeout=10)

@@ -1,4 +1,5 @@
-"""The JSONL sink: ``DIR/<run>.alerts.jsonl`` (one alert event a line) and ``DIR/<run>.summary.json``.
+"""The JSONL sink: ``DIR/<run>.alerts.jsonl`` (one alert event a line) and ``DIR/<run>.summary.json``,
+where ``<run>`` is :func:`run_file_stem` of the run id (readable start + a hash of the whole id).
 
 The summary is :func:`stream_app.report.summarize` over the run's file, rewritten after each alert.
 A run's file is read back the first time the sink sees the run, so a restarted sink continues the
@@ -7,6 +8,7 @@ summary and never writes an alert id twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,9 +23,25 @@ from . import Sink
 __all__ = ["JsonlSink", "run_file_stem"]
 
 
+#: characters of the run id kept readable in a file name (the hash makes it unique)
+STEM_CHARS = 64
+
+
 def run_file_stem(run_id: str) -> str:
-    """A file-name-safe stem for a run id (``bedrock:job/1`` → ``bedrock_job_1``)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    """A file-name stem for a run id: its first characters made safe (letters, digits, ``._-``; no leading
+    dot) plus a short hash of the whole id, so two different run ids never share a file and any id
+    fits a file system's 255-byte name limit.
+
+    >>> run_file_stem("bedrock:job/1"), run_file_stem("bedrock_job_1")
+    ('bedrock_job_1-54806749', 'bedrock_job_1-eab6c417')
+    >>> run_file_stem(".."), len(run_file_stem("x" * 10_000))
+    ('_.-5ec1f7e7', 73)
+    """
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", run_id[:STEM_CHARS])
+    if readable.startswith("."):
+        readable = "_" + readable[1:]
+    digest = hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{readable}-{digest}"
 
 
 class JsonlSink(Sink):

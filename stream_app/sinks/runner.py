@@ -6,27 +6,51 @@ an offset only after the alert at it was delivered — or decided against. On st
 log up to the committed offsets through the same pipeline *without* delivering, which rebuilds the
 policy's state (ids seen, open groups, cooldowns): a duplicate that a restarted worker appends later is
 still recognised, and a restarted sink does not page twice.
+
+A delivery that fails for good (:func:`is_permanent`) is written, with its reason, to the sink's dead
+letters — ``dead_letter_dir/<sink>.jsonl``, one ``{"sink", "reason", "ts", "attempts", "alert"}`` a line —
+counted as ``dead_lettered``, and committed: one alert can never block a sink. Other failures are retried
+with capped exponential backoff until they succeed or the sink is stopped.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from detectors import Alert, SchemaError, decode_alert
+from producers.kafka_security import client_config
 
+from ..redact import redact
 from ..routing import Router
-from . import Sink
+from . import PermanentDeliveryError, Sink
 from .policy import AlertPolicy
 from .silences import SilenceBook
 
-__all__ = ["SinkRunner", "Backoff"]
+__all__ = ["SinkRunner", "Backoff", "is_permanent"]
 
 log = logging.getLogger("lossguard.sinks")
+
+
+#: file-system errors that the same alert would meet again on every attempt
+_PERMANENT_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EISDIR, errno.ENOTDIR, errno.EILSEQ}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether no retry of the same delivery can succeed: a sink said so, a file name the file system
+    refuses, or the alert cannot be encoded for the endpoint."""
+    if isinstance(exc, PermanentDeliveryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _PERMANENT_ERRNOS
+    return isinstance(exc, (ValueError, TypeError, UnicodeError))
 
 
 @dataclass(slots=True)
@@ -51,6 +75,8 @@ class SinkRunner:
     policy: AlertPolicy
     silences: SilenceBook | None = None
     backoff: Backoff = field(default_factory=Backoff)
+    #: where permanently undeliverable alerts go (``<sink>.jsonl``); None: only logged and counted
+    dead_letter_dir: str | Path | None = None
     #: decisions so far (delivered reasons, duplicate, silenced, unrouted, grouped, cooldown …)
     counts: Counter = field(default_factory=Counter)
 
@@ -67,7 +93,7 @@ class SinkRunner:
         from kafka import KafkaConsumer, TopicPartition
         from kafka.structs import OffsetAndMetadata
 
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), group_id=self.group_id,
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap.split(","), **client_config(), group_id=self.group_id,
                                  enable_auto_commit=False, fetch_max_wait_ms=20, auto_offset_reset="earliest")
         try:
             partitions = None
@@ -91,9 +117,10 @@ class SinkRunner:
                         reason = self.decide(alert) if alert else "unreadable"
                         self.counts[reason] += 1
                         if reason in ("new", "escalated", "resolved"):
-                            if not self._deliver(alert, reason, stop):
+                            outcome = self._deliver(alert, reason, stop)
+                            if outcome is None:
                                 return self.counts  # stopped while the endpoint was down: not committed
-                            delivered += 1
+                            delivered += outcome
                         consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
                 if max_alerts is not None and delivered >= max_alerts:
                     break
@@ -120,20 +147,41 @@ class SinkRunner:
             consumer.seek(tp, committed[tp])
         consumer.resume(*tps)
 
-    def _deliver(self, alert: Alert, reason: str, stop: threading.Event) -> bool:
+    def _deliver(self, alert: Alert, reason: str, stop: threading.Event) -> bool | None:
+        """True: delivered; False: dead-lettered (a permanent failure); None: stopped before either."""
         attempt = 0
         while not stop.is_set():
             try:
                 self.sink.deliver(alert, reason)
                 self.counts["delivered"] += 1
                 return True
-            except Exception as exc:  # noqa: BLE001 — any failure of the endpoint: retry, never drop
+            except Exception as exc:  # noqa: BLE001 — any failure of the endpoint: retry or dead-letter
                 self.counts["delivery_failed"] += 1
-                delay = self.backoff.delay(attempt)
-                log.warning("sink %s: %s; retrying in %.1fs", self.sink.name, exc, delay)
+                error = redact(f"{type(exc).__name__}: {exc}")[:1000]
                 attempt += 1
+                if is_permanent(exc):
+                    self._dead_letter(alert, error, attempt)
+                    return False
+                delay = self.backoff.delay(attempt - 1)
+                log.warning("sink %s: %s; retrying in %.1fs", self.sink.name, error, delay)
                 stop.wait(delay)
-        return False
+        return None
+
+    def _dead_letter(self, alert: Alert, error: str, attempts: int) -> None:
+        self.counts["dead_lettered"] += 1
+        log.error("sink %s: alert %s of run %r cannot be delivered (%s); dead-lettered, moving on",
+                  self.sink.name, alert.alert_id, alert.run_id[:200], error)
+        if self.dead_letter_dir is None:
+            return
+        line = json.dumps({"sink": self.sink.name, "reason": error, "ts": time.time(), "attempts": attempts,
+                           "alert": alert.to_dict()})
+        try:
+            path = Path(self.dead_letter_dir)
+            path.mkdir(parents=True, exist_ok=True)
+            with open(path / f"{self.sink.name}.jsonl", "a") as f:
+                f.write(line + "\n")
+        except OSError as exc:
+            log.error("sink %s: could not write its dead letter: %s", self.sink.name, exc)
 
     @staticmethod
     def _decode(record) -> Alert | None:

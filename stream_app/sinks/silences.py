@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from detectors import SEVERITIES, Alert, severity_rank
 from detectors.config import ConfigError
 from detectors.events import dumps, loads
+from producers.kafka_security import client_config
 
 __all__ = ["Silence", "SilenceBook", "silences_topic", "write_silence", "read_silences"]
 
@@ -77,7 +78,7 @@ def ensure_silences_topic(bootstrap: str, topic: str) -> None:
     from kafka.admin import NewTopic
     from kafka.errors import KafkaError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=10000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **client_config(), request_timeout_ms=10000)
     try:
         if topic not in admin.list_topics():
             try:
@@ -94,7 +95,7 @@ def write_silence(bootstrap: str, topic: str, silence: Silence) -> None:
     from kafka import KafkaProducer
 
     ensure_silences_topic(bootstrap, topic)
-    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","))
+    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), **client_config())
     try:
         producer.send(topic, key=silence.id.encode(), value=silence.to_json()).get(timeout=10)
     finally:
@@ -109,7 +110,7 @@ class SilenceBook:
 
         ensure_silences_topic(bootstrap, topic)
         self.silences: dict[str, Silence] = {}
-        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), group_id=None,
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **client_config(), group_id=None,
                                        enable_auto_commit=False, fetch_max_wait_ms=10)
         tp = TopicPartition(topic, 0)
         self._consumer.assign([tp])
