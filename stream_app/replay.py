@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,23 @@ def replay_events(events: Iterable[MetricEvent],
 
 
 def replay_files(paths: Iterable[str | os.PathLike], config: Mapping[str, Any] | str | os.PathLike | None = None,
-                 run_id: str | None = None, notice: Notice | None = None, metric: str | None = None) -> list[Alert]:
-    """Replay several files; with ``run_id`` they are one run, else each file is the run it names."""
+                 run_id: str | None = None, notice: Notice | None = None, metric: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[Alert]:
+    """Replay several files; with ``run_id`` they are one run, else each file is the run it names.
+    ``progress(done, total)`` is called after each file is read."""
+    paths = list(paths)
     events: list[MetricEvent] = []
-    for path in paths:
+    for done, path in enumerate(paths, start=1):
         events.extend(read_events(path, run_id, notice, metric))
+        if progress is not None:
+            progress(done, len(paths))
     return replay_events(events, config)
+
+
+def _terminal_progress(done: int, total: int) -> None:
+    """One line on stderr, rewritten in place, for a terminal only (a pipe or a log gets none)."""
+    end = "\n" if done == total else ""
+    print(f"\rlossguard replay: read {done}/{total} files", end=end, file=sys.stderr, flush=True)
 
 
 def replay_file(path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None = None,
@@ -90,7 +101,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         config = load_settings(args.config).detector_config if args.config else None
         alerts = replay_files(args.files, config, args.run_id,
-                              lambda text: print(f"lossguard replay: note: {text}", file=sys.stderr), args.metric)
+                              lambda text: print(f"lossguard replay: note: {text}", file=sys.stderr), args.metric,
+                              _terminal_progress if sys.stderr.isatty() and len(args.files) > 1 else None)
     except ReplayError as exc:
         print(f"lossguard replay: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -255,3 +255,32 @@ def test_tensorboard_event_files_written_by_torch(tmp_path):
     alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
     assert any(a.alert_type == "nonfinite_metric" and a.severity == "critical" and a.step == 600 for a in alerts)
     assert any(a.severity in HIGH and a.step < 600 for a in alerts)
+
+
+def test_many_files_show_progress_on_a_terminal_only(tmp_path):
+    """Replaying many files shows a progress line on a terminal (a real pty); piped, stderr has none."""
+    import os
+    import pty
+
+    paths = []
+    for i in range(5):
+        paths.append(str(write_csv(tmp_path / f"run{i}.csv", [{"step": s, "loss": 2.0 - s / 100} for s in range(30)],
+                                   ["step", "loss"])))
+    piped = lossguard(*paths)
+    assert piped.returncode == 0 and "read 5/5 files" not in piped.stderr
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "stream_app", "replay", *paths], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=60) == 0
+    os.close(leader)
+    assert b"read 1/5 files" in seen and b"read 5/5 files" in seen, seen
