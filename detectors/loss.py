@@ -315,7 +315,7 @@ class LossDivergenceDetector(_SmoothedLoss):
     relative test) *and* it undoes at least 5 % of what the run learned (start − best): at a converged
     run's floor a tiny best can double without anything going wrong. In its first two warm-ups (all a
     fragment has), a loss that rose two points in a row to 1.5× the lowest it showed, and above the first,
-    is ``low``, three points ``high``. ``low`` for one step (an epoch boundary's
+    with the point before already 1.2× up, is ``low``, three points ``high``. ``low`` for one step (an epoch boundary's
     sawtooth), ``medium`` for two, ``high`` after ``divergence_steps`` steps in a row,
     ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
 
@@ -420,10 +420,12 @@ class LossDivergenceDetector(_SmoothedLoss):
                 # already a divergence
                 climb = climb + 1 if last is not None and x > last else 0
                 low = x if low is None or x < low else low
-                last = x
-                if climb >= 2 and low > 0 and x >= 1.5 * low and x > start:
+                # the point before already up too: one loss far above the rest is the spike detector's
+                if climb >= 2 and low > 0 and x >= 1.5 * low and x > start and last >= 1.2 * low:
                     found, self._climbing = i, True
+                    last = x
                     break
+                last = x
             if seen < warmup:
                 continue
             if best is None or smooth < best:

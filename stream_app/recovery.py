@@ -33,7 +33,7 @@ _tansu: dict[str, bool] = {}
 def is_tansu(bootstrap: str) -> bool:
     """Whether ``bootstrap`` is a Tansu broker (asked once per process; False when it cannot be asked)."""
     if bootstrap not in _tansu:
-        from kafka.admin import KafkaAdminClient
+        from kafka import KafkaAdminClient
 
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **client_config(), request_timeout_ms=5000)

@@ -57,7 +57,7 @@ def _call(fn, *args, **kwargs) -> None:
 def test_every_kafka_client_factory_gets_the_security_settings(made, monkeypatch):
     from detectors import ControlEvent
     from producers import emitter, sender, sender_child
-    from stream_app import alerts_cli, broker, control_cli, recovery, runs_cli
+    from stream_app import alerts_cli, broker, control_cli, oncall, recovery
     from stream_app.routing import load_routing
     from stream_app.sinks import autostop, silences
     from stream_app.sinks.policy import AlertPolicy
@@ -68,7 +68,8 @@ def test_every_kafka_client_factory_gets_the_security_settings(made, monkeypatch
         "producer (thread)": lambda: emitter.Emitter("t", bootstrap=boot, transport="thread")._connect(),
         "control listener / sender child consumer": lambda: sender_child._assign(boot, "t.control", b"r", 0, 0.5),
         "lossguard stop": lambda: control_cli.send_control(ControlEvent("r", "stop"), boot, "t.control", 1),
-        "lossguard runs/report": lambda: list(runs_cli.read_records(boot, "t")),
+        "lossguard runs/report/silence": lambda: list(oncall.read_to_end(boot, "t", timeout=0.1)),
+        "bundled-broker probe": lambda: recovery.is_tansu(boot),
         "lossguard alerts tail": lambda: list(alerts_cli.read_alerts(boot, "t", timeout=0.1)),
         "sink runner": lambda: SinkRunner(type("S", (), {"name": "s", "close": lambda self: None})(), boot, "t", "g",
                                           load_routing(None).router, AlertPolicy()).run(threading.Event()),
