@@ -293,6 +293,14 @@ class _SmoothedLoss(Detector):
             return None
         return x
 
+    def _cadence(self, interval: int | None, persist: int, window: int) -> tuple[int, int, int, int]:
+        """(warm-up, smoothing span, ``persist``, ``window``) in points for a run logged every ``interval``
+        steps: on a sparse run a quarter of the warm-up, a third of the span and of ``persist``, a fifth of
+        ``window`` (at least 5, 3, 3 and 10 points)."""
+        if _is_sparse(interval):
+            return max(5, self.warmup // 4), max(3, self.span // 3), max(3, persist // 3), max(10, window // 5)
+        return self.warmup, self.span, persist, window
+
     def _observe(self, event: MetricEvent) -> float | None:
         """:meth:`_loss`, folded into the smoothed loss and its noise."""
         x = self._loss(event)
@@ -351,9 +359,7 @@ class LossDivergenceDetector(_SmoothedLoss):
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, smoothing span, steps to high), in points, for a run logged every ``interval`` steps."""
-        if _is_sparse(interval):
-            return max(5, self.warmup // 4), max(3, self.span // 3), max(3, self.divergence_steps // 3)
-        return self.warmup, self.span, self.divergence_steps
+        return self._cadence(interval, self.divergence_steps, 0)[:3]
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = self._loss(event)
@@ -502,9 +508,8 @@ class LossPlateauDetector(_SmoothedLoss):
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, plateau window, smoothing span), in points, for a run logged every ``interval`` steps."""
-        if _is_sparse(interval):
-            return max(5, self.warmup // 4), max(10, self.plateau_window // 5), max(3, self.span // 3)
-        return self.warmup, self.plateau_window, self.span
+        warmup, span, _, window = self._cadence(interval, 0, self.plateau_window)
+        return warmup, window, span
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = self._loss(event)

@@ -272,8 +272,16 @@ class _LaggingRatio(Detector):
         if x is None:
             return None
         if len(self.recent) < min(self.window, 10):
-            push(self.recent, x, self.window)
-            return None
+            # warm-up: a fragment (a few points pasted around an incident) has no median to speak of,
+            # so only a jump the subclass calls unmistakable against the largest value so far trips
+            ref = max(self.recent) if self.recent else 0.0
+            tripped = bool(self.recent) and self._fragment_tripped(x, ref)
+            self.run_length = self.run_length + 1 if tripped else 0
+            if not tripped:
+                push(self.recent, x, self.window)
+                if not self.episodes:
+                    return None
+            return x, ref, tripped
         median = _median(self.recent)
         tripped = self._tripped(x, median)
         self.run_length = self.run_length + 1 if tripped else 0
@@ -284,20 +292,28 @@ class _LaggingRatio(Detector):
     def _tripped(self, x: float, median: float) -> bool:
         raise NotImplementedError
 
+    def _fragment_tripped(self, x: float, largest: float) -> bool:
+        """During warm-up: whether ``x`` trips against the largest value seen so far (never, by default)."""
+        return False
+
 
 @register_detector
 class KLBlowupDetector(_LaggingRatio):
     """KL to the reference policy far above its recent level, or above an absolute ceiling.
 
     Active when ``kl > kl_threshold``, or ``kl > kl_ratio × median(last window)`` and ``kl > kl_floor``
-    (tiny KLs early in a run have meaningless ratios). ``medium`` at once, ``high`` after 3 steps,
-    ``critical`` after ``persist`` steps at 5× ``kl_threshold``.
+    (tiny KLs early in a run have meaningless ratios). In the first 10 points (a short fragment, a run's
+    start) only ``kl > kl_ratio ×`` the largest KL so far and ``> kl_floor`` counts. ``medium`` at once,
+    ``high`` after 3 steps, ``critical`` after ``persist`` steps at 5× ``kl_threshold``.
 
     >>> from detectors.events import MetricEvent
     >>> d = KLBlowupDetector()
     >>> kls = [0.02 * s for s in range(1, 100)] + [25.0, 40.0, 60.0]
     >>> [(a.severity, a.step) for s, k in enumerate(kls) for a in d.update(MetricEvent("r", s, {"kl": k}))]
     [('medium', 99), ('high', 101)]
+    >>> d = KLBlowupDetector()   # a pasted PPO table: the KL leaves 0.017 for 1.76 and stays there
+    >>> [(a.severity, a.step) for s, k in enumerate([0.017, 1.76, 3.79, 4.34, 4.47]) for a in d.update(MetricEvent("r", s, {"kl": k}))]
+    [('medium', 1), ('high', 3)]
     """
 
     name = "kl_blowup"
@@ -305,6 +321,11 @@ class KLBlowupDetector(_LaggingRatio):
 
     def _tripped(self, x: float, median: float) -> bool:
         return x > self.kl_threshold or (x > self.kl_floor and x > self.kl_ratio * max(median, 0.0))
+
+    def _fragment_tripped(self, x: float, largest: float) -> bool:
+        # healthy KL grows from ~0 a few-fold per logged point; ten times the largest value so far, past
+        # kl_floor, is the policy jumping away (PPO's "crash to a much worse policy")
+        return largest > 0 and x > self.kl_floor and x > self.kl_ratio * largest
 
     def update(self, event: MetricEvent) -> list[Alert]:
         out = self._step(event)

@@ -39,6 +39,8 @@ class ValTrainDivergenceDetector(Detector):
     validation set jitters, and a best evaluation is partly luck. One evaluation is ``low`` (a noisy
     validation set), two in a row ``medium``, three (or ``patience``) at twice the rise ``high`` — a run
     may evaluate only 5–10 times in all — and ``critical`` when it lasts ``2·patience`` at 3× the rise.
+    With no training loss at all (a history of evaluations only), three evaluations in a row each above
+    the last, ending over a third of ``rise_threshold`` above the best, are ``high``.
     ``overtraining`` (``low``, ``medium`` while validation is also rising past its noise) says the best checkpoint is
     ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
 
@@ -52,6 +54,10 @@ class ValTrainDivergenceDetector(Detector):
     ...     out += d.update(MetricEvent("r", s, m))
     >>> [(a.alert_type, a.severity, a.step) for a in out]
     [('val_train_divergence', 'low', 500), ('val_train_divergence', 'medium', 550), ('val_train_divergence', 'high', 600), ('overtraining', 'medium', 700)]
+    >>> d = ValTrainDivergenceDetector()   # validation losses only, as a nanoGPT user pasted them
+    >>> vals = [2.11, 1.77, 1.59, 1.52, 1.49, 1.51, 1.52, 1.56]
+    >>> [(a.severity, a.step) for i, v in enumerate(vals) for a in d.update(MetricEvent("r", 250 * (i + 1), {"val_loss": v}))]
+    [('high', 2000)]
     """
 
     name = "val_train_divergence"
@@ -59,7 +65,8 @@ class ValTrainDivergenceDetector(Detector):
     section = "validation"
     defaults = VALIDATION_DEFAULTS
     metrics = ("loss", "val_loss")
-    state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals")
+    state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals",
+                    "rises")
 
     def reset(self) -> None:
         self.train: float | None = None
@@ -69,6 +76,8 @@ class ValTrainDivergenceDetector(Detector):
         self.evals_since_best = 0
         self.run_length = 0
         self.vals: list[float] = []
+        #: evaluations in a row, each above the one before
+        self.rises = 0
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # most steps carry only a training loss, which moves nothing but its EMA: those are folded in
@@ -108,16 +117,21 @@ class ValTrainDivergenceDetector(Detector):
             self.evals_since_best += 1
         train_falling = (self.train is not None and self.train_at_best is not None
                          and self.train < self.train_at_best)
+        self.rises = self.rises + 1 if self.vals and val > self.vals[-1] else 0
         push(self.vals, val, self.noise_window)
         noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
         active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
+        # a history of evaluations alone (no training loss logged) has nothing to compare with: there,
+        # evaluations that rise one after another past a third of the threshold are the trend
+        val_only = self.train is None and self.rises >= 1 and rise > self.rise_threshold / 3
+        active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend
         severity = ("critical" if active and rise > 3 * self.rise_threshold and self.run_length >= 2 * self.patience
                     else "high" if self.run_length >= self.patience or (
-                        self.run_length >= 3 and rise > 2 * self.rise_threshold)
-                    else "medium" if self.run_length >= 2 else "low")
+                        self.run_length >= 3 and rise > 2 * self.rise_threshold) or (val_only and self.rises >= 3)
+                    else "medium" if self.run_length >= 2 or (val_only and self.rises >= 2) else "low")
         alerts = self._report(
             event, "val_train_divergence", active, severity=severity, value=val,
             threshold=self.best_val * (1 + self.rise_threshold),

@@ -84,3 +84,19 @@ def test_grpo_with_no_learning_signal_pages_through_the_cli():
     alerts = [decode_alert(line) for line in proc.stdout.splitlines()]
     assert any(a.severity in HIGH and a.alert_type in ("reward_flat", "gradient_vanishing") for a in alerts)
     assert {a.run_id for a in alerts} == {"gh_trl5697_grpo_trunc_zero_reward"}
+
+
+def test_a_ppo_kl_blowup_in_a_five_row_fragment_reaches_high():
+    """OpenAI baselines PPO, one iteration's optimizer table pasted into an issue: the KL leaves 0.017 for
+    1.76 and keeps climbing to 4.5 — no warm-up history at all."""
+    run_id = "gh_baselines975_ppo_kl_blowup"
+    alerts = [a for a in firing(run_id) if a.alert_type == "kl_blowup"]
+    assert alerts and min(a.step for a in alerts) <= LABELS[run_id]["onset_step"] + 2
+
+
+def test_a_validation_only_history_that_turns_up_reaches_high():
+    """nanoGPT with 12 layers: only the validation losses were pasted, falling to 1.49 at 1250 and then
+    rising three evaluations in a row to 1.56 — overfitting with no training loss to compare."""
+    run_id = "gh_nanogpt211_nlayer12_val"
+    alerts = [a for a in firing(run_id) if a.alert_type == "val_train_divergence"]
+    assert [a.step for a in alerts] == [2000]
