@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from detectors import Alert, DetectorSuite, MetricEvent, RunDriver, load_detectors
+from detectors.aliases import canonical_name
 from detectors.config import ConfigError
 from detectors.driver import DetectorLoadError
 
@@ -56,13 +57,30 @@ def _detector_config(config: Mapping[str, Any] | str | os.PathLike | None) -> Ma
     return load_settings(config).detector_config
 
 
+def _unread_metrics(run_events: list[MetricEvent], suite: DetectorSuite) -> list[str]:
+    """The run's metric names when no detector but the non-finite check reads any of them, else []."""
+    names = {name for e in run_events for name in e.metrics}
+    canonical = tuple({canonical_name(name) for name in names})
+    if any(d.metrics is not None and d.reads(canonical) for d in suite.detectors.values()):
+        return []
+    return sorted(names)
+
+
 def replay_events(events: Iterable[MetricEvent],
-                  config: Mapping[str, Any] | str | os.PathLike | None = None) -> list[Alert]:
-    """Run a fresh detector suite per run over ``events`` (merged per step, in step order)."""
+                  config: Mapping[str, Any] | str | os.PathLike | None = None,
+                  notice: Notice | None = None) -> list[Alert]:
+    """Run a fresh detector suite per run over ``events`` (merged per step, in step order). ``notice`` is
+    told about a run whose metrics no detector reads (only a non-finite value could alert there)."""
     cfg = _detector_config(config)
     alerts: list[Alert] = []
-    for run_events in _merge_by_step(events).values():
-        alerts.extend(RunDriver(DetectorSuite(cfg)).feed(run_events))
+    for run_id, run_events in _merge_by_step(events).items():
+        suite = DetectorSuite(cfg)
+        unread = _unread_metrics(run_events, suite)
+        if unread and notice is not None:
+            shown = ", ".join(unread[:8]) + (", ..." if len(unread) > 8 else "")
+            notice(f"run {run_id}: no detector reads any of its metrics ({shown}), so only a non-finite value "
+                   f"can alert; name the loss column 'loss' (or a name detectors/aliases.py maps)")
+        alerts.extend(RunDriver(suite).feed(run_events))
     return alerts
 
 
@@ -77,7 +95,7 @@ def replay_files(paths: Iterable[str | os.PathLike], config: Mapping[str, Any] |
         events.extend(read_events(path, run_id, notice, metric))
         if progress is not None:
             progress(done, len(paths))
-    return replay_events(events, config)
+    return replay_events(events, config, notice)
 
 
 def _terminal_progress(done: int, total: int) -> None:

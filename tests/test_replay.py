@@ -284,3 +284,17 @@ def test_many_files_show_progress_on_a_terminal_only(tmp_path):
     assert proc.wait(timeout=60) == 0
     os.close(leader)
     assert b"read 1/5 files" in seen and b"read 5/5 files" in seen, seen
+
+
+def test_a_run_no_detector_reads_is_named_not_silently_quiet(tmp_path):
+    """A GAN's loss log (CycleGAN's D_A/G_A columns): no alias knows them, so nothing but a non-finite
+    value could alert — the notice says so and names the columns; a log with a `loss` column gets none."""
+    gan = tmp_path / "cyclegan.csv"
+    gan.write_text("step,D_A,G_A,cycle_A\n0,0.186,0.381,0.232\n1,0.208,0.352,0.216\n2,61.812,108.169,0.783\n")
+    proc = lossguard(str(gan))
+    assert proc.returncode == 0, proc.stderr
+    assert "run cyclegan: no detector reads any of its metrics (D_A, G_A, cycle_A)" in proc.stderr
+    named = tmp_path / "named.csv"
+    named.write_text("step,loss,D_A\n0,0.4,0.2\n1,0.35,0.2\n")
+    proc = lossguard(str(named))
+    assert proc.returncode == 0 and "no detector reads" not in proc.stderr, proc.stderr
