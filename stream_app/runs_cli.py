@@ -30,6 +30,7 @@ from detectors import Alert, SchemaError, decode_alert
 from detectors.config import ConfigError
 
 from .aggregates import RunSummary
+from .alerts_cli import escape_control
 from .oncall import UnknownRun, colour, connect, read_to_end
 from .report import render_html, summarize
 
@@ -101,7 +102,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     for run in runs:
         a = run.alerts
         worst = next((sev for sev in ("critical", "high", "medium", "low") if a[sev]), None)
-        name = f"{run.run_id:<28}"
+        name = f"{escape_control(run.run_id):<28}"
         if paint and worst:
             name = f"{_SEVERITY_COLOURS[worst]}{name}\033[0m"
         seen = "-" if run.last_ts is None else (
@@ -144,7 +145,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps({**summary, "html": str(out)}, indent=2))
     else:
         sev = ", ".join(f"{n} {k}" for k, n in summary["by_severity"].items() if n) or "no alerts"
-        print(f"run {args.run}: last step {summary['last_step']}, {summary['events']} events; "
+        print(f"run {escape_control(args.run)}: last step {summary['last_step']}, {summary['events']} events; "
               f"{summary['total_alerts']} alerts ({sev}); open: {', '.join(summary['open']) or 'none'}")
         print(f"HTML report: {out}")
     return 0
@@ -178,8 +179,9 @@ def cmd_silence(args: argparse.Namespace) -> int:
                 print(s.to_json().decode())
                 continue
             left = max(0.0, s.expires_at - time.time())
-            print(f"{s.id}  run={s.run_id} type={s.alert_type} severity<={s.severity}  "
-                  f"{'expires in ' + str(round(left / 60)) + ' min' if left else 'expired'}  {s.comment}")
+            print(escape_control(f"{s.id}  run={s.run_id} type={s.alert_type} severity<={s.severity}  "
+                                 f"{'expires in ' + str(round(left / 60)) + ' min' if left else 'expired'}  "
+                                 f"{s.comment}"))
     return 0
 
 

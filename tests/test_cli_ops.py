@@ -27,7 +27,8 @@ def lossguard(topics, *args: str, env: dict | None = None, timeout: float = 90) 
 def test_operator_commands_read_what_the_worker_produced(topics, start_worker, tmp_path):
     start_worker()
     producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
-    for run in ("cli-ok", "cli-nan"):
+    hostile = "cli-\x1b]0;pwned\x07"  # a run id that would retitle the on-call's terminal if printed raw
+    for run in ("cli-ok", "cli-nan", hostile):
         for step in range(30):
             loss = float("nan") if run == "cli-nan" and step == 25 else 2.0 - step / 100
             event = MetricEvent(run, step, {"loss": loss}, ts=1000.0 + step)
@@ -43,8 +44,10 @@ def test_operator_commands_read_what_the_worker_produced(topics, start_worker, t
 
     runs = lossguard(topics, "runs", "--app-id", topics.app_id, "--json")
     by_run = {r["run_id"]: r for r in map(json.loads, runs.stdout.strip().splitlines())}
-    assert set(by_run) == {"cli-ok", "cli-nan"}
+    assert set(by_run) == {"cli-ok", "cli-nan", hostile}
     assert by_run["cli-nan"]["last_step"] == 29 and by_run["cli-ok"]["events"] == 30
+    table = lossguard(topics, "runs", "--app-id", topics.app_id).stdout
+    assert "cli-\\x1b]0;pwned\\x07" in table and "\x1b" not in table and "\x07" not in table
 
     html = tmp_path / "cli-nan.html"
     report = lossguard(topics, "report", "cli-nan", "--app-id", topics.app_id, "--out", str(html))
