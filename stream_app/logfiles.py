@@ -131,7 +131,7 @@ def read_events(path: str | os.PathLike, run_id: str | None = None, notice: Noti
         raise ReplayError(p, "not CSV, JSONL, a trainer_state.json or TensorBoard event file") from None
     if isinstance(doc, dict) and "log_history" not in doc:
         return _read_jsonl(p, text, rid, run_id is not None)  # a one-record JSONL file
-    return _read_trainer_state(p, doc, rid)
+    return _read_trainer_state(p, doc, rid, say)
 
 
 # -- CSV ---------------------------------------------------------------------------------------------------
@@ -302,17 +302,22 @@ def _flat_record(path: Path, line: int, doc: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- Hugging Face trainer_state.json ---------------------------------------------------------------------------
-def _read_trainer_state(path: Path, doc: Any, run_id: str) -> list[MetricEvent]:
+def _read_trainer_state(path: Path, doc: Any, run_id: str, say: Notice) -> list[MetricEvent]:
     history = doc.get("log_history") if isinstance(doc, dict) else None
     if not isinstance(history, list):
         raise ReplayError(path, "a JSON file must be a Hugging Face trainer_state.json with a 'log_history' list")
-    events = []
+    events, stepless = [], []
     for i, entry in enumerate(history):
         where = f"log_history[{i}]"
         if not isinstance(entry, dict):
             raise ReplayError(path, f"{where}: expected an object, got {entry!r}")
         if "train_runtime" in entry:
             continue  # the end-of-training summary: its train_loss is an average, not a step
+        if "step" not in entry:
+            # a result logged outside the training loop (trainer.predict() per epoch writes predict_*
+            # entries with an epoch and no step): not a point of the run's curve
+            stepless.append(i)
+            continue
         step = entry.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
             raise ReplayError(path, f"{where}: 'step' must be an integer, got {step!r}", column="step")
@@ -325,6 +330,10 @@ def _read_trainer_state(path: Path, doc: Any, run_id: str) -> list[MetricEvent]:
             except (TypeError, ValueError):
                 raise ReplayError(path, f"{where}: expected a number, got {value!r}", column=name) from None
         events.append(MetricEvent(run_id=run_id, step=step, metrics=metrics, ts=float(step), source="replay-hf"))
+    if stepless:
+        names = sorted({k for i in stepless for k in history[i] if k != "epoch"})
+        say(f"{path}: skipped {len(stepless)} log_history entr{'y' if len(stepless) == 1 else 'ies'} without a "
+            f"'step' ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): results logged outside training")
     return events
 
 

@@ -83,6 +83,8 @@ def test_trainer_state_json_with_eval_entries(tmp_path):
     # the end-of-training summary; its train_loss is an average and must not read as a step's loss
     history.append({"epoch": 30.0, "step": len(events), "total_flos": 1.0, "train_loss": 99.0,
                     "train_runtime": 10.0, "train_samples_per_second": 100.0})
+    # trainer.predict() after each epoch, as a real ChatGLM fine-tune saved it: no step at all
+    history += [{"epoch": float(n), "predict_loss": 0.6 - n / 10, "predict_rouge-1": 47.0 + n} for n in (1, 2)]
     path = tmp_path / "whisper-small-ta" / "checkpoint-500" / "trainer_state.json"  # as HF saves it
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"global_step": len(events), "log_history": history}))
@@ -92,6 +94,7 @@ def test_trainer_state_json_with_eval_entries(tmp_path):
     assert any(a.alert_type == "val_train_divergence" and a.severity in HIGH for a in alerts)
     assert {a.run_id for a in alerts} == {"whisper-small-ta"}  # the run's folder, not "trainer_state"
     assert not any(a.alert_type == "loss_spike" and a.step == len(events) for a in alerts)
+    assert "skipped 2 log_history entries without a 'step' (predict_loss, predict_rouge-1)" in proc.stderr
 
 
 def test_bedrock_training_and_validation_csvs_make_one_run(tmp_path):
