@@ -39,8 +39,11 @@ class ValTrainDivergenceDetector(Detector):
     validation set jitters, and a best evaluation is partly luck. One evaluation is ``low`` (a noisy
     validation set), two in a row ``medium``, three (or ``patience``) at twice the rise ``high`` — a run
     may evaluate only 5–10 times in all — and ``critical`` when it lasts ``2·patience`` at 3× the rise.
-    With no training loss at all (a history of evaluations only), three evaluations in a row each above
-    the last, ending over a third of ``rise_threshold`` above the best, are ``high``.
+    Three evaluations in a row each above the last, ending over a third of ``rise_threshold`` above the
+    best, are ``high`` too where the noise test has little to go on: with no training loss at all (a
+    history of evaluations only), and in an epoch log (an evaluation at every other point or more) while
+    training improves, the rise is past ``noise_threshold`` noise σ and that noise is small (its
+    ``noise_threshold`` σ under ``rise_threshold`` of the best).
     ``overtraining`` (``low``, ``medium`` while validation is also rising past its noise) says the best checkpoint is
     ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
 
@@ -66,7 +69,7 @@ class ValTrainDivergenceDetector(Detector):
     defaults = VALIDATION_DEFAULTS
     metrics = ("loss", "val_loss")
     state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals",
-                    "rises")
+                    "rises", "points", "evals")
 
     def reset(self) -> None:
         self.train: float | None = None
@@ -78,6 +81,9 @@ class ValTrainDivergenceDetector(Detector):
         self.vals: list[float] = []
         #: evaluations in a row, each above the one before
         self.rises = 0
+        #: events with a training or validation loss, and those with a validation loss
+        self.points = 0
+        self.evals = 0
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # most steps carry only a training loss, which moves nothing but its EMA: those are folded in
@@ -92,6 +98,7 @@ class ValTrainDivergenceDetector(Detector):
                 for loss in losses[start:]:
                     train = train + alpha * (loss - train)
                 self.train = train
+                self.points += len(losses)
                 return []
         for i, (loss, val) in enumerate(zip(column(events, "loss"), column(events, "val_loss"), strict=True)):
             if val is not None:
@@ -100,6 +107,7 @@ class ValTrainDivergenceDetector(Detector):
                 train = self.train
             elif loss is not None and math.isfinite(loss):
                 train = float(loss) if train is None else train + alpha * (loss - train)
+                self.points += 1
         self.train = train
         return raised
 
@@ -107,9 +115,12 @@ class ValTrainDivergenceDetector(Detector):
         loss = event.metrics.get("loss")
         if loss is not None and math.isfinite(loss):
             self.train = ema(self.train, loss, 2.0 / (self.train_span + 1))
+            self.points += 1
         val = event.metrics.get("val_loss")
         if val is None or not math.isfinite(val):
             return []
+        self.evals += 1
+        self.points += loss is None or not math.isfinite(loss)
         if self.best_val is None or val < self.best_val:
             self.best_val, self.best_step, self.train_at_best = compact(val), event.step, self.train
             self.evals_since_best = 0
@@ -122,9 +133,14 @@ class ValTrainDivergenceDetector(Detector):
         noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
         active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
-        # a history of evaluations alone (no training loss logged) has nothing to compare with: there,
-        # evaluations that rise one after another past a third of the threshold are the trend
-        val_only = self.train is None and self.rises >= 1 and rise > self.rise_threshold / 3
+        # a history of evaluations alone (no training loss logged) has nothing to compare with, and an
+        # epoch log (an evaluation at every other point or more: each a whole validation set's mean, not
+        # a noisy mid-epoch probe) few points to learn its noise from: there, evaluations that rise one
+        # after another past a third of the threshold while training improves are the trend
+        val_only = (self.rises >= 1 and rise > self.rise_threshold / 3
+                    and (self.train is None or train_falling and 2 * self.evals >= self.points
+                         and self.noise_threshold * noise < min(val - self.best_val,
+                                                                self.rise_threshold * self.best_val)))
         active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend
@@ -136,8 +152,10 @@ class ValTrainDivergenceDetector(Detector):
             event, "val_train_divergence", active, severity=severity, value=val,
             threshold=self.best_val * (1 + self.rise_threshold),
             message=(f"val_loss {val:.4g} is {rise:.0%} above its best {self.best_val:.4g} (step "
-                     f"{self.best_step}) while the training loss fell to {self.train or 0:.4g} "
-                     f"for {self.run_length} evaluation(s)"),
+                     f"{self.best_step}) "
+                     + (f"while the training loss fell to {self.train:.4g}" if self.train is not None
+                        else "with no training loss logged")
+                     + f" for {self.run_length} evaluation(s), rising {self.rises} in a row"),
             metadata={"best_val": self.best_val, "best_step": self.best_step, "train": self.train,
                       "train_at_best": self.train_at_best, "evaluations": self.run_length, "noise": noise})
         overtrained = train_falling and self.evals_since_best >= self.overtrain_evals

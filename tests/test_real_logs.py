@@ -100,3 +100,17 @@ def test_a_validation_only_history_that_turns_up_reaches_high():
     run_id = "gh_nanogpt211_nlayer12_val"
     alerts = [a for a in firing(run_id) if a.alert_type == "val_train_divergence"]
     assert [a.step for a in alerts] == [2000]
+
+
+def test_an_epoch_log_whose_validation_turns_up_reaches_high():
+    """A Keras LSTM's fit log, one row per epoch: val_loss rises five epochs in a row (0.6765 -> 0.7586)
+    while the training loss falls — too few evaluations for the noise test, a clear trend all the same."""
+    run_id = "s6_keras3056_lstm_overfit"
+    alerts = [a for a in firing(run_id) if a.alert_type == "val_train_divergence"]
+    assert alerts and min(a.step for a in alerts) <= LABELS[run_id]["onset_step"] + 2
+
+
+def test_a_wildly_noisy_validation_set_is_no_trend():
+    """A healthy fine-tune whose validation loss jumps 0.5 -> 3.9 -> 1.0 from epoch to epoch: three rises
+    in a row happen by chance there, and must not page."""
+    assert [a for a in firing("gh_deeplense_ft100_resumed") if a.alert_type == "val_train_divergence"] == []
