@@ -137,7 +137,8 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         trainer = _calling_trainer(self)
         if trainer is not None and (self.reporter.enabled or self._rank_mean_loss(args)):
             self._observe(trainer)  # every rank's loss goes into the mean the reporting rank sends
-        if trainer is None and not self._attached and model is not None and self.reporter.enabled:
+        if trainer is None and not self._attached and model is not None and (
+                self.reporter.enabled or self._rank_mean_loss(args)):
             # Trainer's default compute_loss takes the loss from the model's output: see it there.
             self._hook = model.register_forward_hook(self._on_forward)
 
