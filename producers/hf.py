@@ -171,10 +171,13 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         due = state.global_step % self.every == 0
         loss = self._step_loss() if self._losses else None
         should_stop = reporter.should_stop if self.stop_on_request else False
-        if getattr(args, "world_size", 1) > 1 and (self.stop_on_request or due and self._rank_mean_loss(args)):
+        mean_loss = due and self._rank_mean_loss(args)
+        if getattr(args, "world_size", 1) > 1 and (self.stop_on_request or mean_loss):
             # the same decision on every rank, so every rank joins this all-reduce at every step it is made
-            loss, should_stop = _over_ranks(loss if due and self._rank_mean_loss(args) else None, should_stop,
-                                            args.device, decide=self.stop_on_request)
+            reduced, should_stop = _over_ranks(loss if mean_loss else None, should_stop, args.device,
+                                               decide=self.stop_on_request)
+            if mean_loss:
+                loss = reduced  # else each rank reports its own loss (report_rank=None), tagged with its rank
         if reporter.enabled and due:
             metrics: dict[str, Any] = {}
             if loss is not None:
@@ -298,7 +301,9 @@ def _over_ranks(loss: Any, stop: bool, device: Any, *, decide: bool) -> tuple[An
 
     if not (dist.is_available() and dist.is_initialized()):
         return loss, stop
-    values = torch.tensor([0.0, 1.0 if stop else 0.0], device=device)
+    values = torch.zeros(2, device=device)  # filled on the device: no host-to-device copy to wait for
+    if stop:
+        values[1] = 1.0
     if loss is not None:
         values[0] = loss.detach().reshape(()) if hasattr(loss, "detach") else float(loss)  # on the device, no wait
     work = dist.all_reduce(values, op=dist.ReduceOp.SUM, async_op=True)

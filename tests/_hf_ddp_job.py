@@ -1,6 +1,7 @@
 """One rank of a 2-process Hugging Face Trainer run on CPU (gloo), for tests/test_ddp.py: rank 0 sends a
 stop request at ``STOP_AT``; the ranks hear it at different moments. Writes the final global step and the
-rank's own loss of every optimizer step (what ``training_step`` returned) to ``$OUT_DIR/hf-rank<N>.json``."""
+rank's own loss of every optimizer step (what ``training_step`` returned) to ``$OUT_DIR/hf-rank<N>.json``.
+``REPORT_ALL=1``: every rank reports (``report_rank=None``)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def main() -> None:
     micro: list[float] = []
     operator = Operator(micro)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
-                      callbacks=[LossguardCallback(RUN_ID, bootstrap=os.environ["LOSSGUARD_BOOTSTRAP"]), operator])
+                      callbacks=[LossguardCallback(RUN_ID, bootstrap=os.environ["LOSSGUARD_BOOTSTRAP"],
+                                                 report_rank=None if os.environ.get("REPORT_ALL") else 0), operator])
     step_fn = trainer.training_step
 
     def training_step(*a, **kw):

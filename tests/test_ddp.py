@@ -80,3 +80,18 @@ def test_hf_trainer_ddp_stop_is_reduced(topics, tmp_path):
     mean = {s: (ranks[0][str(s)] + ranks[1][str(s)]) / 2 for s in sent}
     assert all(sent[s] == pytest.approx(mean[s], rel=1e-5) for s in sent), (sent, ranks)
     assert sum(abs(ranks[0][str(s)] - mean[s]) > 1e-3 for s in sent) > len(sent) // 2, "the ranks' losses differ"
+
+
+def test_hf_trainer_ddp_every_rank_reporting_sends_its_own_loss(topics, tmp_path):
+    pytest.importorskip("transformers")
+    _run_ranks(JOB.with_name("_hf_ddp_job.py"), topics, tmp_path, "hf", STOP_AT="10", RUN_ID="hf-ddp-all",
+               REPORT_ALL="1")
+    final = [json.loads((tmp_path / f"hf-rank{r}.json").read_text()) for r in range(2)]
+    assert final[0]["global_step"] == final[1]["global_step"] and 10 <= final[0]["global_step"] < 30, final
+    records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
+    events = [e for r in records for e in decode_metric_record(r.value) if e.run_id == "hf-ddp-all" and "loss" in e.metrics]
+    for rank in range(2):
+        sent = {e.step: e.metrics["loss"] for e in events if e.tags["rank"] == str(rank)}
+        assert sorted(sent) == list(range(1, final[rank]["global_step"] + 1)), rank
+        own = final[rank]["losses"]
+        assert all(sent[s] == pytest.approx(own[str(s)], rel=1e-5) for s in sent), (rank, sent, own)
