@@ -219,14 +219,6 @@ class RunDriver:
         self.suite = suite if suite is not None else DetectorSuite(config)
         self.ledger = ledger if ledger is not None else RunLedger()
 
-    @property
-    def source(self) -> str:
-        return self.ledger.source
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return self.ledger.tags
-
     def feed(self, events: Sequence[MetricEvent]) -> list[Alert]:
         """The alerts ``events`` (steps of one run, in the order they came) raise, enriched and counted."""
         if not events:
