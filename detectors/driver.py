@@ -1,8 +1,9 @@
 """One driver of a run's detectors, for every place they run: the stream worker, ``lossguard replay``,
-the managed-job monitor and the in-process API. It feeds a run's events to its :class:`DetectorSuite` in
-step order (a batch of consecutive steps in one call; re-deliveries dropped by the suite), and gives every
-alert the ``source`` of the event that raised it and the run's tags (``metadata.source``,
-``metadata.run_tags``), so routes that match on them behave the same on live and replayed runs.
+the managed-job monitor and the in-process API. Its :class:`RunLedger` classifies each step (new, resumed,
+a re-delivery, a late step) and keeps the run's counts; the new and resumed steps go to the run's
+:class:`DetectorSuite` (a batch of consecutive steps in one call); every alert gets the ``source`` of the
+event that raised it and the run's tags (``metadata.source``, ``metadata.run_tags``) and is counted in the
+ledger — so ordering, routes that match on source and tags, and the counts agree on live and replayed runs.
 
 Users' own detectors load by ``module:Class`` (``--detector`` of ``lossguard worker`` / ``replay``, or
 ``LOSSGUARD_DETECTORS``, comma-separated) or from the ``lossguard.detectors`` entry-point group of an
@@ -20,14 +21,15 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
-from .alerts import Alert
+from .alerts import SEVERITIES, Alert
 from .base import DETECTORS, Detector, register_detector
 from .events import MetricEvent
 from .suite import DetectorSuite
 
-__all__ = ["RunDriver", "enrich", "load_detectors", "DetectorLoadError", "ENTRY_POINT_GROUP", "DETECTORS_ENV"]
+__all__ = ["RunDriver", "RunLedger", "enrich", "load_detectors", "DetectorLoadError", "ENTRY_POINT_GROUP", "DETECTORS_ENV"]
 
 #: the entry-point group an installed package uses to contribute detectors (``name = "pkg.mod:Class"``)
 ENTRY_POINT_GROUP = "lossguard.detectors"
@@ -86,40 +88,174 @@ def enrich(alerts: Iterable[Alert], source: str, tags: Mapping[str, str]) -> Non
         alert.metadata.update(source=source, run_tags=dict(tags))
 
 
-class RunDriver:
-    """A run's :class:`DetectorSuite` and the run's source and tags, fed event batches in step order."""
+#: how many recent steps a run remembers to tell a re-delivery from a late step
+RECENT_STEPS = 32
+#: the step kinds (:meth:`RunLedger.observe`) that are not fed to the detectors
+DROPPED = frozenset({"duplicate", "out_of_order"})
 
-    def __init__(self, suite: DetectorSuite | None = None, config: Mapping[str, Any] | None = None):
-        self.suite = suite if suite is not None else DetectorSuite(config)
+
+class RunLedger:
+    """A run's step order, position, source, tags and counts — the summary every way of running the suite
+    keeps (the stream worker's :class:`stream_app.aggregates.RunSummary` adds windows and charts to it).
+
+    Step order, explicitly (at-least-once delivery and checkpoint restores both happen in practice):
+
+    - ``new``: the step is past the last one seen → fed to the detectors.
+    - ``resumed``: a step seen before, from a new attempt (the ``attempt`` tag changed), or — for a source
+      without attempts — a step that went back while the timestamp moved on → a checkpoint restore; fed
+      to the detectors (their windows carry on: the pre-restore history is still the run's baseline).
+    - ``same_step``: the last step again, later, from the same attempt (an evaluation reported after its
+      step) → fed, counted as an event, not as a resume.
+    - ``duplicate``: step and time not past the last ones and the step was seen recently → dropped.
+    - ``out_of_order``: a late step older than the last one, never seen → dropped and counted (detector
+      windows are sequential; a late step cannot be inserted behind them).
+
+    >>> s = RunLedger("r")
+    >>> [s.observe(MetricEvent("r", step, {"loss": 1.0}, ts=ts)) for step, ts in
+    ...  [(1, 10.0), (3, 11.0), (3, 11.0), (2, 10.5), (4, 12.0), (2, 13.0)]]
+    ['new', 'new', 'duplicate', 'out_of_order', 'new', 'resumed']
+    >>> s.events, s.duplicates, s.out_of_order, s.resumes, s.last_step
+    (4, 1, 1, 1, 2)
+    """
+
+    _FIELDS = ("run_id", "source", "tags", "first_ts", "last_ts", "last_step", "events", "duplicates",
+               "out_of_order", "resumes", "alerts", "recent_steps")
+
+    def __init__(self, run_id: str = ""):
+        self.run_id = run_id
         self.source = ""
         self.tags: dict[str, str] = {}
+        self.first_ts: float | None = None
+        self.last_ts: float | None = None
+        self.last_step: int | None = None
+        self.events = 0
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.resumes = 0
+        #: firing alerts by severity
+        self.alerts = dict.fromkeys(SEVERITIES, 0)
+        self.recent_steps: list[int] = []
+
+    def observe(self, event: MetricEvent) -> str:
+        """Classify ``event`` (see the class docstring) and, unless dropped, take it into the run."""
+        if self.last_step is not None and event.step <= self.last_step:
+            attempt = event.tags.get("attempt") if event.tags else None
+            last_attempt = self.tags.get("attempt")
+            if attempt is not None and last_attempt is not None and attempt != last_attempt:
+                kind = "resumed"
+                self.resumes += 1
+            elif event.step == self.last_step and event.ts > self.last_ts and attempt is not None:
+                kind = "same_step"
+            elif event.ts > self.last_ts:
+                kind = "resumed"
+                self.resumes += 1
+            elif event.step in self.recent_steps:
+                self.duplicates += 1
+                return "duplicate"
+            else:
+                self.out_of_order += 1
+                return "out_of_order"
+        else:
+            kind = "new"
+        self._accept([event])
+        return kind
+
+    def observe_new(self, events: list[MetricEvent]) -> bool:
+        """:meth:`observe` for every event of a record known to be ``new``, in one pass: steps past the
+        last one seen, in time order, from one source with one set of tags (what a producer's batch is).
+        False, with nothing changed, for any other record."""
+        first = events[0]
+        if ((self.last_step is not None and first.step <= self.last_step)
+                or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
+                       and b.tags != a.tags for a, b in pairwise(events))):
+            return False
+        self._accept(events)
+        return True
+
+    def _accept(self, events: list[MetricEvent]) -> None:
+        """Take consecutive accepted ``events`` into the run's position, source, tags and recent steps
+        (a subclass adds its own aggregates)."""
+        first, last = events[0], events[-1]
+        self.events += len(events)
+        self.last_step, self.last_ts = last.step, last.ts
+        if self.first_ts is None:
+            self.first_ts = first.ts
+        self.source = last.source
+        if last.tags and last.tags != self.tags:  # a copy, replaced (never changed in place) on a change
+            self.tags = dict(last.tags)
+        recent = self.recent_steps
+        if len(events) == 1:
+            recent.append(first.step)
+        else:
+            recent.extend(e.step for e in events)
+        del recent[:-RECENT_STEPS]
+
+    def count_alert(self, alert: Alert) -> None:
+        if alert.status == "firing":
+            self.alerts[alert.severity] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._FIELDS}
+
+    def load_dict(self, state: Mapping[str, Any]) -> None:
+        for name in self._FIELDS:
+            if name in state:
+                setattr(self, name, state[name])
+
+
+class RunDriver:
+    """A run's :class:`DetectorSuite` and its :class:`RunLedger`, fed event batches: the ledger says which
+    steps reach the detectors (re-deliveries and late steps do not), the alerts get the source and tags
+    of the event that raised them and are counted in the ledger.
+
+    >>> d = RunDriver()
+    >>> late = [MetricEvent("r", s, {"loss": 1.0}, ts=float(s)) for s in (1, 2, 2, 0)]
+    >>> d.feed(late), (d.ledger.events, d.ledger.duplicates, d.ledger.out_of_order)
+    ([], (2, 1, 1))
+    """
+
+    def __init__(self, suite: DetectorSuite | None = None, config: Mapping[str, Any] | None = None,
+                 ledger: RunLedger | None = None):
+        self.suite = suite if suite is not None else DetectorSuite(config)
+        self.ledger = ledger if ledger is not None else RunLedger()
 
     def feed(self, events: Sequence[MetricEvent]) -> list[Alert]:
-        """The alerts ``events`` (consecutive steps of one run, in order) raise, enriched."""
+        """The alerts ``events`` (steps of one run, in the order they came) raise, enriched and counted."""
         if not events:
             return []
         events = events if isinstance(events, list) else list(events)
-        alerts = self.suite.update_batch(events)
-        if alerts:
-            context = {(e.step, e.ts): e for e in events} if len(events) > 1 else {}
-            for alert in alerts:
-                event = context.get((alert.step, alert.ts), events[-1])
-                enrich((alert,), event.source or self.source, event.tags or self.tags)
-        last = events[-1]
-        self.source = last.source or self.source
-        if last.tags:
-            self.tags = dict(last.tags)
+        ledger = self.ledger
+        #: (step, ts) → the event's source and the run's tags as of that event (unneeded when the steps are
+        #: all new with one source and tags: the run's are theirs)
+        context: dict[tuple[int, float], tuple[str, dict[str, str]]] | None = None
+        if ledger.observe_new(events):
+            fed = events
+        else:
+            fed, context = [], {}
+            for event in events:
+                if ledger.observe(event) in DROPPED:
+                    continue
+                fed.append(event)
+                context[event.step, event.ts] = (ledger.source, ledger.tags)
+            if not fed:
+                return []
+        alerts = self.suite.update_batch(fed)
+        for alert in alerts:
+            source, tags = context.get((alert.step, alert.ts), (ledger.source, ledger.tags)) if context else (
+                ledger.source, ledger.tags)
+            enrich((alert,), source, tags)
+            ledger.count_alert(alert)
         return alerts
 
     def tick(self, now: float) -> list[Alert]:
+        """Time-based checks (a run gone silent), enriched with the run's source and tags."""
         alerts = self.suite.tick(now)
-        enrich(alerts, self.source, self.tags)
+        enrich(alerts, self.ledger.source, self.ledger.tags)
         return alerts
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.suite.state_dict(), "source": self.source, "tags": dict(self.tags)}
+        return {**self.suite.state_dict(), "ledger": self.ledger.to_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.suite.load_state_dict(state)
-        self.source = state.get("source", "")
-        self.tags = dict(state.get("tags", {}))
+        self.ledger.load_dict(state.get("ledger", {}))

@@ -35,6 +35,11 @@ record to the dead-letter topic with a reason naming it (``steps[3].step: ...``)
 Traceback (most recent call last):
 ...
 detectors.events.SchemaError: steps[0].step: expected an integer, got 'x'
+
+This module is the one owner of the format, for both ends: the producers' sender subprocess (which must
+stay light) loads this file by its path and writes records with :func:`encode_event` and
+:func:`encode_batch`; the worker reads them with :func:`decode_metric_record`. It therefore imports the
+standard library and orjson only, and nothing of its own package.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
@@ -53,6 +59,9 @@ __all__ = [
     "MetricEvent",
     "ControlEvent",
     "encode_number",
+    "encode_metrics",
+    "encode_event",
+    "encode_batch",
     "decode_number",
     "decode_metric_event",
     "decode_metric_record",
@@ -71,9 +80,13 @@ MAX_RECORD_BYTES = 4_000_000
 
 try:  # orjson is a dependency and ~5x faster; the stdlib reader is the fallback and reads bare NaN tokens
     from orjson import JSONDecodeError as _FastError
+    from orjson import dumps as _fast_dumps
     from orjson import loads as _fast_loads
 except ImportError:  # pragma: no cover
     _FastError, _fast_loads = ValueError, json.loads
+
+    def _fast_dumps(doc: Any) -> bytes:
+        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 _NONFINITE_OUT = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf,
@@ -94,6 +107,39 @@ def encode_number(x: float) -> float | str:
     if x != x:
         return "NaN"
     return _NONFINITE_OUT.get(x, x)
+
+
+def encode_metrics(metrics: dict[str, float]) -> dict[str, float | str]:
+    """Float metric values in their wire form: the same dict when every value is finite (one sum in C
+    tells), else a copy with NaN/±Inf as their string names."""
+    total = sum(metrics.values())
+    if total - total == 0:  # every value finite (a NaN or an infinity makes the sum non-finite)
+        return metrics
+    return {k: encode_number(v) for k, v in metrics.items()}
+
+
+def encode_event(run_id: str, step: int, ts: float, source: str, metrics: dict[str, float],
+                 tags: dict[str, str]) -> bytes:
+    """The record of one metric event (float ``metrics``; non-finite values are written by name).
+
+    >>> encode_event("r", 3, 1.5, "torch", {"loss": float("nan")}, {})
+    b'{"v":1,"run_id":"r","step":3,"ts":1.5,"source":"torch","metrics":{"loss":"NaN"},"tags":{}}'
+    """
+    return _fast_dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": step, "ts": ts, "source": source,
+                        "metrics": encode_metrics(metrics), "tags": tags})
+
+
+def encode_batch(run_id: str, source: str, tags: dict[str, str],
+                 steps: Iterable[tuple[int, float, dict[str, float], dict[str, str]]]) -> bytes:
+    """The batched record of several steps of one run: ``(step, ts, metrics, tags)`` each, a step's own
+    tags written only where they differ from the record's."""
+    entries = []
+    for step, ts, metrics, step_tags in steps:
+        entry = {"step": step, "ts": ts, "metrics": encode_metrics(metrics)}
+        if step_tags != tags:
+            entry["tags"] = step_tags
+        entries.append(entry)
+    return _fast_dumps({"v": SCHEMA_VERSION, "run_id": run_id, "source": source, "tags": tags, "steps": entries})
 
 
 def decode_number(value: Any, field_name: str) -> float:
@@ -146,7 +192,7 @@ class MetricEvent:
         }
 
     def to_json(self) -> bytes:
-        return dumps(self.to_dict())
+        return encode_event(self.run_id, self.step, self.ts, self.source, _floats(self.metrics), self.tags)
 
     @classmethod
     def from_dict(cls, d: Any) -> MetricEvent:
@@ -309,9 +355,15 @@ def encode_metric_batch(events: list[MetricEvent]) -> bytes:
     first = events[0]
     if any(e.run_id != first.run_id for e in events):
         raise ValueError("a batch record holds the steps of one run")
-    return dumps({"v": first.v, "run_id": first.run_id, "source": first.source, "tags": dict(first.tags),
-                  "steps": [{"step": e.step, "ts": e.ts, "metrics": e.to_dict()["metrics"],
-                             **({"tags": e.tags} if e.tags != first.tags else {})} for e in events]})
+    return encode_batch(first.run_id, first.source, first.tags,
+                        [(e.step, e.ts, _floats(e.metrics), e.tags) for e in events])
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """``metrics`` with float values (the same dict when they are)."""
+    if set(map(type, metrics.values())) <= _FLOAT:
+        return metrics
+    return {k: float(x) for k, x in metrics.items()}
 
 
 @dataclass(slots=True)

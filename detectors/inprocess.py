@@ -381,10 +381,10 @@ class AdvancedAnomalyDetector:
         return target
 
     def state_dict(self) -> dict[str, Any]:
-        return {"suite": self.suite.state_dict(), "next_step": self._next_step}
+        return {"suite": self.driver.state_dict(), "next_step": self._next_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.suite.load_state_dict(state["suite"])
+        self.driver.load_state_dict(state["suite"])
         self._next_step = state.get("next_step", 0)
 
 

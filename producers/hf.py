@@ -18,9 +18,14 @@ from the model's output and the norm is taken only when HF does not clip.
 
 A stop request for the run (auto-stop sink, ``lossguard stop RUN``) sets
 ``control.should_training_stop``: HF ends the epoch loop after the current step and runs its normal
-end-of-training (final save, ``on_train_end``). In a distributed run the decision is reduced across ranks
-(stop when any rank has heard it: one all-reduce of a flag per step), so all ranks stop at the same step;
-a NaN on one rank reaches the report through HF's grad norm, taken after DDP has averaged the gradients.
+end-of-training (final save, ``on_train_end``). In a distributed run one all-reduce per step carries
+the step's loss and the stop flag of every rank: the decision is reduced across ranks (stop when any rank
+has heard it), so all ranks stop at the same step, and the loss sent is the step's loss — the mean over
+the ranks, what HF itself logs — not the reporting rank's own. The training thread waits for that
+all-reduce only to read the stop flag (the one sync point the decision needs; with
+``stop_on_request=False`` it never waits): the loss is read on the reporter's sender thread. A NaN on one
+rank makes the mean NaN, and reaches the report through HF's grad norm too (taken after DDP has averaged
+the gradients).
 """
 
 from __future__ import annotations
@@ -130,9 +135,10 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         self._losses.clear()
         self._pending = None
         trainer = _calling_trainer(self)
-        if trainer is not None and self.reporter.enabled:
-            self._observe(trainer)
-        if trainer is None and not self._attached and model is not None and self.reporter.enabled:
+        if trainer is not None and (self.reporter.enabled or self._rank_mean_loss(args)):
+            self._observe(trainer)  # every rank's loss goes into the mean the reporting rank sends
+        if trainer is None and not self._attached and model is not None and (
+                self.reporter.enabled or self._rank_mean_loss(args)):
             # Trainer's default compute_loss takes the loss from the model's output: see it there.
             self._hook = model.register_forward_hook(self._on_forward)
 
@@ -162,10 +168,20 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
         self._flush()
         if self._eval_due is not None and self._eval_due():
             control.should_evaluate = True
-        if reporter.enabled and state.global_step % self.every == 0:
+        due = state.global_step % self.every == 0
+        loss = self._step_loss() if self._losses else None
+        should_stop = reporter.should_stop if self.stop_on_request else False
+        mean_loss = due and self._rank_mean_loss(args)
+        if getattr(args, "world_size", 1) > 1 and (self.stop_on_request or mean_loss):
+            # the same decision on every rank, so every rank joins this all-reduce at every step it is made
+            reduced, should_stop = _over_ranks(loss if mean_loss else None, should_stop, args.device,
+                                               decide=self.stop_on_request)
+            if mean_loss:
+                loss = reduced  # else each rank reports its own loss (report_rank=None), tagged with its rank
+        if reporter.enabled and due:
             metrics: dict[str, Any] = {}
-            if self._losses:
-                metrics["loss"] = self._step_loss()
+            if loss is not None:
+                metrics["loss"] = loss
             if self._grad_norm is not None:
                 metrics["grad_norm"] = self._grad_norm
             if self._lr is not None:
@@ -178,12 +194,12 @@ class LossguardCallback(CallbackReporting, TrainerCallback, ExportableState):
                 self._flush()
         self._losses.clear()
         self._grad_norm = None
-        if self.stop_on_request:
-            should_stop = reporter.should_stop
-            if getattr(args, "world_size", 1) > 1:
-                should_stop = _on_any_rank(should_stop, args.device)  # every rank stops at the same step
-            if should_stop:
-                control.should_training_stop = True
+        if should_stop:
+            control.should_training_stop = True  # on every rank at the same step
+
+    def _rank_mean_loss(self, args: Any) -> bool:
+        """Whether the loss sent is the mean over ranks: a distributed run that one rank reports for."""
+        return getattr(args, "world_size", 1) > 1 and self.report_rank is not None
 
     def _flush(self) -> None:
         """Send the held step event (one optimizer step, with what HF logged for it)."""
@@ -276,13 +292,37 @@ def _calling_trainer(callback: Any) -> Any:
     return None
 
 
-def _on_any_rank(flag: bool, device: Any) -> bool:
-    """``flag`` OR-ed over the ranks of the default process group (as it is when none is running)."""
+def _over_ranks(loss: Any, stop: bool, device: Any, *, decide: bool) -> tuple[Any, bool]:
+    """One sum all-reduce, over the ranks of the default process group, of the step's ``loss`` (None: none
+    to send) and a ``stop`` flag. Returns the mean loss over the ranks as a :class:`_RankMean` (read when
+    the reporter sends the step) and, with ``decide``, whether any rank asked to stop — the only wait."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return loss, stop
+    values = torch.zeros(2, device=device)  # filled on the device: no host-to-device copy to wait for
+    if stop:
+        values[1] = 1.0
+    if loss is not None:
+        values[0] = loss.detach().reshape(()) if hasattr(loss, "detach") else float(loss)  # on the device, no wait
+    work = dist.all_reduce(values, op=dist.ReduceOp.SUM, async_op=True)
+    mean = _RankMean(work, values, dist.get_world_size()) if loss is not None else None
+    if decide:
+        work.wait()
+        stop = bool(values[1].item())
+    return mean, stop
+
+
+class _RankMean:
+    """A step's loss averaged over the ranks by an all-reduce that may still be in flight: ``float()``
+    (the reporter's sender thread) waits for it, the training thread never does."""
+
+    __slots__ = ("_work", "_values", "_ranks")
+
+    def __init__(self, work: Any, values: Any, ranks: int):
+        self._work, self._values, self._ranks = work, values, ranks
+
+    def __float__(self) -> float:
+        self._work.wait()
+        return float(self._values[0].item()) / self._ranks

@@ -1,7 +1,8 @@
 """The sender subprocess: the only place the training job's events meet kafka-python.
 
 Run as a script (not ``-m``), so it imports kafka-python, orjson and the standard library only — never
-torch or the rest of ``producers``. It reads frames from stdin and answers on stdout, one line per frame:
+torch, numpy or the rest of ``producers`` and ``detectors``: the record format comes from
+``detectors/events.py``, loaded by its path (that module imports nothing of lossguard). It reads frames from stdin and answers on stdout, one line per frame:
 
     frame  = header (">cIii": kind, id, key length or -1, value length) + key + value
     kind S = send the record; answer ``A <id>`` once Kafka acked it, ``E <id> <reason>`` if it failed
@@ -29,22 +30,34 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 HEADER = struct.Struct(">cIii")
-try:  # imported as producers.sender_child (the control listener's thread)
-    from .kafka_security import client_config
+
+
+def _wire_format():
+    """``detectors/events.py``, the one module that owns the record format, loaded by its path: importing
+    the ``detectors`` package would load every detector (numpy); the module itself imports the standard
+    library and orjson only."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "detectors" / "events.py"
+    spec = importlib.util.spec_from_file_location("lossguard_wire_format", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building the event types
+    spec.loader.exec_module(module)
+    return module
+
+
+try:  # imported as producers.sender_child (the control listener's thread, the thread transport)
+    from .kafka_security import client_config  # first: as a script, this is what fails
 except ImportError:  # run as a script: its folder is on sys.path; the module imports the stdlib only
     from kafka_security import client_config
 
-SCHEMA_VERSION = 1  # detectors.events.SCHEMA_VERSION: the child imports nothing of lossguard
-
-try:
-    from orjson import dumps as _dumps
-except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib writes the same JSON
-    def _dumps(doc) -> bytes:
-        return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-_NONFINITE = {float("inf"): "Infinity", float("-inf"): "-Infinity"}
+    _wire = _wire_format()
+    encode_batch, encode_event = _wire.encode_batch, _wire.encode_event
+else:
+    from detectors.events import encode_batch, encode_event
 
 
 def pack_steps(items: list[tuple], rss: float | None = None) -> bytes:
@@ -56,9 +69,9 @@ def pack_steps(items: list[tuple], rss: float | None = None) -> bytes:
 
 
 def encode_steps(packed: bytes) -> bytes:
-    """The metric record for packed steps: one event for one step, else a batched record (the forms
-    ``detectors.events.decode_metric_record`` reads), with non-finite values as ``"NaN"``/``"±Infinity"``.
-    A value that is not a number is left out.
+    """The metric record for packed steps, written by ``detectors.events``: one event for one step, else a
+    batched record (the forms ``detectors.events.decode_metric_record`` reads). A value that is not a
+    number is left out.
 
     >>> encode_steps(pack_steps([("r", 3, 1.5, "torch", {"loss": float("nan"), "note": "x"}, {})]))
     b'{"v":1,"run_id":"r","step":3,"ts":1.5,"source":"torch","metrics":{"loss":"NaN"},"tags":{}}'
@@ -67,15 +80,9 @@ def encode_steps(packed: bytes) -> bytes:
     run_id, _, _, source, _, tags = items[0]
     if len(items) == 1:
         _, step, ts, _, metrics, _ = items[0]
-        return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "step": int(step), "ts": ts, "source": source,
-                       "metrics": _finite(_numbers(metrics, rss)), "tags": tags})
-    entries = []
-    for _, step, ts, _, metrics, step_tags in items:
-        entry = {"step": int(step), "ts": ts, "metrics": _finite(_numbers(metrics, rss))}
-        if step_tags != tags:
-            entry["tags"] = step_tags
-        entries.append(entry)
-    return _dumps({"v": SCHEMA_VERSION, "run_id": run_id, "source": source, "tags": tags, "steps": entries})
+        return encode_event(run_id, int(step), ts, source, _numbers(metrics, rss), tags)
+    return encode_batch(run_id, source, tags, [(int(step), ts, _numbers(metrics, rss), step_tags)
+                                               for _, step, ts, _, metrics, step_tags in items])
 
 
 def _numbers(metrics: dict, rss: float | None) -> dict[str, float]:
@@ -90,13 +97,6 @@ def _numbers(metrics: dict, rss: float | None) -> dict[str, float]:
     if rss is not None and "rss" not in values:
         values["rss"] = rss
     return values
-
-
-def _finite(metrics: dict[str, float]) -> dict[str, float | str]:
-    total = sum(metrics.values())
-    if total - total == 0:  # every value finite (a NaN or an infinity makes the sum non-finite)
-        return metrics
-    return {k: "NaN" if v != v else _NONFINITE.get(v, v) for k, v in metrics.items()}
 
 
 #: starts the reason of a failure that no retry mends (the parent drops that record instead of requeueing it)

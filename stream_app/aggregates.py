@@ -5,17 +5,9 @@ step of a resumed run? — and keeps tumbling windows of ``window_s`` seconds (e
 metric, count/min/max/mean, plus the alerts raised in the window. The stream app keeps one per run in
 the changelog-backed ``run_summary`` table, so they survive restarts and rebalances like detector state.
 
-Step order, explicitly (at-least-once delivery and checkpoint restores both happen in practice):
-
-- ``new``: the step is past the last one seen → fed to the detectors.
-- ``resumed``: a step seen before, from a new attempt (the ``attempt`` tag changed), or — for a source
-  without attempts — a step that went back while the timestamp moved on → a checkpoint restore; fed to
-  the detectors (their windows carry on: the pre-restore history is still the run's baseline).
-- ``same_step``: the last step again, later, from the same attempt (an evaluation reported after its
-  step) → fed to the detectors, counted as an event, not as a resume.
-- ``duplicate``: step and time not past the last ones and the step was seen recently → dropped.
-- ``out_of_order``: a late step older than the last one, never seen → dropped and counted (detector
-  windows are sequential; a late step cannot be inserted behind them).
+Step order (new / resumed / same_step / duplicate / out_of_order), the run's position, source, tags
+and counts come from :class:`detectors.driver.RunLedger`, which every way of running the detectors
+shares through :class:`~detectors.RunDriver`; this class adds the windows and the charts' history.
 
 >>> from detectors import MetricEvent
 >>> s = RunSummary("r")
@@ -36,37 +28,25 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from itertools import pairwise
 from typing import Any
 
-from detectors import SEVERITIES, Alert, MetricEvent
+from detectors import Alert, MetricEvent
+from detectors.driver import RunLedger
 
 from .history import History
 
 __all__ = ["RunSummary"]
 
-#: how many recent steps a run remembers to tell a re-delivery from a late step
-_RECENT_STEPS = 32
 
-
-class RunSummary:
+class RunSummary(RunLedger):
     """Counts, step order and tumbling-window aggregates of one run (serializable)."""
 
+    _FIELDS = (*RunLedger._FIELDS, "window_s", "keep_windows", "seen_at")
+
     def __init__(self, run_id: str, window_s: float = 60.0, keep_windows: int = 10):
-        self.run_id = run_id
+        super().__init__(run_id)
         self.window_s = window_s
         self.keep_windows = keep_windows
-        self.source = ""
-        self.tags: dict[str, str] = {}
-        self.first_ts: float | None = None
-        self.last_ts: float | None = None
-        self.last_step: int | None = None
-        self.events = 0
-        self.duplicates = 0
-        self.out_of_order = 0
-        self.resumes = 0
-        self.alerts = dict.fromkeys(SEVERITIES, 0)
-        self.recent_steps: list[int] = []
         #: the worker's clock (unix seconds) when it last saved a record of the run: how long a run has been
         #: silent is measured on this clock, not against the producer's timestamps (a replay, a skewed clock)
         self.seen_at: float | None = None
@@ -75,44 +55,31 @@ class RunSummary:
         #: the charts' bounded, downsampled series (stream_app.history)
         self.history = History()
 
-    def observe(self, event: MetricEvent) -> str:
-        """Classify ``event`` (see the module docstring) and, unless dropped, add it to the aggregates."""
-        if self.last_step is not None and event.step <= self.last_step:
-            attempt = event.tags.get("attempt") if event.tags else None
-            last_attempt = self.tags.get("attempt")
-            if attempt is not None and last_attempt is not None and attempt != last_attempt:
-                kind = "resumed"
-                self.resumes += 1
-            elif event.step == self.last_step and event.ts > self.last_ts and attempt is not None:
-                kind = "same_step"
-            elif event.ts > self.last_ts:
-                kind = "resumed"
-                self.resumes += 1
-            elif event.step in self.recent_steps:
-                self.duplicates += 1
-                return "duplicate"
-            else:
-                self.out_of_order += 1
-                return "out_of_order"
-        else:
-            kind = "new"
-        self._add(event)
-        return kind
-
-    def observe_new(self, events: list[MetricEvent]) -> bool:
-        """:meth:`observe` for every event of a record known to be ``new``, one pass per metric and
-        window: steps past the last one seen, in time order, from one source with one set of tags (what
-        a producer's batch is). False, with nothing changed, for any other record."""
+    def _accept(self, events: list[MetricEvent]) -> None:
+        """The ledger's bookkeeping, then the charts' history and the windows, for accepted ``events``."""
+        super()._accept(events)
         first = events[0]
-        if ((self.last_step is not None and first.step <= self.last_step)
-                or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
-                       and b.tags != a.tags for a, b in pairwise(events))):
-            return False
-        self._take(events)
+        history = self.history
+        if len(events) == 1:
+            history.add(first.step, first.metrics)
+            window = self._open_window(first.ts)
+            if window is not None:
+                window["count"] += 1
+                self._aggregate(window, window["metrics"], first.metrics)
+            return
+        steps = [e.step for e in events]
+        # every charted metric of the record, also those logged at some steps only (a validation loss)
+        for name in history.metrics.intersection(set().union(*[e.metrics.keys() for e in events])):
+            column = [e.metrics.get(name) for e in events]
+            if None in column:  # not logged at every step of the record
+                pairs = [(s, v) for s, v in zip(steps, column, strict=True) if v is not None]
+                history.add_column(name, [s for s, _ in pairs], [v for _, v in pairs])
+            else:
+                history.add_column(name, steps, column)
         window_start = self._window_start
         if window_start(first.ts) == window_start(events[-1].ts):  # times only go forward: one window
             self._add_to_window(events)
-            return True
+            return
         times = [e.ts for e in events]
         begin = 0
         while begin < len(events):  # the record's steps window by window
@@ -125,7 +92,6 @@ class RunSummary:
                     end += 1
             self._add_to_window(events[begin:end])
             begin = end
-        return True
 
     def _add_to_window(self, events: list[MetricEvent]) -> None:
         """Aggregate ``events``, all of one window, into it."""
@@ -158,45 +124,10 @@ class RunSummary:
     def count_alert(self, alert: Alert) -> None:
         if alert.status != "firing":
             return
-        self.alerts[alert.severity] += 1
+        super().count_alert(alert)
         window = self._window_for(alert.ts)
         if window is not None:
             window["alerts"] += 1
-
-    def _add(self, event: MetricEvent) -> None:
-        self._take([event])
-        window = self._open_window(event.ts)
-        if window is None:
-            return
-        window["count"] += 1
-        self._aggregate(window, window["metrics"], event.metrics)
-
-    def _take(self, events: list[MetricEvent]) -> None:
-        """Count consecutive new ``events`` into the run's position, source, tags and recent steps."""
-        first, last = events[0], events[-1]
-        self.events += len(events)
-        self.last_step, self.last_ts = last.step, last.ts
-        if self.first_ts is None:
-            self.first_ts = first.ts
-        self.source = last.source
-        if last.tags and last.tags != self.tags:  # a copy, replaced (never changed in place) on a change
-            self.tags = dict(last.tags)
-        recent = self.recent_steps
-        recent.extend(e.step for e in events)
-        del recent[:-_RECENT_STEPS]
-        history = self.history
-        if len(events) == 1:
-            history.add(first.step, first.metrics)
-            return
-        steps = [e.step for e in events]
-        # every charted metric of the record, also those logged at some steps only (a validation loss)
-        for name in history.metrics.intersection(set().union(*[e.metrics.keys() for e in events])):
-            column = [e.metrics.get(name) for e in events]
-            if None in column:  # not logged at every step of the record
-                pairs = [(s, v) for s, v in zip(steps, column, strict=True) if v is not None]
-                history.add_column(name, [s for s, _ in pairs], [v for _, v in pairs])
-            else:
-                history.add_column(name, steps, column)
 
     def _window_start(self, ts: float) -> float:
         return math.floor(ts / self.window_s) * self.window_s
@@ -251,9 +182,6 @@ class RunSummary:
                 for w in self._windows]
 
     # -- state -------------------------------------------------------------------------------------------
-    _FIELDS = ("run_id", "window_s", "keep_windows", "source", "tags", "first_ts", "last_ts", "last_step",
-               "events", "duplicates", "out_of_order", "resumes", "alerts", "recent_steps", "seen_at")
-
     def to_dict(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in self._FIELDS}, "windows": self._windows,
                 "history": self.history.to_dict()}
@@ -261,9 +189,7 @@ class RunSummary:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> RunSummary:
         summary = cls(state["run_id"], state.get("window_s", 60.0), state.get("keep_windows", 10))
-        for name in cls._FIELDS:
-            if name in state:
-                setattr(summary, name, state[name])
+        summary.load_dict(state)
         summary._windows = state.get("windows", [])
         summary.history = History.from_dict(state.get("history"))
         return summary

@@ -9,9 +9,11 @@ Every record of a run lands on one partition, so one worker owns a run's state; 
 same app id split the partitions, and a worker that takes a partition over recovers the tables from
 their changelog topics and carries on where the run was (warm-up not repeated, windows not lost).
 A record is one metric event or a batch of steps of one run (:func:`detectors.events.decode_metric_record`); each step is
-classified by :class:`~stream_app.aggregates.RunSummary` (new / resumed / duplicate / out of order) and
-the new and resumed ones go through the run's :class:`~detectors.DetectorSuite`. Alerts carry the run's
-``source`` and ``tags`` in ``metadata`` so routing can match on them; the stream-level alert policy
+fed to the run's :class:`~detectors.RunDriver` — the same driver ``lossguard replay``, managed jobs and the
+in-process API use — whose ledger, the run's :class:`~stream_app.aggregates.RunSummary`, classifies it
+(new / resumed / duplicate / out of order); the new and resumed ones go through the run's
+:class:`~detectors.DetectorSuite`. Alerts carry the run's ``source`` and ``tags`` in ``metadata`` so
+routing can match on them; the stream-level alert policy
 (dedup, cooldown, grouping, silences) runs in the sinks (:mod:`stream_app.sinks`).
 """
 
@@ -25,8 +27,7 @@ from typing import Any
 
 import faust
 
-from detectors import Alert, DetectorSuite, MetricEvent, SchemaError, load_detectors
-from detectors.driver import enrich
+from detectors import Alert, DetectorSuite, MetricEvent, RunDriver, SchemaError, load_detectors
 
 from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
@@ -91,30 +92,28 @@ run_summary = app.Table("run_summary", default=None, partitions=settings.partiti
 #: the key of the detector state inside a ``run_summary`` value
 SUITE_KEY = "suite"
 
-#: live suites and summaries of recently active runs this worker owns (least recently used first);
+#: live drivers (suite + summary) of recently active runs this worker owns (least recently used first);
 #: rebuilt from the tables after a rebalance, bounded so 10k idle runs cost table state only
-_suites: OrderedDict[str, tuple[DetectorSuite, RunSummary]] = OrderedDict()
+_drivers: OrderedDict[str, RunDriver] = OrderedDict()
 counters: dict[str, Any] = {"records": 0, "events": 0, "alerts": 0, "dead_letters": 0, "duplicates": 0,
                             "out_of_order": 0, "resumes": 0, "dead_letter_reasons": {}}
 #: Prometheus /metrics (stream_app.metrics): reads ``counters`` when scraped
 worker_metrics = WorkerMetrics(counters)
-#: RunSummary.observe's verdict → the counter it bumps (new and resumed steps are processed events)
-_COUNTER = {"new": "events", "resumed": "events", "same_step": "events", "duplicate": "duplicates",
-            "out_of_order": "out_of_order"}
 #: fresh suites for new runs: the detector config is validated once per worker, not once per run
 new_suite = DetectorSuite.factory(settings.detector_config)
 
 
 @app.on_partitions_revoked.connect
-async def _forget_suites(_sender: Any, revoked: Any, **_kwargs: Any) -> None:
-    _suites.clear()
+async def _forget_drivers(_sender: Any, revoked: Any, **_kwargs: Any) -> None:
+    _drivers.clear()
 
 
-def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
-    """The run's live suite and summary, restored from the tables when not cached."""
-    live = _suites.get(run_id)
+def driver_for(run_id: str) -> RunDriver:
+    """The run's live driver (its suite, and its summary as the ledger), restored from the tables when
+    not cached."""
+    live = _drivers.get(run_id)
     if live is not None:
-        _suites.move_to_end(run_id)
+        _drivers.move_to_end(run_id)
         return live
     suite = new_suite()
     summary_state = run_summary.get(run_id)
@@ -123,9 +122,9 @@ def suite_for(run_id: str) -> tuple[DetectorSuite, RunSummary]:
         suite.load_state_dict(state)
     summary = (RunSummary.from_dict(summary_state) if summary_state
                else RunSummary(run_id, settings.window_s, settings.keep_windows))
-    _suites[run_id] = live = (suite, summary)
-    if len(_suites) > max(settings.live_runs, settings.take_records):  # a burst's runs stay until saved
-        _suites.popitem(last=False)
+    _drivers[run_id] = live = RunDriver(suite, ledger=summary)
+    if len(_drivers) > max(settings.live_runs, settings.take_records):  # a burst's runs stay until saved
+        _drivers.popitem(last=False)
     return live
 
 
@@ -218,16 +217,16 @@ async def _save_burst() -> None:
     events, unsaved = _burst["pending"], _burst["unsaved"]
     _burst["pending"], _burst["unsaved"] = [], {}  # taken whole before the first await
     seen_at = time.time()
-    for run_id, (last, suite, summary) in unsaved.items():
-        summary.seen_at = seen_at
+    for run_id, (last, driver) in unsaved.items():
+        driver.ledger.seen_at = seen_at
         try:
             with faust_fixes.as_current(last):  # the table writes to the partition of the run's records
-                run_summary[run_id] = _saved_value(suite, summary)
+                run_summary[run_id] = _saved_value(driver)
         except Exception:  # noqa: BLE001 — unreachable for decoded records; if it happens, one run loses
             # its unsaved steps (restored from the table on its next record), the others go on
             log.exception("could not save the state of run %r", run_id[:200])
             counters["state_save_failures"] = counters.get("state_save_failures", 0) + 1
-            _suites.pop(run_id, None)
+            _drivers.pop(run_id, None)
     for event in events:
         await _burst["stream"].ack(event)
 
@@ -259,7 +258,7 @@ async def _detect_waiting() -> None:
             run_id, records = _waiting.popitem()
             steps = records[0][1] if len(records) == 1 else [step for _, rec in records for step in rec]
             try:
-                alerts, (suite, summary) = _process(steps)
+                alerts, driver = _process(steps)
                 for alert in alerts:
                     await publish(alert)
             except Exception as exc:  # noqa: BLE001 — a detector bug must not stop the agent: park the records
@@ -267,12 +266,12 @@ async def _detect_waiting() -> None:
                 for event, _ in records:
                     await dead_letter(event.key, event.value, f"processing: {type(exc).__name__}: {str(exc)[:500]}")
                     _add_to_burst(event)
-                _suites.pop(run_id, None)  # its live state may be half-updated: restore from the table
+                _drivers.pop(run_id, None)  # its live state may be half-updated: restore from the table
                 continue
             for event, _ in records:
                 worker_metrics.record_processed(event.message.timestamp)
                 _add_to_burst(event)
-            _burst["unsaved"][run_id] = (records[-1][0], suite, summary)
+            _burst["unsaved"][run_id] = (records[-1][0], driver)
     finally:
         _burst["busy"] = False
 
@@ -280,42 +279,27 @@ async def _detect_waiting() -> None:
 def process(events: list[MetricEvent]) -> list[Alert]:
     """One record's steps through the run's step-order check and detectors; saves the run's state (in a
     stream's iteration, to the partition of its current record)."""
-    alerts, (suite, summary) = _process(events)
-    run_summary[events[0].run_id] = _saved_value(suite, summary)
+    alerts, driver = _process(events)
+    run_summary[events[0].run_id] = _saved_value(driver)
     return alerts
 
 
-def _saved_value(suite: DetectorSuite, summary: RunSummary) -> dict[str, Any]:
-    return {**summary.to_dict(), SUITE_KEY: suite.state_dict()}
+def _saved_value(driver: RunDriver) -> dict[str, Any]:
+    return {**driver.ledger.to_dict(), SUITE_KEY: driver.suite.state_dict()}
 
 
-def _process(events: list[MetricEvent]) -> tuple[list[Alert], tuple[DetectorSuite, RunSummary]]:
-    run_id = events[0].run_id
-    live = suite_for(run_id)
-    suite, summary = live
-    fed: list[MetricEvent] = []
-    #: (step, ts) → the event's source and the run's tags as of that event, for its alerts' metadata
-    #: (unneeded when the record's steps are all new with one source and tags: the run's are theirs)
-    context: dict[tuple[int, float], tuple[str, dict[str, str]]] = {}
-    if summary.observe_new(events):
-        counters["events"] += len(events)
-        fed = events
-    else:
-        for event in events:
-            kind = summary.observe(event)
-            counters[_COUNTER[kind]] += 1
-            counters["resumes"] += kind == "resumed"
-            if kind in ("duplicate", "out_of_order"):
-                continue
-            fed.append(event)
-            context[event.step, event.ts] = (event.source, summary.tags)
-    alerts = suite.update_batch(fed)
-    for alert in alerts:
-        # every alert comes from one of this record's steps; the run's own source/tags are the safe default
-        source, tags = context.get((alert.step, alert.ts), (summary.source, summary.tags))
-        enrich((alert,), source, tags)
-        summary.count_alert(alert)
-    return alerts, live
+def _process(events: list[MetricEvent]) -> tuple[list[Alert], RunDriver]:
+    """The steps of one run through its driver; the worker's counters follow its summary's."""
+    driver = driver_for(events[0].run_id)
+    summary = driver.ledger
+    before = summary.events, summary.duplicates, summary.out_of_order, summary.resumes
+    alerts = driver.feed(events)
+    if summary.events - before[0] != len(events):  # some steps were not new
+        counters["duplicates"] += summary.duplicates - before[1]
+        counters["out_of_order"] += summary.out_of_order - before[2]
+        counters["resumes"] += summary.resumes - before[3]
+    counters["events"] += summary.events - before[0]
+    return alerts, driver
 
 
 @app.task
@@ -339,32 +323,32 @@ async def _quiet_debug_logging() -> None:
 REPLAY_LAG_S = 3600.0
 
 
-def _watched_runs(now: float) -> list[tuple[DetectorSuite, RunSummary]]:
+def _watched_runs(now: float) -> list[RunDriver]:
     """The runs this worker owns that the tick checks: every live one, and every other run in the table
     that has been silent for the least a stall can be (after a restart or a rebalance no run is live)."""
-    runs = list(_suites.values())
+    runs = list(_drivers.values())
     quiet_s = float(settings.detector_config.get("liveness", {}).get("min_seconds", 60.0)
                     if settings.detector_config else 60.0)
     for run_id, value in list(run_summary.items()):
-        if run_id in _suites or not isinstance(value, dict):
+        if run_id in _drivers or not isinstance(value, dict):
             continue
         seen_at, last_ts = value.get("seen_at"), value.get("last_ts")
         if seen_at is None or last_ts is None or now - seen_at <= quiet_s or seen_at - last_ts > REPLAY_LAG_S:
             continue
         liveness = ((value.get(SUITE_KEY) or {}).get("detectors") or {}).get("stalled_run") or {}
         if not liveness.get("finished"):  # a run that ended stays in the table, and out of memory
-            runs.append(suite_for(run_id))
+            runs.append(driver_for(run_id))
     return runs
 
 
-def _check_silence(suite: DetectorSuite, summary: RunSummary, now: float) -> list[Alert]:
+def _check_silence(driver: RunDriver, now: float) -> list[Alert]:
     """The run's time-based alerts: its silence is how long ago the worker last saw it, carried over to
     the run's own clock (its last step's timestamp), so neither a replay's old timestamps nor a skewed
     producer clock reads as silence."""
-    seen_at, last_ts = summary.seen_at, summary.last_ts
+    seen_at, last_ts = driver.ledger.seen_at, driver.ledger.last_ts
     if seen_at is None or last_ts is None or seen_at - last_ts > REPLAY_LAG_S:
         return []
-    return suite.tick(last_ts + max(0.0, now - seen_at))
+    return driver.tick(last_ts + max(0.0, now - seen_at))
 
 
 @app.timer(interval=settings.tick_interval)
@@ -378,9 +362,8 @@ async def tick() -> None:
     except Exception:  # noqa: BLE001 — a table read failing (mid-rebalance): the next tick tries again
         log.exception("could not list the runs to check for silence")
         return
-    for suite, summary in runs:
-        for alert in _check_silence(suite, summary, now):
-            enrich((alert,), summary.source, summary.tags)
+    for driver in runs:
+        for alert in _check_silence(driver, now):
             await publish(alert)
 
 

@@ -1,6 +1,7 @@
 """A 2-process Lightning DDP run on CPU (gloo) through the real broker: a NaN on rank 1 alone reaches the
 report (rank 0 sends the mean loss over ranks), and a stop request that the ranks hear at different steps
-stops both at the same step (the decision is reduced across ranks), so DDP does not hang."""
+stops both at the same step (the decision is reduced across ranks), so DDP does not hang. The same for
+the Hugging Face Trainer, whose reported loss is the mean of the ranks' losses of the step."""
 
 from __future__ import annotations
 
@@ -71,6 +72,26 @@ def test_hf_trainer_ddp_stop_is_reduced(topics, tmp_path):
     final = [json.loads((tmp_path / f"hf-rank{r}.json").read_text())["global_step"] for r in range(2)]
     assert final[0] == final[1] and 20 <= final[0] < 40, f"both ranks stop at one step soon after 20: {final}"
     records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
-    steps = sorted(e.step for r in records for e in decode_metric_record(r.value)
-                   if e.run_id == "hf-ddp-run" and "loss" in e.metrics)
-    assert steps == list(range(1, final[0] + 1)), "rank 0 reports every optimizer step once"
+    sent = {e.step: e.metrics["loss"] for r in records for e in decode_metric_record(r.value)
+            if e.run_id == "hf-ddp-run" and "loss" in e.metrics}
+    assert sorted(sent) == list(range(1, final[0] + 1)), "rank 0 reports every optimizer step once"
+    # the loss of the step is the mean over the ranks (what HF logs through its gather), not rank 0's
+    ranks = [json.loads((tmp_path / f"hf-rank{r}.json").read_text())["losses"] for r in range(2)]
+    mean = {s: (ranks[0][str(s)] + ranks[1][str(s)]) / 2 for s in sent}
+    assert all(sent[s] == pytest.approx(mean[s], rel=1e-5) for s in sent), (sent, ranks)
+    assert sum(abs(ranks[0][str(s)] - mean[s]) > 1e-3 for s in sent) > len(sent) // 2, "the ranks' losses differ"
+
+
+def test_hf_trainer_ddp_every_rank_reporting_sends_its_own_loss(topics, tmp_path):
+    pytest.importorskip("transformers")
+    _run_ranks(JOB.with_name("_hf_ddp_job.py"), topics, tmp_path, "hf", STOP_AT="10", RUN_ID="hf-ddp-all",
+               REPORT_ALL="1")
+    final = [json.loads((tmp_path / f"hf-rank{r}.json").read_text()) for r in range(2)]
+    assert final[0]["global_step"] == final[1]["global_step"] and 10 <= final[0]["global_step"] < 30, final
+    records = read_topic(topics.bootstrap, topics.name("metrics"), topics.partitions, timeout=1.0)
+    events = [e for r in records for e in decode_metric_record(r.value) if e.run_id == "hf-ddp-all" and "loss" in e.metrics]
+    for rank in range(2):
+        sent = {e.step: e.metrics["loss"] for e in events if e.tags["rank"] == str(rank)}
+        assert sorted(sent) == list(range(1, final[rank]["global_step"] + 1)), rank
+        own = final[rank]["losses"]
+        assert all(sent[s] == pytest.approx(own[str(s)], rel=1e-5) for s in sent), (rank, sent, own)

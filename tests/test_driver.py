@@ -60,3 +60,35 @@ def test_worker_runs_a_user_detector(topics, start_worker):
     assert mine, worker.log()[-3000:]
     assert mine[0].step == 12 and mine[0].metadata["source"] == "lightning"
     assert mine[0].metadata["run_tags"] == {"team": "nlp"}
+
+
+def test_the_worker_and_replay_drive_the_suite_the_same_way():
+    """The worker's driver (its RunSummary as the ledger) and a plain RunDriver (replay, managed jobs,
+    in-process) give the same alerts, enrichment and counts on a stream with re-deliveries, a late step and
+    a resume from a checkpoint."""
+    from detectors import RunDriver
+    from stream_app.aggregates import RunSummary
+
+    def step(s: int, ts: float, loss: float, attempt: str = "0") -> MetricEvent:
+        return MetricEvent("mixed", s, {"loss": loss, "grad_norm": 1.0}, ts=ts, source="hf",
+                           tags={"team": "a", "attempt": attempt})
+
+    stream = [step(s, 1000.0 + s, 2.0 - s / 100) for s in range(40)]
+    stream += [step(38, 1038.0, 1.62), step(39, 1039.0, 1.61)]            # re-delivered
+    stream += [step(50, 1050.0, 1.5), step(45, 1045.0, 1.55)]             # 45 arrives late
+    stream += [step(51, 1051.0, float("nan"))]                             # a NaN loss
+    stream += [step(s, 1100.0 + s, 1.7, attempt="1") for s in range(30, 36)]  # resumed from a checkpoint
+    records = [stream[i:i + 5] for i in range(0, len(stream), 5)]
+
+    plain, worker = RunDriver(), RunDriver(ledger=RunSummary("mixed"))
+    got = {}
+    for name, driver in (("plain", plain), ("worker", worker)):
+        alerts = [a for record in records for a in driver.feed(record)]
+        got[name] = [(a.step, a.alert_type, a.status, a.severity, a.metadata["source"], a.metadata["run_tags"])
+                     for a in alerts]
+    assert got["plain"] == got["worker"]
+    assert any(t == "nonfinite_metric" and s == 51 for s, t, *_ in got["plain"])
+    assert all(src == "hf" and tags["team"] == "a" for *_, src, tags in got["plain"])
+    counts = [(d.ledger.events, d.ledger.duplicates, d.ledger.out_of_order, d.ledger.resumes, d.ledger.alerts)
+              for d in (plain, worker)]
+    assert counts[0] == counts[1] and counts[0][:4] == (40 + 2 + 6, 2, 1, 1), counts  # one resume, then new steps

@@ -270,3 +270,113 @@ def test_add_detector_after_the_first_step_runs():
     assert detector.analyze_training_step(loss=4.0) == []
     detector.add_detector(LossAbove())
     assert [a.alert_type for a in detector.analyze_training_step(loss=4.0)] == ["loss_above"]
+
+
+def test_with_hugging_face_transformers_trainer(tmp_path):
+    """The guide's ``AnomalyDetectionTrainer``, run for real on a tiny BERT on CPU with the installed
+    transformers (5.x). It cannot run exactly as printed, on any transformers version; what differs, each
+    for a reason outside lossguard:
+
+    - ``training_step(self, model, inputs, num_items_in_batch=None)``: Trainer calls
+      ``self.training_step(model, inputs, num_items_in_batch)`` (since 4.46), so the printed two-argument
+      override raises ``TypeError`` at the first step;
+    - ``loss=result.item()`` where the guide has ``result['loss'].item()``: ``Trainer.training_step``
+      returns the detached loss tensor (4.x and 5.x alike), not a mapping;
+    - ``AutoModelForMaskedLM`` where the guide has ``AutoModel``: the bare encoder returns no loss, which
+      Trainer refuses; and the tiny model and its tokenizer load from a local folder (no network in tests)
+      where the guide names ``bert-base-uncased``; ``training_args`` and the datasets, which the guide
+      leaves to the reader, are defined here.
+
+    Everything lossguard's side of it touches — ``AdvancedAnomalyDetector()`` with its defaults,
+    ``analyze_training_step(model=, optimizer=, loss=, batch_size=)`` on HF's model and accelerated
+    optimizer, ``alert.category`` / ``alert.severity`` — runs as printed. A batch with every label ignored
+    (a NaN loss: the run is broken from there) makes the alerts that the trainer logs."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import (
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+        BertConfig,
+        BertTokenizer,
+        Trainer,
+        TrainingArguments,
+    )
+
+    folder = tmp_path / "tiny-bert"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                                 *[f"w{i}" for i in range(59)]]) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=32)).save_pretrained(folder)
+    poisoned_step = 8
+
+    class Batches(torch.utils.data.Dataset):
+        """Sentences of the tiny vocabulary; the batch read ``poisoned_step``-th (samples are read in step
+        order: no loader workers; Trainer shuffles which ones) has every label ignored."""
+
+        def __init__(self, n: int):
+            self.ids = torch.randint(5, 64, (n, 12), generator=torch.Generator().manual_seed(1))
+            self.reads = 0
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict:
+            labels = self.ids[i].clone()
+            self.reads += 1
+            if (self.reads - 1) // 4 == poisoned_step - 1:
+                labels[:] = -100
+            return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels}
+
+    train_dataset, eval_dataset = Batches(48), Batches(8)
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,
+                                      learning_rate=1e-3, use_cpu=True, report_to=[], save_strategy="no",
+                                      disable_tqdm=True, logging_steps=100, dataloader_num_workers=0)
+
+    # Initialize
+    model = AutoModelForMaskedLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    anomaly_detector = AdvancedAnomalyDetector()
+
+    # Custom trainer with anomaly detection
+    class AnomalyDetectionTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            # Get training step result
+            result = super().training_step(model, inputs, num_items_in_batch)
+
+            # Analyze for anomalies
+            alerts = anomaly_detector.analyze_training_step(
+                model=model,
+                optimizer=self.optimizer,
+                loss=result.item(),
+                batch_size=inputs['input_ids'].size(0)
+            )
+
+            # Log alerts
+            for alert in alerts:
+                self.log({f"anomaly/{alert.category}_{alert.severity}": 1})
+
+            return result
+
+    # Use the custom trainer
+    trainer = AnomalyDetectionTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset
+    )
+    trainer.train()
+
+    assert tokenizer.convert_tokens_to_ids("w0") == 5
+    assert anomaly_detector.steps_analyzed == 12  # one call per optimizer step (no accumulation)
+    logged = [k for entry in trainer.state.log_history for k in entry if k.startswith("anomaly/")]
+    firing = [a for a in anomaly_detector.alerts if a.status == "firing"]
+    nan_loss = [a for a in firing if a.alert_type == "nonfinite_metric" and "loss" in a.metadata.get("metrics", ())]
+    assert nan_loss and nan_loss[0].step == poisoned_step - 1 and nan_loss[0].severity == "critical", firing
+    assert "anomaly/numerics_critical" in logged
+    assert len(logged) == len(anomaly_detector.alerts)  # every alert analyze_training_step returned was logged
+    before = [a for a in firing if a.step < poisoned_step - 1]
+    assert not [a for a in before if a.rank >= 1], before  # the healthy steps before it raised nothing medium+
+    assert all(a.metadata.get("source") == "inprocess" for a in anomaly_detector.alerts)
+    assert list((tmp_path / "anomaly_detection_results").glob("alert_*.json"))

@@ -15,7 +15,7 @@ from faust.utils import json as faust_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detectors import DetectorSuite, SchemaError
+from detectors import DetectorSuite, RunDriver, SchemaError
 from detectors.events import encode_metric_batch
 from stream_app.aggregates import RunSummary
 from stream_app.intake import ORIGINAL_LIMIT, dead_letter_value, read_record
@@ -31,12 +31,10 @@ def record_path(key: bytes | None, value: bytes | None) -> str:
         json.loads(dead_letter_value(key, value, reason))  # the envelope is always writable
         return reason
     assert events and all(e.run_id == events[0].run_id for e in events)
-    summary, suite = RunSummary(events[0].run_id, 60.0, 10), DetectorSuite()
-    fed = events if summary.observe_new(events) else [e for e in events if summary.observe(e) in ("new", "resumed")]
-    for alert in suite.update_batch(fed):
-        summary.count_alert(alert)
+    driver = RunDriver(DetectorSuite(), ledger=RunSummary(events[0].run_id, 60.0, 10))  # as the worker's
+    for alert in driver.feed(events):
         alert.to_json()
-    faust_json.dumps({**summary.to_dict(), "suite": suite.state_dict()})  # the table's own codec
+    faust_json.dumps({**driver.ledger.to_dict(), "suite": driver.suite.state_dict()})  # the table's own codec
     return "events"
 
 

@@ -42,6 +42,19 @@ def test_training_side_install_pulls_nothing_it_does_not_need(tmp_path):
     reporter = _run([python, "-c", code], timeout=120, cwd=tmp_path)
     assert reporter.returncode == 0 and reporter.stdout.strip().endswith("ok"), reporter.stderr
 
+    # the installed sender subprocess, imported as SenderProcess starts it (a script beside its package
+    # folder), finds the record format module of the installed detectors and loads nothing heavy
+    child = ("import sys, importlib.util\n"
+             "folder = importlib.util.find_spec('producers').submodule_search_locations[0]\n"
+             "sys.path.insert(0, folder)\n"
+             "import sender_child\n"
+             "record = sender_child.encode_steps(sender_child.pack_steps([('r', 1, 1.0, 't', {'loss': float('nan')}, {})]))\n"
+             "print(record.decode(), sorted(m for m in ('numpy', 'detectors', 'producers') if m in sys.modules))\n")
+    loaded = _run([python, "-c", child], timeout=60, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ['{"v":1,"run_id":"r","step":1,"ts":1.0,"source":"t","metrics":{"loss":"NaN"},"tags":{}}',
+                                     "[]"], loaded.stdout
+
     log = tmp_path / "run.csv"
     log.write_text("step,loss\n" + "".join(f"{s},{2.0 - s / 100}\n" for s in range(50)) + "50,nan\n")
     lossguard = str(env_dir / "bin" / "lossguard")

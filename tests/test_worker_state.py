@@ -28,10 +28,10 @@ SCRIPT = textwrap.dedent("""
     A.process(steps("r", 0, 30))
     saved = A.run_summary["r"]
     assert set(saved) >= {"run_id", "windows", A.SUITE_KEY}
-    live = A._suites["r"][0].state_dict()
-    A._suites.clear()  # as after a restart or rebalance
-    suite, summary = A.suite_for("r")
-    assert suite.state_dict() == live and summary.last_step == 29
+    live = A._drivers["r"].suite.state_dict()
+    A._drivers.clear()  # as after a restart or rebalance
+    driver = A.driver_for("r")
+    assert driver.suite.state_dict() == live and driver.ledger.last_step == 29
     A.process(steps("r", 30, 31))  # the restored suite carries on and saves the run the same way
     assert A.run_summary["r"][A.SUITE_KEY]["last_step"] == 30
     print("ok")
