@@ -313,7 +313,7 @@ def _read_trainer_state(path: Path, doc: Any, run_id: str, say: Notice) -> list[
             raise ReplayError(path, f"{where}: expected an object, got {entry!r}")
         if "train_runtime" in entry:
             continue  # the end-of-training summary: its train_loss is an average, not a step
-        if "step" not in entry:
+        if "step" not in entry and all(k == "epoch" or k.startswith(("predict_", "test_")) for k in entry):
             # a result logged outside the training loop (trainer.predict() per epoch writes predict_*
             # entries with an epoch and no step): not a point of the run's curve
             stepless.append(i)
