@@ -104,6 +104,11 @@ class RunSummary:
         window: steps past the last one seen, in time order, from one source with one set of tags (what
         a producer's batch is). False, with nothing changed, for any other record."""
         first = events[0]
+        if len(events) == 1:  # a single event (any producer but lossguard's reporter): observe()'s new path
+            if self.last_step is not None and first.step <= self.last_step:
+                return False
+            self._add(first)
+            return True
         if ((self.last_step is not None and first.step <= self.last_step)
                 or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
                        and b.tags != a.tags for a, b in pairwise(events))):
