@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from itertools import pairwise
+from operator import attrgetter, le, lt
 from typing import Any
 
 from detectors import SEVERITIES, Alert, MetricEvent
@@ -45,6 +45,7 @@ from .history import History
 
 __all__ = ["RunSummary"]
 
+_STEP, _TS, _SOURCE, _TAGS = attrgetter("step"), attrgetter("ts"), attrgetter("source"), attrgetter("tags")
 #: how many recent steps a run remembers to tell a re-delivery from a late step
 _RECENT_STEPS = 32
 
@@ -109,16 +110,25 @@ class RunSummary:
                 return False
             self._add(first)
             return True
-        if ((self.last_step is not None and first.step <= self.last_step)
-                or any(b.step <= a.step or b.ts < a.ts or b.source != a.source or b.tags is not a.tags
-                       and b.tags != a.tags for a, b in pairwise(events))):
+        if self.last_step is not None and first.step <= self.last_step:
             return False
-        self._take(events)
+        # each test over the whole record in C: steps rising, times not falling, one source, one set of tags
+        n = len(events)
+        steps, times = list(map(_STEP, events)), list(map(_TS, events))
+        sources, tags = list(map(_SOURCE, events)), list(map(_TAGS, events))
+        if not (all(map(lt, steps, steps[1:])) and all(map(le, times, times[1:]))
+                and sources.count(first.source) == n and tags.count(first.tags) == n):
+            return False
+        names = tuple(first.metrics)
+        # the same metrics, in the same order, at every step (a producer's batch): the columns by one
+        # transposition in C, for the chart history and the window aggregates both
+        columns = (dict(zip(names, zip(*[e.metrics.values() for e in events], strict=True), strict=True))
+                   if all(tuple(e.metrics) == names for e in events) else None)
+        self._take(events, columns)
         window_start = self._window_start
         if window_start(first.ts) == window_start(events[-1].ts):  # times only go forward: one window
-            self._add_to_window(events)
+            self._add_to_window(events, columns)
             return True
-        times = [e.ts for e in events]
         begin = 0
         while begin < len(events):  # the record's steps window by window
             start = window_start(times[begin])
@@ -132,20 +142,23 @@ class RunSummary:
             begin = end
         return True
 
-    def _add_to_window(self, events: list[MetricEvent]) -> None:
-        """Aggregate ``events``, all of one window, into it."""
+    def _add_to_window(self, events: list[MetricEvent], columns: dict[str, tuple[float, ...]] | None = None) -> None:
+        """Aggregate ``events``, all of one window, into it (``columns``: their values by metric, when every
+        event has the same metrics in the same order)."""
         window = self._open_window(events[0].ts)
         if window is None:
             return
         window["count"] += len(events)
         stats = window["metrics"]
-        names = tuple(events[0].metrics)
-        if any(tuple(e.metrics) != names for e in events):
-            for event in events:
-                self._aggregate(window, stats, event.metrics)
-            return
-        # the same metrics, in the same order, at every step: the columns by one transposition in C
-        for name, values in zip(names, zip(*[e.metrics.values() for e in events], strict=True), strict=True):
+        if columns is None:
+            names = tuple(events[0].metrics)
+            if any(tuple(e.metrics) != names for e in events):
+                for event in events:
+                    self._aggregate(window, stats, event.metrics)
+                return
+            # the same metrics, in the same order, at every step: the columns by one transposition in C
+            columns = dict(zip(names, zip(*[e.metrics.values() for e in events], strict=True), strict=True))
+        for name, values in columns.items():
             total = sum(values)
             if not math.isfinite(total):
                 for value in values:
@@ -176,7 +189,7 @@ class RunSummary:
         window["count"] += 1
         self._aggregate(window, window["metrics"], event.metrics)
 
-    def _take(self, events: list[MetricEvent]) -> None:
+    def _take(self, events: list[MetricEvent], columns: dict[str, tuple[float, ...]] | None = None) -> None:
         """Count consecutive new ``events`` into the run's position, source, tags and recent steps."""
         first, last = events[0], events[-1]
         self.events += len(events)
@@ -194,6 +207,10 @@ class RunSummary:
             history.add(first.step, first.metrics)
             return
         steps = [e.step for e in events]
+        if columns is not None:
+            for name in history.metrics.intersection(columns):
+                history.add_column(name, steps, columns[name])
+            return
         # every charted metric of the record, also those logged at some steps only (a validation loss)
         for name in history.metrics.intersection(set().union(*[e.metrics.keys() for e in events])):
             column = [e.metrics.get(name) for e in events]
