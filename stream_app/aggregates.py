@@ -93,20 +93,23 @@ class RunSummary(RunLedger):
             self._add_to_window(events[begin:end])
             begin = end
 
-    def _add_to_window(self, events: list[MetricEvent]) -> None:
-        """Aggregate ``events``, all of one window, into it."""
+    def _add_to_window(self, events: list[MetricEvent], columns: dict[str, tuple[float, ...]] | None = None) -> None:
+        """Aggregate ``events``, all of one window, into it (``columns``: their values by metric, when every
+        event has the same metrics in the same order)."""
         window = self._open_window(events[0].ts)
         if window is None:
             return
         window["count"] += len(events)
         stats = window["metrics"]
-        names = tuple(events[0].metrics)
-        if any(tuple(e.metrics) != names for e in events):
-            for event in events:
-                self._aggregate(window, stats, event.metrics)
-            return
-        # the same metrics, in the same order, at every step: the columns by one transposition in C
-        for name, values in zip(names, zip(*[e.metrics.values() for e in events], strict=True), strict=True):
+        if columns is None:
+            names = tuple(events[0].metrics)
+            if any(tuple(e.metrics) != names for e in events):
+                for event in events:
+                    self._aggregate(window, stats, event.metrics)
+                return
+            # the same metrics, in the same order, at every step: the columns by one transposition in C
+            columns = dict(zip(names, zip(*[e.metrics.values() for e in events], strict=True), strict=True))
+        for name, values in columns.items():
             total = sum(values)
             if not math.isfinite(total):
                 for value in values:

@@ -45,10 +45,11 @@ class Settings:
     max_batch_bytes: int = 262_144
     #: seconds the worker's producer waits to fill a batch (alerts wait as long); 0 with one-record batches
     producer_linger_s: float = 0.005
-    #: the agent saves each run's state (and acks the records) once per burst of records — after
-    #: take_records of them, or once none are waiting and save_interval_s have passed since the burst began
-    #: (a timer catches the last burst before a pause): a changelog message costs the worker ~0.25 ms
-    #: whatever its size, and a run's records coalesce into one only over a few hundred records
+    #: the agent saves each run's state (and acks the records) once per burst of records — once none are
+    #: waiting and save_interval_s have passed since the burst began (a timer catches the last burst before a
+    #: pause), or sooner when take_records runs (or 10 × take_records records) wait: a changelog message
+    #: costs the worker ~0.25 ms whatever its size, so a run's records share one save per burst, single
+    #: events too; the detectors take at most take_records steps of waiting records in one go
     take_records: int = 500
     save_interval_s: float = 0.5
     #: embedded broker port

@@ -311,6 +311,15 @@ def test_producers_never_import_faust():
             assert not any(n.split(".")[0] in ("faust", "stream_app") for n in names), path
 
 
+def test_the_stream_worker_never_imports_torch(tmp_path):
+    """The worker reads ``producers.kafka_security`` only: importing the package must not pull in torch
+    (1.5 s at start, and ~140k objects that every full garbage collection of the worker would traverse)."""
+    code = ("import sys, stream_app.app, producers; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert producers.watch.__module__ == 'producers.torch'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
+                   env={**os.environ, "LOSSGUARD_DATA_DIR": str(tmp_path)})
+
+
 def _sender_children(marker: str) -> list[int]:
     """Pids of sender subprocesses whose command line mentions ``marker`` (read from /proc, never cut)."""
     pids = []
