@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .kafka_security import KafkaSecurityError, client_config
-from .sender_child import PERMANENT, partition_for_key
+from .sender_child import PERMANENT, partition_for_key, passing
 
 __all__ = ["Emitter", "EmitterStats", "default_bootstrap", "partition_for_key", "topic_name"]
 
@@ -430,12 +430,11 @@ class Emitter:
 
 
 def _passing(exc: BaseException) -> bool:
-    """Whether a failed send may succeed later (broker down or slow): kafka-python's retriable errors, and
-    the sender process's connection and timeout failures."""
+    """Whether a failed send may succeed later: the sender process said so (its reasons are marked
+    permanent otherwise), or, in this process, :func:`sender_child.passing`."""
     if isinstance(exc, ConnectionError) and str(exc).startswith(PERMANENT):  # the sender process said so
         return False
-    return bool(getattr(exc, "retriable", False)) or isinstance(exc, (ConnectionError, TimeoutError)) \
-        or type(exc).__name__ in ("KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionError")
+    return passing(exc)
 
 
 class _Unencodable(Exception):

@@ -261,3 +261,18 @@ def test_three_sigkills_mid_stream_lose_no_alert(topics, start_worker):
     assert {a.run_id for a in nan} == set(runs), worker.log()[-3000:]
     assert len({a.alert_id for a in nan}) == len(runs)
     assert all(a.step == 40 for a in nan)
+
+
+def test_a_restarting_brokers_unknown_error_is_retried_by_either_transport():
+    """The broker's "unknown server error" (-1), which a broker that has just restarted answers for a topic
+    it has not loaded yet, is kept for a later round — in the training process and in the sender process
+    alike — while an error no retry mends (a record over the size limit) stays permanent."""
+    from kafka.errors import MessageSizeTooLargeError, UnknownError
+
+    from producers.emitter import _passing
+    from producers.sender_child import PERMANENT, _failure
+
+    assert _passing(UnknownError()) and not _failure(UnknownError()).startswith(PERMANENT)
+    assert not _passing(MessageSizeTooLargeError()) and _failure(MessageSizeTooLargeError()).startswith(PERMANENT)
+    assert not _passing(ConnectionError(_failure(MessageSizeTooLargeError())))  # as the parent hears it
+    assert _passing(ConnectionError(_failure(UnknownError())))
