@@ -11,17 +11,10 @@ shares through :class:`~detectors.RunDriver`; this class adds the windows and th
 
 >>> from detectors import MetricEvent
 >>> s = RunSummary("r")
->>> [s.observe(MetricEvent("r", step, {"loss": 1.0}, ts=ts)) for step, ts in
-...  [(1, 10.0), (3, 11.0), (3, 11.0), (2, 10.5), (4, 12.0), (2, 13.0)]]
-['new', 'new', 'duplicate', 'out_of_order', 'new', 'resumed']
->>> s.events, s.duplicates, s.out_of_order, s.resumes, s.last_step
-(4, 1, 1, 1, 2)
->>> a = RunSummary("r")
->>> [a.observe(MetricEvent("r", step, m, ts=ts, tags={"attempt": att})) for step, m, ts, att in
-...  [(5, {"loss": 1.0}, 1.0, "0"), (5, {"val_loss": 1.1}, 2.0, "0"), (4, {"loss": 1.0}, 0.5, "1")]]
-['new', 'same_step', 'resumed']
->>> s.windows[-1]["metrics"]["loss"]
-{'count': 4, 'min': 1.0, 'max': 1.0, 'mean': 1.0}
+>>> kinds = [s.observe(MetricEvent("r", step, {"loss": x}, ts=ts)) for step, x, ts in
+...          [(1, 2.0, 10.0), (2, 1.5, 11.0), (2, 1.5, 11.0), (3, 1.0, 12.0)]]
+>>> kinds, s.windows[-1]["metrics"]["loss"]  # the re-delivered step is aggregated once
+(['new', 'new', 'duplicate', 'new'], {'count': 3, 'min': 1.0, 'max': 2.0, 'mean': 1.5})
 """
 
 from __future__ import annotations
