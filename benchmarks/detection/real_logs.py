@@ -38,6 +38,8 @@ from run import (  # noqa: E402
     LOSSGUARD,
     Run,
     best_combination,
+    interval_json,
+    interval_line,
     markdown_table,
     summarize,
     union_outcomes,
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "fa_budget": FA_BUDGET,
         "lossguard": {"medium_or_worse_per_10k": 1e4 * noisy / healthy_points if healthy_points else None,
                       "medium_or_worse": noisy, "nonfinite_at_step": [caught, nonfinite]},
+        "intervals_95": interval_json(summaries[LOSSGUARD], noisy),
         "methods": summaries,
         "per_run": {r.run_id: {"failure": r.failure, "onset_point": r.onset, "points": len(r.steps),
                                "source_url": r.label.get("source_url"),
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     m = results["lossguard"]
     print(f"\nlossguard: non-finite caught at the step {caught}/{nonfinite}; medium-or-worse alerts per 10k healthy "
           f"points {m['medium_or_worse_per_10k']:.1f} ({noisy})")
+    print(interval_line(summaries[LOSSGUARD], noisy, "points"))
     for rid, why in refused.items():
         print(f"refused: {rid}: {why}")
     print(f"({results['seconds']}s; details in {args.out})")

@@ -49,6 +49,46 @@ TOLERANCE = 2  # an alarm this many steps before the labelled onset still counts
 EPISODE_GAP = 20  # alarms closer than this continue one episode (lossguard's resolve_after)
 FA_BUDGET = 1.0  # false alarms per 10k healthy steps allowed to the "best combination" of baselines
 LOSSGUARD = "lossguard"
+
+
+def intervals(detected: int, failing: int, alarms: int, healthy: int) -> dict[str, list[float] | None]:
+    """95 % intervals for what a half this small can say: recall (Wilson score interval of a binomial) and
+    alarms per 10k healthy points/steps (exact Poisson interval) — scipy's, not hand-written formulas. A
+    tune/report gap inside both halves' intervals is as likely the luck of the split as over-fitting."""
+    from scipy.stats import binomtest, chi2
+
+    recall = None
+    if failing:
+        ci = binomtest(detected, failing).proportion_ci(confidence_level=0.95, method="wilson")
+        recall = [round(ci.low, 3), round(ci.high, 3)]
+    per_10k = None
+    if healthy:
+        low = chi2.ppf(0.025, 2 * alarms) / 2 if alarms else 0.0
+        high = chi2.ppf(0.975, 2 * alarms + 2) / 2
+        per_10k = [round(1e4 * low / healthy, 1), round(1e4 * high / healthy, 1)]
+    return {"recall": recall, "per_10k": per_10k}
+
+
+def interval_json(summary: Mapping[str, Any], noisy: int) -> dict[str, Any]:
+    """The 95 % intervals of lossguard's figures, for the results file."""
+    overall, healthy = summary["overall"], summary["healthy_steps"]
+    return {"high_critical": intervals(overall["detected"], overall["runs"], summary["false_alarms"], healthy),
+            "medium_or_worse_per_10k": intervals(0, 0, noisy, healthy)["per_10k"]}
+
+
+def interval_line(summary: Mapping[str, Any], noisy: int, unit: str) -> str:
+    """One line: lossguard's recall and alarm rates with their 95 % intervals."""
+    overall, healthy = summary["overall"], summary["healthy_steps"]
+    fa, noise = (intervals(overall["detected"], overall["runs"], n, healthy) for n in (summary["false_alarms"], noisy))
+
+    def pct(ci: list[float] | None) -> str:
+        return "–" if ci is None else f"{ci[0]:.0%}–{ci[1]:.0%}"
+
+    def rate(ci: list[float] | None) -> str:
+        return "–" if ci is None else f"{ci[0]:.1f}–{ci[1]:.1f}"
+
+    return (f"95 % intervals: recall {overall['detected']}/{overall['runs']} → {pct(fa['recall'])}; high/critical FA "
+            f"per 10k healthy {unit} {rate(fa['per_10k'])}; medium-or-worse {rate(noise['per_10k'])}")
 T0 = 1_700_000_000.0
 
 
@@ -291,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                       "nonfinite_at_step": [sum(outcomes[LOSSGUARD][r.run_id]["delay"] == 0 for r in runs
                                                 if r.failure == "nonfinite"),
                                             sum(r.failure == "nonfinite" for r in runs)]},
+        "intervals_95": interval_json(summarize(runs, outcomes[LOSSGUARD]), sum(noise.values())),
         "per_run": {r.run_id: {"failure": r.failure, "onset": r.onset, "steps": len(r.steps),
                                "outcomes": {m: outcomes[m][r.run_id] for m in methods},
                                "lossguard_alerts": lossguard_alerts[r.run_id]} for r in runs},
@@ -305,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     m = results["lossguard"]
     print(f"\nlossguard: non-finite caught at the step {m['nonfinite_at_step'][0]}/{m['nonfinite_at_step'][1]}; "
           f"medium-or-worse alerts per 10k healthy steps {m['medium_or_worse_per_10k']:.1f} ({m['medium_or_worse']})")
+    print(interval_line(results["methods"][LOSSGUARD], m["medium_or_worse"], "steps"))
     print(f"({results['seconds']}s; details in {args.out})")
     return 0
 
