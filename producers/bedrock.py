@@ -647,7 +647,7 @@ class Verdict:
         return "\n".join(out)
 
 
-_LR_ALERTS = {"loss_spike", "nonfinite_metric", "convergence_divergence", "gradient_explosion",
+_LR_ALERTS = {"loss_spike", "nonfinite_metric", "saturated_loss", "convergence_divergence", "gradient_explosion",
               "lr_too_high", "loss_oscillation"}
 
 

@@ -4,7 +4,7 @@ Every run is replayed through ``DetectorSuite.update`` event by event (the refer
 ``update_batch`` in chunks of 1, 7 and 50, with and without a JSON round trip of ``state_dict()`` into a
 fresh suite every few chunks. Alerts are compared in full (id, step, status, severity, message, value,
 metadata) and so is the final state. Runs: corpus runs of several failure types, and synthetic runs
-with every metric the detectors read, bursts, NaNs, LR and batch-size jumps, gaps and resumed steps.
+with every metric the detectors read, bursts, NaNs, saturated losses, LR and batch-size jumps, gaps and resumed steps.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def synthetic(seed: int, steps: int = 700) -> list[MetricEvent]:
                      reward_accuracy=0.5 + min(s, 300) / 700 - max(0, s - 400) / 500)
         if rng.random() < 0.01:
             m[rng.choice(list(m))] = rng.choice([math.nan, math.inf, -math.inf])
+        if rng.random() < 0.01:  # a loss at a framework's clamp (saturated_loss), now and then two in a row
+            m["loss" if rng.random() < 0.7 else "val_loss"] = rng.choice([87.3365, 16.1181])
         step = s if rng.random() > 0.01 else max(0, s - 5)  # a resumed run, or a re-delivery
         events.append(MetricEvent(f"syn{seed}", step, m, ts=ts, source="syn",
                                   tags={"status": "finished"} if rng.random() < 0.01 else {}))

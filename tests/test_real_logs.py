@@ -114,3 +114,23 @@ def test_a_wildly_noisy_validation_set_is_no_trend():
     """A healthy fine-tune whose validation loss jumps 0.5 -> 3.9 -> 1.0 from epoch to epoch: three rises
     in a row happen by chance there, and must not page."""
     assert [a for a in firing("gh_deeplense_ft100_resumed") if a.alert_type == "val_train_divergence"] == []
+
+
+def test_a_caffe_loss_at_the_float32_clamp_pages_at_once():
+    """A Caffe solver log pasted into an issue: "loss = 87.3366" at iteration 0 — −ln(FLT_MIN), every
+    sample's probability underflowed — then stuck at 8.26. Nothing is NaN, yet the net is broken."""
+    run_id = "s6_caffe1255_plateau"
+    alerts = [a for a in firing(run_id) if a.alert_type == "saturated_loss"]
+    assert [(a.step, a.severity) for a in alerts] == [(0, "high")]
+
+
+def test_a_loss_passing_by_the_clamps_is_no_saturation():
+    """A healthy loss falling through 87.3 and 16.1 (a summed detection loss does) never sits at a clamp:
+    only a value within printing precision of one is a saturated loss."""
+    from detectors import DetectorSuite, MetricEvent
+
+    suite = DetectorSuite()
+    losses = [90.0 - 0.0137 * s for s in range(5500)]  # passes 87.3365 and 16.1181 between two points
+    assert not any(87.3364 <= x <= 87.3366 or 16.118 <= x <= 16.1182 for x in losses)
+    alerts = [a for s, x in enumerate(losses) for a in suite.update(MetricEvent("r", s, {"loss": x}))]
+    assert [a for a in alerts if a.alert_type == "saturated_loss"] == []
