@@ -91,7 +91,7 @@ class LossSpikeDetector(Detector):
         "jump_ratio": 5.0,
         "resolve_after": 20,
     }
-    state_fields = ("history", "run_length", "off", "initial")
+    state_fields = ("history", "run_length", "off", "initial", "last_val")
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -104,6 +104,8 @@ class LossSpikeDetector(Detector):
         self.run_length = 0
         self.off = False
         self.initial: float | None = None
+        #: the validation loss logged beside the last loss that came with one
+        self.last_val: float | None = None
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = event.metrics.get(self.metric)
@@ -114,8 +116,9 @@ class LossSpikeDetector(Detector):
             return self._report(event, "loss_spike", False)
         if self.initial is None:
             self.initial = compact(x)
+        confirmed = self._confirmed(event)
         if len(self.history) < self.warmup:
-            return self._early(event, x)
+            return self._early(event, x, confirmed)
         ordered = self._ordered
         if ordered is None:
             ordered = self._ordered = sorted(self.history)
@@ -139,7 +142,19 @@ class LossSpikeDetector(Detector):
             self._remember(x)
             return self._report(event, "loss_spike", False)
         return self._spike(event, x, center, limit, f"its recent median {center:.4g} ({z:.1f} robust sigma)",
-                           {"robust_sigma": sigma})
+                           {"robust_sigma": sigma}, confirmed)
+
+    def _confirmed(self, event: MetricEvent) -> str | None:
+        """How the validation loss logged beside this loss jumped with it (None: it did not, or there is
+        none): up ``material_ratio``× from the one logged beside the previous loss that came with one. An
+        epoch log's held-out loss repeating a training-loss jump makes it no hard batch."""
+        val = event.metrics.get("val_loss")
+        if val is None or not math.isfinite(val):
+            return None
+        last, self.last_val = self.last_val, compact(val)
+        if last is not None and last > 0 and val >= self.material_ratio * last:
+            return f"{last:.4g} → {val:.4g}"
+        return None
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # every limit is at least the window's median raised by min_rel_increase: a batch below that for
@@ -153,6 +168,11 @@ class LossSpikeDetector(Detector):
                 xs, compacted(events, self.metric)):
             return super().update_batch(events)
         self.run_length = 0
+        for event in reversed(events):  # no spike: only the last validation loss matters to the next
+            val = event.metrics.get("val_loss")
+            if val is not None and math.isfinite(val):
+                self.last_val = compact(val)
+                break
         self.history = [*self.history, *compacted(events, self.metric)][-self.window:]
         self._ordered = None
         return []
@@ -181,30 +201,32 @@ class LossSpikeDetector(Detector):
                            center + np.abs(center) * self.min_rel_increase)
         return bool(np.all(np.array(xs) <= limit * (1 - 1e-12)))
 
-    def _early(self, event: MetricEvent, x: float) -> list[Alert]:
+    def _early(self, event: MetricEvent, x: float, confirmed: str | None) -> list[Alert]:
         """Warm-up: no window yet, but a loss far above where the run started — or, from three losses on,
-        above their median when that is lower (the run had learned something) — is already a blow-up."""
+        above their median when that is lower (the run had learned something) — is already a blow-up; so
+        is one twice as high when the validation loss jumped with it (``_confirmed``)."""
         reference, how = self.initial, f"the run's first loss {self.initial:.4g} (warm-up)"
         if len(self.history) >= 3:
             center = median(self.history)
             if center < reference:
                 reference, how = center, f"the median {center:.4g} of its first {len(self.history)} losses"
-        limit = self.early_ratio * reference
+        limit = (2.0 if confirmed else self.early_ratio) * reference
         if reference <= 0 or x <= limit:
             self.run_length = 0
             self._remember(x)
             return self._report(event, "loss_spike", False)
-        return self._spike(event, x, reference, limit, how, {})
+        return self._spike(event, x, reference, limit, how, {}, confirmed)
 
     def _spike(self, event: MetricEvent, x: float, median: float, limit: float, how: str,
-               metadata: dict) -> list[Alert]:
+               metadata: dict, confirmed: str | None = None) -> list[Alert]:
         self.run_length += 1
         ratio = x / median if median > 0 else math.inf
         material = ratio >= self.material_ratio
         if (self.run_length >= self.persist_critical and material) or (
                 ratio >= self.ratio_critical and self.run_length > 1):
             severity = "critical"
-        elif (self.run_length >= self.persist_high and material) or ratio >= self.jump_ratio:
+        elif (self.run_length >= self.persist_high and material) or ratio >= self.jump_ratio or (
+                confirmed and ratio >= 2.0):
             # a lone point pages only when the loss jumped jump_ratio×: an average over hundreds of steps
             # (or a short fragment) that does that is no hard batch
             severity = "high"
@@ -214,8 +236,10 @@ class LossSpikeDetector(Detector):
             severity = "low"  # one hard batch: noisy pretraining has many, none of them a failure
         return self._report(
             event, "loss_spike", True, severity=severity, value=x, threshold=limit,
-            message=f"{self.metric} {x:.4g} is {ratio:.2f}x {how} for {self.run_length} step(s)",
-            metadata=dict(metadata, median=median, ratio=ratio, consecutive=self.run_length),
+            message=f"{self.metric} {x:.4g} is {ratio:.2f}x {how} for {self.run_length} step(s)"
+                    + (f", and the validation loss jumped with it ({confirmed})" if confirmed else ""),
+            metadata=dict(metadata, median=median, ratio=ratio, consecutive=self.run_length,
+                          **({"val_loss_jump": confirmed} if confirmed else {})),
         )
 
     def _remember(self, x: float) -> None:

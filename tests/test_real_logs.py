@@ -134,3 +134,13 @@ def test_a_loss_passing_by_the_clamps_is_no_saturation():
     assert not any(87.3364 <= x <= 87.3366 or 16.118 <= x <= 16.1182 for x in losses)
     alerts = [a for s, x in enumerate(losses) for a in suite.update(MetricEvent("r", s, {"loss": x}))]
     assert [a for a in alerts if a.alert_type == "saturated_loss"] == []
+
+
+def test_a_jump_the_validation_loss_repeats_is_a_spike_at_once():
+    """A Keras GRU's epoch summaries quoted in an issue: loss 0.39 -> 0.88 at epoch 20 with val_loss
+    0.37 -> 0.74 beside it. 2.2x is no 5x jump, but the held-out loss jumping with it makes it no hard
+    batch: high at that epoch, with nothing before it."""
+    run_id = "s6_chemts8_epoch20_spike"
+    alerts = firing(run_id)
+    assert [(a.alert_type, a.step) for a in alerts][:1] == [("loss_spike", 20)]
+    assert "validation loss jumped" in alerts[0].message
