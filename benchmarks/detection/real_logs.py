@@ -105,6 +105,36 @@ def nonfinite_at_step(runs: Sequence[Run], briefs: Mapping[str, list[dict[str, A
     return caught, len(failing)
 
 
+def healthy_excerpts(labels: Sequence[Mapping[str, Any]], real: Path = REAL,
+                     lengths: Sequence[int] = (4, 8, 16, 30)) -> dict[int, dict[str, Any]]:
+    """Healthy runs cut into excerpts of ``lengths`` points (windows at half-length strides), each replayed
+    as a run of its own — what a healthy log pasted into an issue or a chat looks like: no warm-up history,
+    the fragment rules in play. By length: excerpts, and those with a high/critical alert (by type)."""
+    from detectors.events import MetricEvent
+    from stream_app.replay import replay_events
+
+    out = {n: {"excerpts": 0, "paging": 0, "by_type": {}} for n in lengths}
+    for label in labels:
+        if label["label"] != "healthy":
+            continue
+        by_step: dict[int, list[MetricEvent]] = {}
+        for event in read_events(real / label["file"], run_id=label["run_id"]):
+            by_step.setdefault(event.step, []).append(event)
+        steps = sorted(by_step)
+        for n in lengths:
+            for start in range(0, len(steps) - n + 1, max(1, n // 2)):
+                run_id = f"{label['run_id']}[{start}:{start + n}]"
+                events = [MetricEvent(run_id, e.step, e.metrics, ts=e.ts) for s in steps[start:start + n]
+                          for e in by_step[s]]
+                paging = {a.alert_type for a in replay_events(events)
+                          if a.status == "firing" and a.severity in HIGH}
+                out[n]["excerpts"] += 1
+                out[n]["paging"] += bool(paging)
+                for kind in paging:
+                    out[n]["by_type"][kind] = out[n]["by_type"].get(kind, 0) + 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split", choices=("tune", "report", "all"), default="report")
@@ -112,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON results (default: %(default)s)")
     p.add_argument("--run", help="only this run (diagnosis)")
     p.add_argument("-v", "--verbose", action="store_true", help="print each run's outcome and alerts")
+    p.add_argument("--excerpts", action="store_true",
+                   help="also replay the split's healthy runs cut into 4-30-point excerpts (see healthy_excerpts)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     labels = [lab for lab in load_labels(args.real)
@@ -177,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlossguard: non-finite caught at the step {caught}/{nonfinite}; medium-or-worse alerts per 10k healthy "
           f"points {m['medium_or_worse_per_10k']:.1f} ({noisy})")
     print(interval_line(summaries[LOSSGUARD], noisy, "points"))
+    if args.excerpts:
+        results["healthy_excerpts"] = excerpts = healthy_excerpts(labels, args.real)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        for n, e in excerpts.items():
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(e["by_type"].items(), key=lambda kv: -kv[1]))
+            print(f"healthy excerpts of {n} points: {e['paging']} of {e['excerpts']} page "
+                  f"({e['paging'] / max(1, e['excerpts']):.1%}){': ' + kinds if kinds else ''}")
     for rid, why in refused.items():
         print(f"refused: {rid}: {why}")
     print(f"({results['seconds']}s; details in {args.out})")
