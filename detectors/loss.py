@@ -365,7 +365,7 @@ class LossDivergenceDetector(_SmoothedLoss):
 
     name = "loss_divergence"
     state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length", "first_step", "interval",
-                                                 "low", "last", "climb")
+                                                 "low", "last", "climb", "early")
 
     def reset(self) -> None:
         super().reset()
@@ -380,6 +380,8 @@ class LossDivergenceDetector(_SmoothedLoss):
         self.low: float | None = None
         self.last: float | None = None
         self.climb = 0
+        #: the losses of the first two warm-ups (what a fragment's climb is judged against)
+        self.early: list[float] = []
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, smoothing span, steps to high), in points, for a run logged every ``interval`` steps."""
@@ -425,6 +427,7 @@ class LossDivergenceDetector(_SmoothedLoss):
         threshold = self.divergence_threshold
         smooth, absdev, seen, start, best = self.smooth, self.absdev, self.seen, self.start, self.best
         first_step, interval, low, last, climb = self.first_step, self.interval, self.low, self.last, self.climb
+        early = self.early
         warmup, span, _ = self._sizes(interval)
         alpha = 2.0 / (span + 1)
         found, self._climbing = len(xs), False
@@ -450,12 +453,17 @@ class LossDivergenceDetector(_SmoothedLoss):
                 # already a divergence
                 climb = climb + 1 if last is not None and x > last else 0
                 low = x if low is None or x < low else low
-                # the point before already up too: one loss far above the rest is the spike detector's
-                if climb >= 2 and low > 0 and x >= 1.5 * low and x > start and last >= 1.2 * low:
+                # the point before already up too: one loss far above the rest is the spike detector's;
+                # and 1.5x the median of the losses before it, not only the lowest: a noisy log's lowest
+                # point is an outlier, and three rises in a row from it happen by chance
+                if climb >= 2 and low > 0 and x >= 1.5 * low and x > start and last >= 1.2 * low and (
+                        x >= 1.5 * median(early)):
                     found, self._climbing = i, True
-                    last = x
+                    last, early = x, [*early, compact(x)]
                     break
-                last = x
+                last, early = x, [*early, compact(x)]
+            elif early:
+                early = []  # past the fragment rule: not state any longer
             if seen < warmup:
                 continue
             if best is None or smooth < best:
@@ -469,6 +477,7 @@ class LossDivergenceDetector(_SmoothedLoss):
         if commit or found == len(xs):
             self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
             self.first_step, self.interval, self.low, self.last, self.climb = first_step, interval, low, last, climb
+            self.early = early
         return found
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
