@@ -43,7 +43,9 @@ class ValTrainDivergenceDetector(Detector):
     best, are ``high`` too where the noise test has little to go on: with no training loss at all (a
     history of evaluations only), and in an epoch log (an evaluation at every other point or more) while
     training improves, the rise is past ``noise_threshold`` noise σ and that noise is small (its
-    ``noise_threshold`` σ under ``rise_threshold`` of the best).
+    ``noise_threshold`` σ under ``rise_threshold`` of the best). In an epoch log, five evaluations each above
+    the last (1 in 120 by chance) past ``rise_threshold`` are ``high`` whatever the noise estimate says: a
+    steady climb's own steps inflate it.
     ``overtraining`` (``low``, ``medium`` while validation is also rising past its noise) says the best checkpoint is
     ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
 
@@ -137,10 +139,12 @@ class ValTrainDivergenceDetector(Detector):
         # epoch log (an evaluation at every other point or more: each a whole validation set's mean, not
         # a noisy mid-epoch probe) few points to learn its noise from: there, evaluations that rise one
         # after another past a third of the threshold while training improves are the trend
+        epoch_log = train_falling and 2 * self.evals >= self.points
         val_only = (self.rises >= 1 and rise > self.rise_threshold / 3
-                    and (self.train is None or train_falling and 2 * self.evals >= self.points
-                         and self.noise_threshold * noise < min(val - self.best_val,
-                                                                self.rise_threshold * self.best_val)))
+                    and (self.train is None or epoch_log and self.noise_threshold * noise < min(
+                        val - self.best_val, self.rise_threshold * self.best_val))) or (
+            # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
+            epoch_log and self.rises >= 4 and rise > self.rise_threshold)
         active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend

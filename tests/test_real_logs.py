@@ -144,3 +144,12 @@ def test_a_jump_the_validation_loss_repeats_is_a_spike_at_once():
     alerts = firing(run_id)
     assert [(a.alert_type, a.step) for a in alerts][:1] == [("loss_spike", 20)]
     assert "validation loss jumped" in alerts[0].message
+
+
+def test_an_epoch_log_whose_validation_climbs_five_epochs_reaches_high():
+    """A steganalysis net's five epochs pasted into an issue ("You are overfitting", said the maintainer):
+    val_loss 0.75 -> 1.48, each epoch above the last, while the training loss falls 0.54 -> 0.21. The
+    climb's own steps make its noise look large; five rises in a row are the trend all the same."""
+    run_id = "s7a_stegolab1_xunet_overfit"
+    alerts = [a for a in firing(run_id) if a.alert_type == "val_train_divergence"]
+    assert [a.step for a in alerts] == [5]
