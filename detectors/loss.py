@@ -491,6 +491,20 @@ class LossDivergenceDetector(_SmoothedLoss):
         return []
 
 
+#: points in a row at exactly one loss value that make a stuck model (see ``LossPlateauDetector``)
+FLAT_POINTS = 5
+
+
+def _flat_run(values: list[float]) -> int:
+    """How many values at the end of ``values`` equal the last one."""
+    n = 0
+    for v in reversed(values):
+        if v != values[-1]:
+            break
+        n += 1
+    return n
+
+
 @register_detector
 class LossPlateauDetector(_SmoothedLoss):
     """Plateau: no relative improvement above ``plateau_threshold`` in ``plateau_window`` observations.
@@ -506,6 +520,9 @@ class LossPlateauDetector(_SmoothedLoss):
     A plateau ends after ``plateau_resolve_steps`` observations in a row without one (instead of
     ``resolve_after``): the run must keep improving for two windows, because on a converged run's noisy
     floor a single lucky new best would end the plateau only for it to open again a window later.
+    A loss that is exactly the same number ``FLAT_POINTS`` points in a row (to its 7th digit, above 0.01) is
+    ``high`` at once, warm-up or not: the model's outputs no longer change (dead units, a constant
+    prediction — 0.6931 = ln 2 for a binary classifier), nothing a healthy loss's noise ever does.
 
     >>> import random
     >>> from detectors.events import MetricEvent
@@ -514,6 +531,10 @@ class LossPlateauDetector(_SmoothedLoss):
     >>> out = [a for s in range(300) for a in d.update(MetricEvent("r", s, {"loss": 2.302 + rng.gauss(0, 0.03)}))]
     >>> [(a.severity, a.step, a.metadata["stagnation"]) for a in out if a.status == "firing"]
     [('high', 69, True)]
+    >>> d = LossPlateauDetector()   # a binary classifier stuck at chance, from a pasted training loop
+    >>> stuck = [0.6773, 2.4587, 5.3353, 1.0234, 10.6901, 1.9899, 3.5713, 0.6869] + [0.6931] * 6
+    >>> [(a.severity, a.step) for s, x in enumerate(stuck) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+    [('high', 12)]
     >>> d = LossPlateauDetector()
     >>> learning = [2.3 * math.exp(-s / 80) + 0.2 + rng.gauss(0, 0.03) for s in range(300)]
     >>> [a for s, x in enumerate(learning) for a in d.update(MetricEvent("r", s, {"loss": x}))]
@@ -550,6 +571,13 @@ class LossPlateauDetector(_SmoothedLoss):
             return []
         self._advance([x], [event.step], [event.metrics.get("lr")], 0, watch=False)
         warmup, window, _ = self._sizes(self.interval)
+        if self.recent[-1] > 0.01 and _flat_run(self.recent) >= FLAT_POINTS:
+            same = _flat_run(self.recent)
+            return self._report(
+                event, "convergence_plateau", True, severity="high", value=x, threshold=None,
+                message=(f"{self.metric} has been exactly {x:.7g} for {same} points: the model's outputs no "
+                         f"longer change (dead units, a constant prediction)"),
+                metadata={"best": self.best, "since_best": self.since_best, "stagnation": True, "flat": same})
         if self.seen < warmup:
             return []
         stagnant, start, now = self._stagnation()
@@ -611,6 +639,7 @@ class LossPlateauDetector(_SmoothedLoss):
         lr_still = later.count(prev_lr) == len(later) or later.count(None) == len(later)  # compact already
         checked = 0  # steps taken that the stagnation test would look at
         stop = len(xs)
+        same, last = _flat_run(recent) if recent else 0, recent[-1] if recent else None
         for i in range(begin, len(xs)):
             x = xs[i]
             if interval is None:  # the cadence is known from the second point on (never a step to stop at)
@@ -633,6 +662,11 @@ class LossPlateauDetector(_SmoothedLoss):
                         n_rose = n_seen
                     n_prev_lr = compact(lr)
             n_best, n_since, n_clear = best, since_best, clear
+            cx = compact(x)
+            n_same = same + 1 if cx == last else 1
+            if watch and n_same >= FLAT_POINTS and cx > 0.01:  # stuck: update judges it
+                stop = i
+                break
             if n_seen >= warmup:
                 if n_best is None:
                     n_best = n_smooth
@@ -660,10 +694,10 @@ class LossPlateauDetector(_SmoothedLoss):
                         checked += 1
             smooth, absdev, seen, prev_lr, lr_rose_at = n_smooth, n_absdev, n_seen, n_prev_lr, n_rose
             best, since_best, clear = n_best, n_since, n_clear
-            x = compact(x)
+            same, last = n_same, cx
             if len(early) < warmup:
-                early.append(x)
-            recent.append(x)
+                early.append(cx)
+            recent.append(cx)
         if watch:
             taken = recent[max(0, len(recent) - checked - window + 1):]
             if checked and first_step <= warmup * (interval or 1):

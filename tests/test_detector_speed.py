@@ -4,7 +4,7 @@ Every run is replayed through ``DetectorSuite.update`` event by event (the refer
 ``update_batch`` in chunks of 1, 7 and 50, with and without a JSON round trip of ``state_dict()`` into a
 fresh suite every few chunks. Alerts are compared in full (id, step, status, severity, message, value,
 metadata) and so is the final state. Runs: corpus runs of several failure types, and synthetic runs
-with every metric the detectors read, bursts, NaNs, saturated losses, LR and batch-size jumps, gaps and resumed steps.
+with every metric the detectors read, bursts, NaNs, saturated and stuck losses, LR and batch-size jumps, gaps and resumed steps.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def synthetic(seed: int, steps: int = 700) -> list[MetricEvent]:
         zigzag ^= rng.random() < 0.02
         loss = max(0.01, loss * (0.997 if rng.random() < 0.8 else 1.02)) + (rng.random() - 0.5) * 0.02
         x = loss * (2.5 if zigzag and s % 2 else 1.0) * rng.choice([1] * 60 + [8, 40]) - 3.0 * negative
+        if seed % 3 == 0 and 100 <= s < 108 or seed % 3 == 2 and 400 <= s < 404:
+            x = 0.6931  # a model stuck at one exact loss (8 points: a plateau opens; 4: none may)
         m = {"train/loss" if s % 3 == 0 else "loss": x, "batch_size": bs}
         if rng.random() < 0.9:
             g = abs(g + (rng.random() - 0.5) * 0.1)
@@ -85,7 +87,10 @@ def steady(seed: int, steps: int = 900) -> list[MetricEvent]:
     for s in range(steps):
         lr = 3e-4 if s == 400 else lr
         mem = mem * 1.25 if s in (300, 600) else mem
-        m = {"loss": 0.4 + 1.6 * math.exp(-s / 300) * (0.95 + rng.random() * 0.1),
+        loss = 0.4 + 1.6 * math.exp(-s / 300) * (0.95 + rng.random() * 0.1)
+        if seed == 1 and 650 <= s < 660:
+            loss = 0.5512  # stuck at one exact value for 10 reports: a plateau opens at once, resolves later
+        m = {"loss": loss,
              "grad_norm": 1.0 + rng.random() * 0.1, "lr": lr, "batch_size": 64.0 if s < 500 else 32.0,
              "step_time": 0.1 + rng.random() * 0.001, "throughput": 1000.0, "mem_allocated": mem}
         events.append(MetricEvent(f"steady{seed}", s, m, ts=1e9 + s + (30.0 if s > 700 else 0.0), source="syn"))

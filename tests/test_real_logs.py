@@ -153,3 +153,13 @@ def test_an_epoch_log_whose_validation_climbs_five_epochs_reaches_high():
     run_id = "s7a_stegolab1_xunet_overfit"
     alerts = [a for a in firing(run_id) if a.alert_type == "val_train_divergence"]
     assert [a.step for a in alerts] == [5]
+
+
+def test_a_loss_stuck_at_one_exact_value_pages():
+    """A custom TensorFlow loop pasted into an issue: the loss jumps around for 8 steps, then prints exactly
+    0.6931 (ln 2: a binary classifier predicting 50/50) at every step. Its median fell, so "not learning"
+    sees progress; five identical values in a row are a model whose outputs no longer change."""
+    run_id = "s7a_tf12287_loss_const_0p6931"
+    alerts = [a for a in firing(run_id) if a.alert_type == "convergence_plateau"]
+    assert [a.step for a in alerts] == [LABELS[run_id]["onset_step"] + 4]
+    assert "exactly 0.6931" in alerts[0].message
