@@ -15,7 +15,7 @@ Its ``state_dict()`` is what the stream app keeps per run in a changelog-backed 
 >>> restored = DetectorSuite(); restored.load_state_dict(suite.state_dict())
 >>> restored.state_dict() == suite.state_dict()
 True
->>> [(a.step, a.status) for a in suite.update_batch([MetricEvent("r", s, {"loss": 1.0}, ts=float(s)) for s in range(2, 40)])]
+>>> [(a.step, a.status) for a in suite.update_batch([MetricEvent("r", s, {"loss": 2.0 - s / 100}, ts=float(s)) for s in range(2, 40)])]
 [(21, 'resolved')]
 """
 

@@ -221,8 +221,8 @@ def test_custom_detectors_subclass():
     register_hook("test-custom", per_alert.append)
     try:
         detector = LossCeiling(output_dir="custom")
-        for _ in range(5):
-            detector.analyze_training_step(loss=1.0)
+        for i in range(5):  # a loss that moves: one stuck at exactly 1.0 is a plateau alert of its own
+            detector.analyze_training_step(loss=1.0 - 0.01 * i)
         alerts = detector.analyze_training_step(loss=9.0)
     finally:
         unregister_hook("test-custom")

@@ -199,8 +199,8 @@ def test_a_run_silent_across_a_restart_is_found_stalled_and_a_replayed_run_is_no
     config.write_text("[liveness]\nmin_seconds = 6.0\n[stream]\ntick_interval = 0.5\n")
     first = start_worker(config=config)
     now = time.time()
-    live = [MetricEvent("live", s, {"loss": 1.0}, ts=now - 2.0 + s * 0.2) for s in range(10)]
-    old = [MetricEvent("replayed", s, {"loss": 1.0}, ts=1_600_000_000.0 + s * 0.2) for s in range(10)]
+    live = [MetricEvent("live", s, {"loss": 1.0 - s / 100}, ts=now - 2.0 + s * 0.2) for s in range(10)]
+    old = [MetricEvent("replayed", s, {"loss": 1.0 - s / 100}, ts=1_600_000_000.0 + s * 0.2) for s in range(10)]
     send(topics.bootstrap, topics.name("metrics"), live + old)
     runs = wait_runs(topics.bootstrap, topics.app_id, lambda r: all(
         k in r and r[k].events == 10 for k in ("live", "replayed")), timeout=60)
