@@ -1,4 +1,4 @@
-"""Three small, documented adjustments to faust-streaming, installed once by :func:`install`, and one helper.
+"""Four small, documented adjustments to faust-streaming, installed once by :func:`install`, and one helper.
 
 1. **Duplicate acked offsets stop commits** (faust-streaming#596, robinhood/faust#625). When
    ``Consumer._new_offset`` fills gaps it ``extend``-s the per-partition acked list with offsets that
@@ -22,6 +22,24 @@
    dropping records fetched before a rebalance. A record fetched before the seek may then be processed
    twice; the run summary counts the second as a duplicate.
 
+4. **Records lost in a partition that has no committed offset yet.** Faust drops records it has
+   fetched but cannot hand on at the moment: those of a partition it has just paused (in
+   ``Consumer.getmany``) and the rest of a batch once the flow stops for a rebalance. aiokafka's
+   position has moved past them all the same; Faust gets them back by seeking every partition to its
+   committed offset after each rebalance (``Consumer.perform_seek``). But aiokafka's
+   ``seek_to_committed`` seeks only where an offset above 0 was committed: in a partition of which the
+   group has committed nothing the dropped records were never fetched again. It happened to a worker
+   that took over from one killed before its first commit: while its table recovery ended, an aiokafka
+   fetch for the changelog partitions woke up when Faust had just paused them all (an empty set of
+   partitions means *every* partition to aiokafka's ``fetched_records``), drained the metrics records
+   0–17 that Faust then dropped as paused, and the worker went on from offset 18 (the run lost a
+   re-delivered step and the whole replay: ``tests/test_stream_app.py`` failed in 4 of 23 runs on a
+   loaded 2-core machine). A partition whose records the worker acks, with nothing committed, is now
+   sought to its beginning at that seek, as the consumer's ``auto_offset_reset="earliest"`` placed it
+   when it was assigned: the records are fetched again (those already processed count as duplicates).
+   Changelog partitions are left alone (the table recovery seeks them itself), and so is a consumer
+   with another reset policy (where it started is not known).
+
 :func:`as_current` makes an event the stream's current one for a table write made after the stream has
 moved on to later records (the agent saves a run's state once per burst of records): Faust's tables and
 stores take the changelog partition and the RocksDB partition of a write from the current event.
@@ -38,11 +56,12 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["AckedOffsets", "UnexpectedUpstream", "as_current", "check_upstream", "install", "upstream"]
+__all__ = ["AckedOffsets", "UnexpectedUpstream", "as_current", "check_upstream", "install", "seek_to_committed_or_start",
+           "upstream"]
 
 _installed = False
 _fetch_max_wait_ms = 1500
@@ -94,6 +113,13 @@ def check_upstream() -> None:
             "mode's FlowControlEvent.resume no longer clears the queues unconditionally")
     _expect(type(getattr(streams, "_current_event", None)).__name__ == "ContextVar",
             "faust.streams._current_event is no longer the ContextVar of the current event")
+    seek = upstream.get("AIOKafkaConsumerThread.seek_to_committed", driver.AIOKafkaConsumerThread.seek_to_committed)
+    _expect("call_thread(self._ensure_consumer().seek_to_committed)" in _source(seek),
+            "AIOKafkaConsumerThread.seek_to_committed no longer calls aiokafka's seek_to_committed")
+    _expect("if offset and offset > 0:" in _source(aiokafka.AIOKafkaConsumer.seek_to_committed),
+            "aiokafka's AIOKafkaConsumer.seek_to_committed no longer skips partitions with no committed offset")
+    _expect("await self.perform_seek()" in _source(consumer.getmany),
+            "Consumer.getmany no longer seeks back to the committed offsets when it drops records")
 
 
 class AckedOffsets(list):
@@ -121,8 +147,18 @@ def as_current(event: Any) -> Iterator[None]:
         _current_event.reset(token)
 
 
+async def seek_to_committed_or_start(consumer: Any, from_start: Callable[[Any], bool]) -> dict[Any, int | None]:
+    """aiokafka's ``seek_to_committed`` for every assigned partition, and to the beginning each one with
+    nothing committed (None, or 0) for which ``from_start(tp)`` holds. Returns the committed offsets."""
+    committed = await consumer.seek_to_committed()
+    fresh = [tp for tp, offset in committed.items() if not offset and from_start(tp)]
+    if fresh:
+        await consumer.seek_to_beginning(*fresh)
+    return committed
+
+
 def install(fetch_max_wait_ms: int = 10) -> None:
-    """Apply the three adjustments (idempotent; the fetch wait follows the latest call)."""
+    """Apply the four adjustments (idempotent; the fetch wait follows the latest call)."""
     global _installed, _fetch_max_wait_ms
     _fetch_max_wait_ms = int(fetch_max_wait_ms)
     if _installed:
@@ -157,4 +193,15 @@ def install(fetch_max_wait_ms: int = 10) -> None:
             resume(self)
 
     FlowControlEvent.resume = resume_after_suspension
+
+    upstream["AIOKafkaConsumerThread.seek_to_committed"] = driver.AIOKafkaConsumerThread.seek_to_committed
+
+    async def seek_to_committed(self):
+        app = self.app
+        earliest = app.conf.consumer_auto_offset_reset == "earliest"  # else: where the start was is not known
+        acked = app.topics.acks_enabled_for  # the partitions Faust commits (not the changelogs)
+        return await self.call_thread(seek_to_committed_or_start, self._ensure_consumer(),
+                                      lambda tp: earliest and acked(tp.topic))
+
+    driver.AIOKafkaConsumerThread.seek_to_committed = seek_to_committed
     _installed = True

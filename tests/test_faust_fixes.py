@@ -61,6 +61,75 @@ def test_canary_resuming_running_flow_control_drops_queued_records_upstream_and_
     assert asyncio.run(cleared_after_suspension()) == 0
 
 
+def _three_records_in_partitions_0_and_1(topics) -> None:
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
+    for partition in (0, 1):
+        for i in range(3):
+            producer.send(topics.name("metrics"), key=b"run", value=b"%d" % i, partition=partition)
+    producer.flush()
+    producer.close()
+
+
+def _positions_after_seek(topics, seek, group: str, *, reset: str = "earliest", acked: bool = True) -> dict[int, int]:
+    """Where a consumer in ``group`` of the metrics partitions 0 (nothing committed) and 1 (offset 2
+    committed), 3 records each, stands after ``seek`` — Faust's ``AIOKafkaConsumerThread.seek_to_committed``
+    on a real aiokafka consumer — once it has fetched the records and dropped them, as Faust's consumer
+    drops the records of a partition it has paused (the positions are past them)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import OffsetAndMetadata
+    from aiokafka.structs import TopicPartition as AioTP
+
+    topic = topics.name("metrics")
+    tps = [AioTP(topic, 0), AioTP(topic, 1)]
+
+    async def call_thread(fun, *args):
+        return await fun(*args)
+
+    async def run() -> dict[int, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=f"{topics.app_id}-{group}",
+                                    enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=50)
+        await consumer.start()
+        try:
+            consumer.assign(tps)
+            await consumer.commit({tps[1]: OffsetAndMetadata(2, "")})
+            for _ in range(100):  # bounded: the 6 records come in a few fetches
+                await consumer.getmany(*tps, timeout_ms=100)
+                if [await consumer.position(tp) for tp in tps] == [3, 3]:
+                    break
+            assert [await consumer.position(tp) for tp in tps] == [3, 3]
+            thread = SimpleNamespace(  # Faust's consumer thread, down to what the seek reads
+                app=SimpleNamespace(conf=SimpleNamespace(consumer_auto_offset_reset=reset),
+                                    topics=SimpleNamespace(acks_enabled_for=lambda name: acked and name == topic)),
+                call_thread=call_thread, _ensure_consumer=lambda: consumer)
+            await seek(thread)
+            return {tp.partition: await consumer.position(tp) for tp in tps}
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(run())
+
+
+def test_canary_records_dropped_in_a_partition_with_nothing_committed_are_skipped_upstream_and_not_once_fixed(topics):
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    _three_records_in_partitions_0_and_1(topics)
+    upstream_seek = faust_fixes.upstream["AIOKafkaConsumerThread.seek_to_committed"]
+    # partition 0: its 3 records are never fetched again
+    assert _positions_after_seek(topics, upstream_seek, "upstream") == {0: 3, 1: 2}
+    assert _positions_after_seek(topics, AIOKafkaConsumerThread.seek_to_committed, "fixed") == {0: 0, 1: 2}
+
+
+@pytest.mark.parametrize("reset, acked", [("latest", True), ("earliest", False)])
+def test_only_acked_partitions_of_an_earliest_consumer_are_sought_to_their_beginning(topics, reset, acked):
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    # a "latest" consumer started past records that a seek to the beginning would bring back; changelog
+    # partitions (not acked) are read by the table recovery, from its own offsets
+    _three_records_in_partitions_0_and_1(topics)
+    seek = AIOKafkaConsumerThread.seek_to_committed
+    assert _positions_after_seek(topics, seek, "fixed", reset=reset, acked=acked) == {0: 3, 1: 2}
+
+
 def _rewritten_upstream(*_args):
     return None
 
@@ -69,6 +138,7 @@ def _rewritten_upstream(*_args):
     ("FlowControlEvent.resume", "FlowControlEvent.resume"),
     ("_create_worker_consumer", "fetch_max_wait_ms=1500"),
     ("Consumer.__init__", "Consumer.__init__"),
+    ("AIOKafkaConsumerThread.seek_to_committed", "seek_to_committed"),
 ])
 def test_an_upstream_that_is_not_the_expected_code_is_refused_with_what_changed(monkeypatch, name, says):
     faust_fixes.check_upstream()  # the installed versions pass
