@@ -2,6 +2,8 @@
 
 >>> canonical_name("train/loss"), canonical_name("objective/kl"), canonical_name("lm loss")
 ('loss', 'kl', 'loss')
+>>> canonical_name("Loss"), canonical_name("Grad_Norm"), canonical_name("Val Loss"), canonical_name("Accuracy")
+('loss', 'grad_norm', 'val_loss', 'Accuracy')
 >>> canonical_metrics({"eval_loss": 1.5, "my_metric": 2.0})
 {'val_loss': 1.5, 'my_metric': 2.0}
 """
@@ -79,11 +81,16 @@ ALIASES: dict[str, str] = {
 }
 
 
+_CANONICAL = frozenset(CANONICAL)
+
+
 def canonical_name(name: str) -> str:
-    """The canonical name for a metric; unknown names come back unchanged (generic detectors still see them)."""
+    """The canonical name for a metric, whatever its case (a pasted log's ``Loss``, ``LR``); unknown names
+    come back unchanged (generic detectors still see them)."""
     if name in ALIASES:
         return ALIASES[name]
-    return ALIASES.get(name.strip().lower(), name)
+    low = name.strip().lower()
+    return low if low in _CANONICAL else ALIASES.get(low, name)
 
 
 def canonical_metrics(metrics: dict[str, float]) -> dict[str, float]:
