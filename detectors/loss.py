@@ -491,18 +491,24 @@ class LossDivergenceDetector(_SmoothedLoss):
         return []
 
 
-#: points in a row at exactly one loss value that make a stuck model (see ``LossPlateauDetector``)
-FLAT_POINTS = 5
+#: losses in a row that repeat, value for value, the ones some points before them: a model that does not
+#: change (see ``LossPlateauDetector``); 4 equal to the 4 just before them is 5 identical values
+REPEAT_POINTS = 4
 
 
-def _flat_run(values: list[float]) -> int:
-    """How many values at the end of ``values`` equal the last one."""
-    n = 0
-    for v in reversed(values):
-        if v != values[-1]:
-            break
-        n += 1
-    return n
+def _repeat_lag(values: list[float], x: float, window: int) -> int:
+    """The smallest lag p (1 ≤ p ≤ ``window``) such that ``x`` and the ``REPEAT_POINTS - 1`` values before it
+    equal the values p places earlier, ``x`` coming after ``values``; 0 when there is none."""
+    n = len(values)
+    lo = max(0, n - window)
+    if n < REPEAT_POINTS or x not in values[lo:]:  # a loss seen for the first time: the usual case, in C
+        return 0
+    for j in range(n - 1, lo - 1, -1):
+        lag = n - j
+        if values[j] == x and n - lag - (REPEAT_POINTS - 1) >= 0 and all(
+                values[n - k] == values[n - k - lag] for k in range(1, REPEAT_POINTS)):
+            return lag
+    return 0
 
 
 @register_detector
@@ -520,9 +526,12 @@ class LossPlateauDetector(_SmoothedLoss):
     A plateau ends after ``plateau_resolve_steps`` observations in a row without one (instead of
     ``resolve_after``): the run must keep improving for two windows, because on a converged run's noisy
     floor a single lucky new best would end the plateau only for it to open again a window later.
-    A loss that is exactly the same number ``FLAT_POINTS`` points in a row (to its 7th digit, above 0.01) is
-    ``high`` at once, warm-up or not: the model's outputs no longer change (dead units, a constant
-    prediction — 0.6931 = ln 2 for a binary classifier), nothing a healthy loss's noise ever does.
+    Losses that repeat, value for value (to the 7th digit, above 0.01), the ``REPEAT_POINTS`` logged some
+    points before them — five identical values in a row, or an epoch of a fixed data order that gives the
+    very losses of the epoch before — are ``high`` at once, warm-up or not: the model does not change (no
+    optimizer step, frozen or unattached weights, dead units, a constant prediction: 0.6931 = ln 2 for a
+    binary classifier), nothing a healthy loss's noise ever does. Only at steps past every earlier one: a
+    deterministic run restored from a checkpoint logs its losses again, and that is no failure.
 
     >>> import random
     >>> from detectors.events import MetricEvent
@@ -535,6 +544,10 @@ class LossPlateauDetector(_SmoothedLoss):
     >>> stuck = [0.6773, 2.4587, 5.3353, 1.0234, 10.6901, 1.9899, 3.5713, 0.6869] + [0.6931] * 6
     >>> [(a.severity, a.step) for s, x in enumerate(stuck) for a in d.update(MetricEvent("r", s, {"loss": x}))]
     [('high', 12)]
+    >>> d = LossPlateauDetector()   # a LoRA that was never attached: epoch 2's batches give epoch 1's losses
+    >>> epoch = [0.9741, 1.3742, 1.2390, 0.9670, 1.0386, 1.1681, 1.2240, 0.9610]
+    >>> [(a.severity, a.step) for s, x in enumerate(epoch * 2) for a in d.update(MetricEvent("r", s, {"loss": x}))]
+    [('high', 11)]
     >>> d = LossPlateauDetector()
     >>> learning = [2.3 * math.exp(-s / 80) + 0.2 + rng.gauss(0, 0.03) for s in range(300)]
     >>> [a for s, x in enumerate(learning) for a in d.update(MetricEvent("r", s, {"loss": x}))]
@@ -543,7 +556,7 @@ class LossPlateauDetector(_SmoothedLoss):
 
     name = "loss_plateau"
     state_fields = _SmoothedLoss.state_fields + ("best", "since_best", "early", "recent", "first_step",
-                                                 "interval", "prev_lr", "lr_rose_at")
+                                                 "interval", "prev_lr", "lr_rose_at", "top_step")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -559,6 +572,10 @@ class LossPlateauDetector(_SmoothedLoss):
         self.interval: int | None = None
         self.prev_lr: float | None = None
         self.lr_rose_at = 0
+        #: the highest step seen (a loss repeated at a lower one is a checkpoint restore's)
+        self.top_step: int | None = None
+        #: the lag at which the last loss taken repeats the ones before (not state: read right after _advance)
+        self._lag = 0
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, plateau window, smoothing span), in points, for a run logged every ``interval`` steps."""
@@ -571,13 +588,15 @@ class LossPlateauDetector(_SmoothedLoss):
             return []
         self._advance([x], [event.step], [event.metrics.get("lr")], 0, watch=False)
         warmup, window, _ = self._sizes(self.interval)
-        if self.recent[-1] > 0.01 and _flat_run(self.recent) >= FLAT_POINTS:
-            same = _flat_run(self.recent)
+        if self._lag:
+            how = (f"has been exactly {x:.7g} for {REPEAT_POINTS + 1} points" if self._lag == 1 else
+                   f"repeats, value for value, its last {REPEAT_POINTS} losses of {self._lag} points before")
             return self._report(
                 event, "convergence_plateau", True, severity="high", value=x, threshold=None,
-                message=(f"{self.metric} has been exactly {x:.7g} for {same} points: the model's outputs no "
-                         f"longer change (dead units, a constant prediction)"),
-                metadata={"best": self.best, "since_best": self.since_best, "stagnation": True, "flat": same})
+                message=(f"{self.metric} {how}: the model does not change (no optimizer step, frozen or "
+                         f"unattached weights, dead units, a constant prediction)"),
+                metadata={"best": self.best, "since_best": self.since_best, "stagnation": True,
+                          "repeat_lag": self._lag})
         if self.seen < warmup:
             return []
         stagnant, start, now = self._stagnation()
@@ -639,7 +658,7 @@ class LossPlateauDetector(_SmoothedLoss):
         lr_still = later.count(prev_lr) == len(later) or later.count(None) == len(later)  # compact already
         checked = 0  # steps taken that the stagnation test would look at
         stop = len(xs)
-        same, last = _flat_run(recent) if recent else 0, recent[-1] if recent else None
+        top, self._lag = self.top_step, 0
         for i in range(begin, len(xs)):
             x = xs[i]
             if interval is None:  # the cadence is known from the second point on (never a step to stop at)
@@ -663,8 +682,9 @@ class LossPlateauDetector(_SmoothedLoss):
                     n_prev_lr = compact(lr)
             n_best, n_since, n_clear = best, since_best, clear
             cx = compact(x)
-            n_same = same + 1 if cx == last else 1
-            if watch and n_same >= FLAT_POINTS and cx > 0.01:  # stuck: update judges it
+            fresh = top is None or steps[i] > top
+            lag = _repeat_lag(recent, cx, window) if fresh and cx > 0.01 else 0
+            if watch and lag:  # a model that does not change: update judges the step
                 stop = i
                 break
             if n_seen >= warmup:
@@ -694,7 +714,7 @@ class LossPlateauDetector(_SmoothedLoss):
                         checked += 1
             smooth, absdev, seen, prev_lr, lr_rose_at = n_smooth, n_absdev, n_seen, n_prev_lr, n_rose
             best, since_best, clear = n_best, n_since, n_clear
-            same, last = n_same, cx
+            top, self._lag = steps[i] if fresh else top, lag
             if len(early) < warmup:
                 early.append(cx)
             recent.append(cx)
@@ -709,7 +729,7 @@ class LossPlateauDetector(_SmoothedLoss):
                 episode["clear"] = clear
         self.smooth, self.absdev, self.seen, self.best, self.since_best = smooth, absdev, seen, best, since_best
         self.first_step, self.interval, self.prev_lr, self.lr_rose_at = first_step, interval, prev_lr, lr_rose_at
-        self.early, self.recent = early, recent[-window:]
+        self.early, self.recent, self.top_step = early, recent[-window:], top
         return stop
 
     def _improvement(self) -> float:

@@ -90,6 +90,8 @@ def steady(seed: int, steps: int = 900) -> list[MetricEvent]:
         loss = 0.4 + 1.6 * math.exp(-s / 300) * (0.95 + rng.random() * 0.1)
         if seed == 1 and 650 <= s < 660:
             loss = 0.5512  # stuck at one exact value for 10 reports: a plateau opens at once, resolves later
+        if seed == 0 and 816 <= s < 832:
+            loss = events[s - 16].metrics["loss"]  # a data order replayed by a model that stopped changing
         m = {"loss": loss,
              "grad_norm": 1.0 + rng.random() * 0.1, "lr": lr, "batch_size": 64.0 if s < 500 else 32.0,
              "step_time": 0.1 + rng.random() * 0.001, "throughput": 1000.0, "mem_allocated": mem}

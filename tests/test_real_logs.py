@@ -163,3 +163,12 @@ def test_a_loss_stuck_at_one_exact_value_pages():
     alerts = [a for a in firing(run_id) if a.alert_type == "convergence_plateau"]
     assert [a.step for a in alerts] == [LABELS[run_id]["onset_step"] + 4]
     assert "exactly 0.6931" in alerts[0].message
+
+
+def test_an_epoch_that_repeats_the_last_ones_losses_pages():
+    """A Llama-3 LoRA run whose adapter never took effect, pasted into an issue ("there is no change in
+    Loss"): with a fixed data order, epoch 2's batches give epoch 1's losses to the 4th decimal. The file
+    names its column ``Loss``, which maps onto ``loss`` whatever its case."""
+    run_id = "s9b_trace5_lora_noop_plateau"
+    alerts = [a for a in firing(run_id) if a.alert_type == "convergence_plateau"]
+    assert [a.step for a in alerts] == [11] and alerts[0].metadata["repeat_lag"] == 8
