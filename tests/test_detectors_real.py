@@ -201,3 +201,19 @@ def test_a_fragment_that_climbs_for_three_points_is_a_failure():
     calm = [a for i, x in enumerate(sorted(losses, reverse=True))
             for a in suite.update(MetricEvent("frag", 100 * i, {"loss": x}, ts=i))]
     assert calm == []
+
+
+def test_a_checkpoint_restore_replaying_its_losses_is_no_stuck_model():
+    """A deterministic run restored from its step-20 checkpoint logs steps 20-29 again with the very same
+    losses: that repeat is the restore's, not a model that stopped changing. Past step 29 it learns on."""
+    losses = [2.0 * math.exp(-s / 40) + 0.05 * math.sin(s * 1.7) for s in range(60)]
+    steps = [*range(30), *range(20, 60)]
+    suite = DetectorSuite()
+    alerts = [a for i, s in enumerate(steps)
+              for a in suite.update(MetricEvent("r", s, {"loss": round(losses[s], 4)}, ts=1000.0 + i))]
+    assert [a for a in alerts if a.alert_type == "convergence_plateau" and a.severity == "high"] == []
+    # the same losses at new steps (a model that does not change on a replayed data order) do page
+    suite = DetectorSuite()
+    alerts = [a for i, s in enumerate(steps)
+              for a in suite.update(MetricEvent("r", i, {"loss": round(losses[s], 4)}, ts=1000.0 + i))]
+    assert [(a.step, a.metadata["repeat_lag"]) for a in alerts if a.alert_type == "convergence_plateau"] == [(33, 10)]
