@@ -2,13 +2,17 @@
 
 >>> canonical_name("train/loss"), canonical_name("objective/kl"), canonical_name("lm loss")
 ('loss', 'kl', 'loss')
->>> canonical_name("Loss"), canonical_name("Grad_Norm"), canonical_name("Val Loss"), canonical_name("Accuracy")
-('loss', 'grad_norm', 'val_loss', 'Accuracy')
+>>> canonical_name("Loss"), canonical_name("Grad_Norm"), canonical_name("Val Loss"), canonical_name("lm_loss")
+('loss', 'grad_norm', 'val_loss', 'loss')
+>>> canonical_name("Accuracy"), canonical_name("eval_g0_loss")
+('Accuracy', 'eval_g0_loss')
 >>> canonical_metrics({"eval_loss": 1.5, "my_metric": 2.0})
 {'val_loss': 1.5, 'my_metric': 2.0}
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 __all__ = ["CANONICAL", "ALIASES", "canonical_name", "canonical_metrics"]
 
@@ -81,16 +85,22 @@ ALIASES: dict[str, str] = {
 }
 
 
-_CANONICAL = frozenset(CANONICAL)
+def _spelling(name: str) -> str:
+    """A name with case and separators (spaces, ``_``, ``-``) evened out: ``LM_Loss`` → ``lm loss``."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
+#: every alias and canonical name by its spelling (no two of them share one: tests/test_replay.py checks)
+SPELLINGS: dict[str, str] = {**{_spelling(k): v for k, v in ALIASES.items()}, **{_spelling(c): c for c in CANONICAL}}
+
+
+@lru_cache(maxsize=4096)
 def canonical_name(name: str) -> str:
-    """The canonical name for a metric, whatever its case (a pasted log's ``Loss``, ``LR``); unknown names
-    come back unchanged (generic detectors still see them)."""
+    """The canonical name for a metric, whatever its case and separators (a pasted log's ``Loss``, ``LR``,
+    ``lm_loss``); unknown names come back unchanged (generic detectors still see them)."""
     if name in ALIASES:
         return ALIASES[name]
-    low = name.strip().lower()
-    return low if low in _CANONICAL else ALIASES.get(low, name)
+    return SPELLINGS.get(_spelling(name), name)
 
 
 def canonical_metrics(metrics: dict[str, float]) -> dict[str, float]:

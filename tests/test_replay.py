@@ -301,3 +301,18 @@ def test_a_run_no_detector_reads_is_named_not_silently_quiet(tmp_path):
     named.write_text("step,loss,D_A\n0,0.4,0.2\n1,0.35,0.2\n")
     proc = lossguard(str(named))
     assert proc.returncode == 0 and "no detector reads" not in proc.stderr, proc.stderr
+
+
+def test_metric_names_match_whatever_their_case_and_separators():
+    """A pasted log writes ``Loss``, ``lm_loss``, ``Grad-Norm``, ``LR``: each reaches the detectors under its
+    canonical name, and no two aliases or canonical names collapse onto one spelling with different
+    meanings (the spelling table would silently keep one of them)."""
+    from detectors.aliases import ALIASES, CANONICAL, SPELLINGS, _spelling, canonical_name
+
+    assert [canonical_name(n) for n in ("Loss", "lm_loss", "Grad-Norm", "LR", "Train Loss", "VAL_LOSS")] == [
+        "loss", "loss", "grad_norm", "lr", "loss", "val_loss"]
+    meanings: dict[str, set[str]] = {}
+    for name, canon in [*ALIASES.items(), *((c, c) for c in CANONICAL)]:
+        meanings.setdefault(_spelling(name), set()).add(canon)
+    assert {k: v for k, v in meanings.items() if len(v) > 1} == {}
+    assert len(SPELLINGS) == len(meanings)
