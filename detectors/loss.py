@@ -347,7 +347,8 @@ class LossDivergenceDetector(_SmoothedLoss):
     relative test) *and* it undoes at least 5 % of what the run learned (start − best): at a converged
     run's floor a tiny best can double without anything going wrong. In its first two warm-ups (all a
     fragment has), a loss that rose two points in a row to 1.5× the lowest it showed, and above the first,
-    with the point before already 1.2× up, is ``low``, three points ``high``. ``low`` for one step (an epoch boundary's
+    with the point before already 1.2× up, is ``low``, three points ``high`` (two, when the loss then stays within
+    80 % of where it got, above the first loss, for two more points). ``low`` for one step (an epoch boundary's
     sawtooth), ``medium`` for two, ``high`` after ``divergence_steps`` steps in a row,
     ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
 
@@ -365,7 +366,7 @@ class LossDivergenceDetector(_SmoothedLoss):
 
     name = "loss_divergence"
     state_fields = _SmoothedLoss.state_fields + ("best", "start", "run_length", "first_step", "interval",
-                                                 "low", "last", "climb", "early")
+                                                 "low", "last", "climb", "early", "peak", "held")
 
     def reset(self) -> None:
         super().reset()
@@ -382,6 +383,9 @@ class LossDivergenceDetector(_SmoothedLoss):
         self.climb = 0
         #: the losses of the first two warm-ups (what a fragment's climb is judged against)
         self.early: list[float] = []
+        #: the loss a fragment's climb reached, and the points since that stayed near it, above the start
+        self.peak: float | None = None
+        self.held = 0
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, smoothing span, steps to high), in points, for a run logged every ``interval`` steps."""
@@ -395,11 +399,14 @@ class LossDivergenceDetector(_SmoothedLoss):
         warmup, _, persist = self._sizes(self.interval)
         if active and self._climbing:
             self.run_length += 1
+            message = (f"{self.metric} {x:.4g} has stayed near the {self.peak:.4g} it climbed to ({self.peak / self.low:.1f}x "
+                       f"its lowest {self.low:.4g}) for {self.held} points" if self.held else
+                       f"{self.metric} {x:.4g} rose {self.climb} points in a row to {x / self.low:.1f}x its lowest "
+                       f"{self.low:.4g}")
             return self._report(
-                event, "convergence_divergence", True, severity="high" if self.climb >= 3 else "low",
-                value=x, threshold=1.5 * self.low,
-                message=f"{self.metric} {x:.4g} rose {self.climb} points in a row to {x / self.low:.1f}x its lowest "
-                        f"{self.low:.4g}", metadata={"low": self.low, "climb": self.climb, "early": True})
+                event, "convergence_divergence", True, severity="high" if self.climb >= 3 or self.held >= 2 else "low",
+                value=x, threshold=1.5 * self.low, message=message,
+                metadata={"low": self.low, "climb": self.climb, "held": self.held, "early": True})
         if self.seen < warmup:
             return self._report(event, "convergence_divergence", False) if self.episodes else []
         self.run_length = self.run_length + 1 if active else 0
@@ -427,7 +434,7 @@ class LossDivergenceDetector(_SmoothedLoss):
         threshold = self.divergence_threshold
         smooth, absdev, seen, start, best = self.smooth, self.absdev, self.seen, self.start, self.best
         first_step, interval, low, last, climb = self.first_step, self.interval, self.low, self.last, self.climb
-        early = self.early
+        early, peak, held = self.early, self.peak, self.held
         warmup, span, _ = self._sizes(interval)
         alpha = 2.0 / (span + 1)
         found, self._climbing = len(xs), False
@@ -453,17 +460,24 @@ class LossDivergenceDetector(_SmoothedLoss):
                 # already a divergence
                 climb = climb + 1 if last is not None and x > last else 0
                 low = x if low is None or x < low else low
+                if peak is not None:  # after a climb: a loss that stays up there did not bounce back
+                    peak, held = (peak, held + 1) if x >= 0.8 * peak and x > start else (None, 0)
+                    if held >= 2:
+                        found, self._climbing = i, True
+                        last, early = x, [*early, compact(x)]
+                        break
                 # the point before already up too: one loss far above the rest is the spike detector's;
                 # and 1.5x the median of the losses before it, not only the lowest: a noisy log's lowest
                 # point is an outlier, and three rises in a row from it happen by chance
                 if climb >= 2 and low > 0 and x >= 1.5 * low and x > start and last >= 1.2 * low and (
                         x >= 1.5 * median(early)):
                     found, self._climbing = i, True
+                    peak, held = max(peak or x, x), 0
                     last, early = x, [*early, compact(x)]
                     break
                 last, early = x, [*early, compact(x)]
-            elif early:
-                early = []  # past the fragment rule: not state any longer
+            elif early or peak is not None:
+                early, peak, held = [], None, 0  # past the fragment rule: not state any longer
             if seen < warmup:
                 continue
             if best is None or smooth < best:
@@ -477,7 +491,7 @@ class LossDivergenceDetector(_SmoothedLoss):
         if commit or found == len(xs):
             self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
             self.first_step, self.interval, self.low, self.last, self.climb = first_step, interval, low, last, climb
-            self.early = early
+            self.early, self.peak, self.held = early, peak, held
         return found
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:

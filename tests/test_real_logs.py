@@ -172,3 +172,12 @@ def test_an_epoch_that_repeats_the_last_ones_losses_pages():
     run_id = "s9b_trace5_lora_noop_plateau"
     alerts = [a for a in firing(run_id) if a.alert_type == "convergence_plateau"]
     assert [a.step for a in alerts] == [11] and alerts[0].metadata["repeat_lag"] == 8
+
+
+def test_a_jump_that_stays_in_a_sparse_fragment_reaches_high():
+    """A 120B LoRA run's diagnosis pasted with its key iterations: ``lm_loss`` 1.45 -> 0.55, then 1.13, 2.35,
+    2.28, 2.28 ("does not recover"). Two rises are a low alert; staying up there for two more points is
+    the failure. ``lm_loss`` maps onto ``loss`` like Megatron's ``lm loss``."""
+    run_id = "s8a_nemotron120b_lora_spike"
+    alerts = [a for a in firing(run_id) if a.alert_type == "convergence_divergence"]
+    assert [(a.step, a.severity) for a in alerts] == [(1273, "low"), (1275, "high")]
