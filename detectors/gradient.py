@@ -90,7 +90,7 @@ class GradientExplosionDetector(_GradientNormReader):
     """
 
     name = "gradient_explosion"
-    state_fields = _GradientNormReader.state_fields + ("mean", "var", "seen", "run_length", "baseline")
+    state_fields = _GradientNormReader.state_fields + ("mean", "var", "seen", "run_length", "baseline", "both")
 
     def reset(self) -> None:
         super().reset()
@@ -98,6 +98,8 @@ class GradientExplosionDetector(_GradientNormReader):
         self.var = 0.0
         self.seen = 0
         self.run_length = 0
+        #: steps in a row over both tests (the z-score and the ceiling)
+        self.both = 0
         #: the moving mean when the open episode began
         self.baseline: float | None = None
 
@@ -117,6 +119,9 @@ class GradientExplosionDetector(_GradientNormReader):
         if self.episodes.get("gradient_explosion") is None:
             self.baseline = self.mean
         self.run_length += 1
+        # over the ceiling at 1.5x the mean is routine for a noisy norm that lives above the ceiling: "two
+        # steps over both tests" means both steps, not a z-score after one step over the ceiling alone
+        self.both = self.both + 1 if z_hit and abs_hit else 0
         clipped = self.mean + self.zscore_threshold * sigma if warm else g
         self.mean, self.var = ema_var(self.mean, self.var, min(g, clipped), alpha)
         self.seen += 1
@@ -124,8 +129,7 @@ class GradientExplosionDetector(_GradientNormReader):
         if self.run_length >= 2 and ((ratio >= 100 and warm) or g > 100 * self.explosion_threshold) or (
                 self.run_length >= 3 and z_hit and abs_hit):
             severity = "critical"
-        elif (self.run_length >= 2 and ((z_hit and abs_hit) or (warm and ratio >= 10))) or (
-                self.run_length >= 3 and z_hit):
+        elif self.both >= 2 or (self.run_length >= 2 and warm and ratio >= 10) or (self.run_length >= 3 and z_hit):
             severity = "high"
         elif (self.run_length >= 2 and ratio >= 3) or (warm and ratio >= 10):
             severity = "medium"
@@ -146,7 +150,7 @@ class GradientExplosionDetector(_GradientNormReader):
         episode = self.episodes.get("gradient_explosion")
         if self.seen == 1:
             return []
-        self.run_length = 0
+        self.run_length = self.both = 0
         if episode is not None and g > 2.0 * self.baseline:
             return self._report(  # the mean caught up with the norm; the norm did not come back down
                 event, "gradient_explosion", True, severity=episode["severity"], value=g,
@@ -196,7 +200,7 @@ class GradientExplosionDetector(_GradientNormReader):
         seen = self.seen
         taken = self._advance(norms, screened)
         if self.seen > max(seen, 1):
-            self.run_length = 0
+            self.run_length = self.both = 0
         if taken == len(norms):
             return []
         return [(taken + i, a) for i, a in super().update_batch(events[taken:])]
