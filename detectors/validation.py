@@ -24,6 +24,7 @@ VALIDATION_DEFAULTS = {
     "overtrain_evals": 8,
     "train_span": 20,
     "resolve_after": 3,
+    "undo_fraction": 0.02,
 }
 
 
@@ -34,7 +35,9 @@ class ValTrainDivergenceDetector(Detector):
     At each evaluation the validation loss is compared with the best so far, and the smoothed training
     loss with its value at that best evaluation. ``val_train_divergence`` is active when validation is more
     than ``rise_threshold`` (relative) *and* ``noise_threshold`` noise σ above its best while training is
-    lower than it was then. The noise σ is the robust spread (MAD around the median, so a steady descent
+    lower than it was then — and the rise undoes more than ``undo_fraction`` of what validation learned
+    (first − best): a validation loss at a floor near 0, printed to 4 decimals, doubles a tiny best by
+    rounding and wandering alone. The noise σ is the robust spread (MAD around the median, so a steady descent
     is not noise) of the eval-to-eval changes of the last ``noise_window`` evaluations, over √2: a small
     validation set jitters, and a best evaluation is partly luck. One evaluation is ``low`` (a noisy
     validation set), two in a row ``medium``, three (or ``patience``) at twice the rise ``high`` — a run
@@ -71,7 +74,7 @@ class ValTrainDivergenceDetector(Detector):
     defaults = VALIDATION_DEFAULTS
     metrics = ("loss", "val_loss")
     state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals",
-                    "rises", "points", "evals")
+                    "rises", "points", "evals", "first_val")
 
     def reset(self) -> None:
         self.train: float | None = None
@@ -86,6 +89,8 @@ class ValTrainDivergenceDetector(Detector):
         #: events with a training or validation loss, and those with a validation loss
         self.points = 0
         self.evals = 0
+        #: the first validation loss (what validation learned is first − best)
+        self.first_val: float | None = None
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # most steps carry only a training loss, which moves nothing but its EMA: those are folded in
@@ -123,6 +128,8 @@ class ValTrainDivergenceDetector(Detector):
             return []
         self.evals += 1
         self.points += loss is None or not math.isfinite(loss)
+        if self.first_val is None:
+            self.first_val = compact(val)
         if self.best_val is None or val < self.best_val:
             self.best_val, self.best_step, self.train_at_best = compact(val), event.step, self.train
             self.evals_since_best = 0
@@ -134,17 +141,21 @@ class ValTrainDivergenceDetector(Detector):
         push(self.vals, val, self.noise_window)
         noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
-        active = train_falling and rise > self.rise_threshold and val - self.best_val > self.noise_threshold * noise
+        # and by a part of what validation learned: at a floor near 0, printed to 4 decimals, a tiny best
+        # doubles without anything going wrong (the divergence detector asks the same of the training loss)
+        undone = val - self.best_val > self.undo_fraction * (self.first_val - self.best_val)
+        active = (train_falling and undone and rise > self.rise_threshold
+                  and val - self.best_val > self.noise_threshold * noise)
         # a history of evaluations alone (no training loss logged) has nothing to compare with, and an
         # epoch log (an evaluation at every other point or more: each a whole validation set's mean, not
         # a noisy mid-epoch probe) few points to learn its noise from: there, evaluations that rise one
         # after another past a third of the threshold while training improves are the trend
         epoch_log = train_falling and 2 * self.evals >= self.points
-        val_only = (self.rises >= 1 and rise > self.rise_threshold / 3
+        val_only = undone and (self.rises >= 1 and rise > self.rise_threshold / 3
                     and (self.train is None or epoch_log and self.noise_threshold * noise < min(
                         val - self.best_val, self.rise_threshold * self.best_val))) or (
             # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
-            epoch_log and self.rises >= 4 and rise > self.rise_threshold)
+            undone and epoch_log and self.rises >= 4 and rise > self.rise_threshold)
         active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend

@@ -53,11 +53,12 @@ def test_a_nonfinite_value_pages_at_its_step(run_id):
 
 @pytest.mark.parametrize("run_id", ["hf_bashkir_asr", "hf_luojiu_7b_base", "hf_mt5_az_news_summ",
                                     "hf_qlora_25ep_fujump", "hf_t5_summarization_demo", "gh_sherrywan_grpo_seed42",
-                                    "s9a_credibility_cls_large_gradnorm"])
+                                    "s9a_credibility_cls_large_gradnorm", "s10b_emonettcn"])
 def test_healthy_sparse_and_rlhf_runs_do_not_page(run_id):
     """Sparse HF histories of 400-1,700 points (a cosine tail to LR 0, an epoch sawtooth, a slow fine-tune,
-    grad norms of 20-300), a classifier whose grad norm wanders 0.7-136 and survives a 250, and a healthy
-    GRPO run whose loss sits near 0: nothing high/critical."""
+    grad norms of 20-300), a classifier whose grad norm wanders 0.7-136 and survives a 250, a 500-epoch log
+    whose validation loss sits at 0.0008-0.0023 printed to 4 decimals, and a healthy GRPO run whose loss
+    sits near 0: nothing high/critical."""
     assert LABELS[run_id]["label"] == "healthy"
     assert firing(run_id) == []
 
