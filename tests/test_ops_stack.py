@@ -182,6 +182,68 @@ def test_alertmanager_sink_fires_resends_and_resolves(topics, alertmanager, tmp_
     assert "Traceback" not in out and "did not stop" not in out, out
 
 
+def test_a_restarted_alertmanager_sink_goes_on_resending_what_fires(topics, alertmanager, tmp_path):
+    """Alertmanager resolves an alert nobody re-sends within its resolve_timeout. A sink restarted while a
+    lossguard episode is open takes the firing alert up from the alert log and re-sends it, without
+    posting anything new for it, and ends it when lossguard resolves it."""
+    routes = tmp_path / "routes.toml"
+    routes.write_text(f'[sinks.am]\nkind = "alertmanager"\nurl = "{alertmanager}"\nresend_s = 1\n\n'
+                      '[[routes]]\nsinks = ["am"]\n')
+
+    def start_sinks() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "stream_app", "sinks", "--routes", str(routes),
+                                 "--timeout", "60"], cwd=ROOT, env=topics.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def ours() -> list[dict]:
+        return [a for a in _am_alerts(alertmanager) if a["labels"].get("run_id") == "am-restart"]
+
+    def stop(proc: subprocess.Popen) -> str:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0].decode()
+        assert "Traceback" not in out, out
+        return out
+
+    firing = Alert.new(run_id="am-restart", step=5, detector="loss", category="loss", alert_type="loss_spike",
+                       severity="high", message="loss 9.0 is 4x its median", value=9.0, threshold=4.0)
+    producer = KafkaProducer(bootstrap_servers=topics.bootstrap)
+    producer.send(topics.name("alerts"), key=b"am-restart", value=firing.to_json())
+    producer.flush()
+    first = start_sinks()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not ours():
+            time.sleep(0.3)
+        assert len(ours()) == 1
+    finally:
+        stop(first)
+    before = ours()[0]["updatedAt"]
+    second = start_sinks()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and ours()[0]["updatedAt"] == before:
+            time.sleep(0.5)
+        [again] = ours()
+        assert again["updatedAt"] != before, "the restarted sink did not re-send the firing alert"
+        assert again["startsAt"] == _iso_of(firing.ts) and again["labels"]["severity"] == "high"
+        producer.send(topics.name("alerts"), key=b"am-restart", value=firing.resolved(9, "cleared").to_json())
+        producer.flush()
+        producer.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and ours():
+            time.sleep(0.3)
+        assert ours() == [], "not resolved"
+    finally:
+        stop(second)
+
+
+def _iso_of(ts: float) -> str:
+    """Alertmanager's rendering of a unix time (what the sink sent as startsAt), to the millisecond."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def test_the_routes_file_to_copy_loads_and_routes(monkeypatch):
     from stream_app.routing import load_routing
     from stream_app.sinks import build_sink

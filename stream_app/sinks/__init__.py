@@ -42,6 +42,11 @@ class Sink:
     def deliver(self, alert: Alert, reason: str) -> None:
         raise NotImplementedError
 
+    def replayed(self, alert: Alert, reason: str) -> None:
+        """An alert delivered before this sink (re)started, met again while the runner replays the alert log
+        up to its committed offsets: a sink that keeps state about earlier deliveries rebuilds it here,
+        without sending anything. Nothing by default."""
+
     def close(self) -> None:
         """Release what the sink holds (files, clients)."""
 

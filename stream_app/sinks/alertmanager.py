@@ -6,7 +6,8 @@ Each alert becomes an Alertmanager alert with labels ``alertname`` (the alert ty
 would shadow one of those is prefixed ``tag_``), and annotations ``summary``/``description`` (the
 message) plus the step, value and threshold. Alertmanager resolves an alert that is not re-sent within
 its ``resolve_timeout`` (5 min by default), so the sink re-sends every firing alert each ``resend_s``
-seconds (default 60) until lossguard resolves it; the resolution is sent with ``endsAt``. An episode
+seconds (default 60) until lossguard resolves it; the resolution is sent with ``endsAt``. A restarted sink
+takes the firing alerts up again from the alert log (``Sink.replayed``) and goes on re-sending them. An episode
 that escalates (medium → critical) ends its old severity's alert and fires the new one.
 
     [sinks.alertmanager]
@@ -97,6 +98,17 @@ class AlertmanagerSink(Sink):
         return (alert.run_id, alert.detector, alert.alert_type, (alert.metadata or {}).get("episode_step"))
 
     def deliver(self, alert: Alert, reason: str) -> None:
+        batch = self._batch(alert)
+        self._post(batch)
+        self._remember(alert, batch)
+
+    def replayed(self, alert: Alert, reason: str) -> None:
+        """A restarted sink takes up the firing alerts it sent before: it re-sends them (Alertmanager would
+        resolve them after its ``resolve_timeout`` otherwise) and ends them when lossguard resolves them."""
+        self._remember(alert, self._batch(alert))
+
+    def _batch(self, alert: Alert) -> list[dict[str, Any]]:
+        """The Alertmanager alerts that deliver ``alert`` (an escalation also ends the old severity's)."""
         episode = self._episode(alert)
         with self._lock:
             previous = self._firing.get(episode)
@@ -112,7 +124,10 @@ class AlertmanagerSink(Sink):
                 if previous["labels"] != current["labels"]:  # escalated: the old severity's alert ends
                     batch.append({**previous, "endsAt": now})
             batch.append(current)
-        self._post(batch)
+        return batch
+
+    def _remember(self, alert: Alert, batch: list[dict[str, Any]]) -> None:
+        episode = self._episode(alert)
         with self._lock:
             if alert.status == "resolved":
                 self._firing.pop(episode, None)

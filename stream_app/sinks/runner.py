@@ -5,7 +5,8 @@ runner assigns itself every partition (no group join, so it starts at once on ev
 an offset only after the alert at it was delivered — or decided against. On start it replays the alert
 log up to the committed offsets through the same pipeline *without* delivering, which rebuilds the
 policy's state (ids seen, open groups, cooldowns): a duplicate that a restarted worker appends later is
-still recognised, and a restarted sink does not page twice.
+still recognised, and a restarted sink does not page twice. A sink that keeps state about what it
+delivered (Alertmanager's firing alerts, which it re-sends) sees those alerts through ``Sink.replayed``.
 
 A delivery that fails for good (:func:`is_permanent`) is written, with its reason, to the sink's dead
 letters — ``dead_letter_dir/<sink>.jsonl``, one ``{"sink", "reason", "ts", "attempts", "alert"}`` a line —
@@ -138,7 +139,9 @@ class SinkRunner:
             for tp, records in consumer.poll(timeout_ms=200).items():
                 for record in records:
                     if record.offset < committed[tp] and (alert := self._decode(record)):
-                        self.decide(alert)
+                        reason = self.decide(alert)
+                        if reason in ("new", "escalated", "resolved"):
+                            self.sink.replayed(alert, reason)
             for tp in list(pending):
                 if consumer.position(tp) >= committed[tp]:
                     pending.discard(tp)
