@@ -248,9 +248,12 @@ class RunDriver:
         return alerts
 
     def tick(self, now: float) -> list[Alert]:
-        """Time-based checks (a run gone silent), enriched with the run's source and tags."""
+        """Time-based checks (a run gone silent), enriched with the run's source and tags, and counted
+        with the run's other alerts."""
         alerts = self.suite.tick(now)
         enrich(alerts, self.ledger.source, self.ledger.tags)
+        for alert in alerts:
+            self.ledger.count_alert(alert)
         return alerts
 
     def state_dict(self) -> dict[str, Any]:

@@ -92,3 +92,19 @@ def test_the_worker_and_replay_drive_the_suite_the_same_way():
     counts = [(d.ledger.events, d.ledger.duplicates, d.ledger.out_of_order, d.ledger.resumes, d.ledger.alerts)
               for d in (plain, worker)]
     assert counts[0] == counts[1] and counts[0][:4] == (40 + 2 + 6, 2, 1, 1), counts  # one resume, then new steps
+
+
+def test_a_silence_alert_counts_with_the_runs_other_alerts():
+    """A stalled_run alert comes from the clock, not from an event: the run's counts (what `lossguard runs`
+    and the dashboard show) include it all the same."""
+    from detectors import DetectorSuite
+    from detectors.driver import RunDriver
+
+    driver = RunDriver(DetectorSuite())
+    for step in range(40):
+        driver.feed([MetricEvent("quiet", step, {"loss": 2.0 - step / 100}, ts=1_000.0 + step, source="torch")])
+    before = dict(driver.ledger.alerts)
+    alerts = [a for a in driver.tick(1_000.0 + 39 + 3_600.0) if a.status == "firing"]
+    assert [a.alert_type for a in alerts] == ["stalled_run"] and alerts[0].metadata["source"] == "torch"
+    assert sum(driver.ledger.alerts.values()) == sum(before.values()) + 1
+    assert driver.ledger.alerts[alerts[0].severity] == before[alerts[0].severity] + 1
