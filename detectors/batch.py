@@ -106,8 +106,8 @@ class BatchSizeImpactDetector(Detector):
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # a batch at the run's known batch size, with no change being judged, only fills the "before"
-        # windows and follows the LR
-        if self.pending or self.jump is not None or self.episodes:
+        # windows and follows the LR; a single event costs less through update (no window copied whole)
+        if len(events) == 1 or self.pending or self.jump is not None or self.episodes:
             return super().update_batch(events)
         if may_have(events, "batch_size"):
             sizes = column(events, "batch_size")

@@ -65,7 +65,7 @@ class DetectorSuite:
         self.last_step: int | None = None
         self.last_ts: float | None = None
         self.events_seen = 0
-        self._routes: dict[tuple[str, ...], frozenset[int]] = {}
+        self._routes: dict[tuple[str, ...], tuple[tuple[int, Detector], ...]] = {}
 
     def update(self, event: MetricEvent) -> list[Alert]:
         return self.update_batch([event])
@@ -94,26 +94,30 @@ class DetectorSuite:
             names = list(map(tuple, map(_METRICS, fresh)))
             same = names.count(names[0]) == len(names)
         fresh = Steps(fresh, names[0] if same else None)
-        routes = [self._route(names[0])] if same else [self._route(n) for n in names]
         raised: list[tuple[int, int, Alert]] = []
-        for rank, detector in enumerate(self.detectors.values()):
-            if same:
-                if rank in routes[0]:
-                    raised += [(i, rank, a) for i, a in detector.update_batch(fresh)]
-                continue
-            picked = [i for i, route in enumerate(routes) if rank in route]
-            if picked:
-                raised += [(picked[i], rank, a) for i, a in detector.update_batch(Steps([fresh[i] for i in picked]))]
+        if same:  # every event has the same metrics: only the detectors that read one of them are called
+            for rank, detector in self._route(names[0]):
+                found = detector.update_batch(fresh)
+                if found:
+                    raised += [(i, rank, a) for i, a in found]
+            if len(fresh) == 1:
+                return [alert for _, _, alert in raised]  # one event: already in suite order
+        else:
+            routes = [{rank for rank, _ in self._route(n)} for n in names]
+            for rank, detector in enumerate(self.detectors.values()):
+                picked = [i for i, route in enumerate(routes) if rank in route]
+                if picked:
+                    raised += [(picked[i], rank, a) for i, a in detector.update_batch(Steps([fresh[i] for i in picked]))]
         raised.sort(key=lambda r: r[:2])  # event by event, detectors in suite order, as update() gives them
         return [alert for _, _, alert in raised]
 
-    def _route(self, names: tuple[str, ...]) -> frozenset[int]:
-        """The ranks of the detectors that read one of the metrics ``names`` (cached per name tuple)."""
+    def _route(self, names: tuple[str, ...]) -> tuple[tuple[int, Detector], ...]:
+        """The detectors (with their ranks, in suite order) that read one of the metrics ``names``: decided
+        once per name tuple, so an event's metrics cost one lookup, not a test per detector."""
         route = self._routes.get(names)
         if route is None:
-            route = self._routes[names] = frozenset(
-                rank for rank, d in enumerate(self.detectors.values())
-                if d.reads(names))
+            route = self._routes[names] = tuple(
+                (rank, d) for rank, d in enumerate(self.detectors.values()) if d.reads(names))
         return route
 
     def tick(self, now: float) -> list[Alert]:

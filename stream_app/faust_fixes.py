@@ -1,4 +1,4 @@
-"""Four small, documented adjustments to faust-streaming, installed once by :func:`install`, and one helper.
+"""Five small, documented adjustments to faust-streaming, installed once by :func:`install`, and one helper.
 
 1. **Duplicate acked offsets stop commits** (faust-streaming#596, robinhood/faust#625). When
    ``Consumer._new_offset`` fills gaps it ``extend``-s the per-partition acked list with offsets that
@@ -39,6 +39,14 @@
    when it was assigned: the records are fetched again (those already processed count as duplicates).
    Changelog partitions are left alone (the table recovery seeks them itself), and so is a consumer
    with another reset policy (where it started is not known).
+5. **Four tasks for every record.** The consumer hands each fetched record to the agents' queues with
+   ``wait_first(callback(message), suspend_flow.wait())``: four tasks (the hand-over, and waits on the
+   suspension, the stop and the crash), ``asyncio.wait`` and three cancellations, per record — 18 % of
+   the worker's CPU on a backlog of single events (py-spy, sampling the thread that holds the GIL). The hand-over almost never waits (it waits on a full
+   queue, a suspended flow or a full producer buffer). It is now run at once, in a copy of the context as
+   a task would run it; only when it has to wait does the rest of it go into a task, raced against the
+   suspension through the upstream ``wait_first`` as before. With the flow suspended, or the consumer
+   stopped or crashed, every record takes the upstream path.
 
 :func:`as_current` makes an event the stream's current one for a table write made after the stream has
 moved on to later records (the agent saves a run's state once per burst of records): Faust's tables and
@@ -53,7 +61,9 @@ See docs/stack.md for the measured facts behind them.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
+import types
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -111,6 +121,12 @@ def check_upstream() -> None:
     resume = upstream.get("FlowControlEvent.resume", FlowControlEvent.resume)
     _expect("self.clear()" in _source(resume) and "_suspend" in _source(FlowControlEvent.__init__),
             "mode's FlowControlEvent.resume no longer clears the queues unconditionally")
+    _expect("callback(message), self.suspend_flow.wait()" in _source(consumer._drain_messages)
+            and _source(consumer._drain_messages).count("wait_first(") == 1,
+            "Consumer._drain_messages no longer hands each record over with wait_first(callback(message), ...)")
+    wait_first = upstream.get("Consumer.wait_first", consumer.wait_first)
+    _expect("asyncio.ensure_future" in _source(wait_first) and "WaitResults(winners, results, False)" in _source(wait_first),
+            "mode's Service.wait_first no longer makes a task per awaitable and returns WaitResults")
     _expect(type(getattr(streams, "_current_event", None)).__name__ == "ContextVar",
             "faust.streams._current_event is no longer the ContextVar of the current event")
     seek = upstream.get("AIOKafkaConsumerThread.seek_to_committed", driver.AIOKafkaConsumerThread.seek_to_committed)
@@ -155,10 +171,44 @@ async def seek_to_committed_or_start(consumer: Any, from_start: Callable[[Any], 
     if fresh:
         await consumer.seek_to_beginning(*fresh)
     return committed
+@types.coroutine
+def _carry_on(coro: Any, yielded: Any) -> Any:
+    """The rest of ``coro``, which has already run up to yielding ``yielded``: what ``yield from coro`` does
+    from there (what the task sends or throws in goes on to ``coro``)."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 — a cancellation or error thrown in: it is coro's
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(coro: Any, yielded: Any) -> Any:
+    return await _carry_on(coro, yielded)
+
+
+def _handing_over(consumer: Any, coros: tuple, timeout: Any) -> bool:
+    """Whether this ``wait_first`` call is the consumer handing a record to the agents, with the flow
+    running: the call the fast path takes."""
+    if len(coros) != 2 or timeout is not None or not inspect.iscoroutine(coros[0]):
+        return False
+    code = getattr(consumer.callback, "__code__", None)
+    return (code is not None and coros[0].cr_code is code and not consumer.suspend_flow.is_set()
+            and not consumer._stopped.is_set() and not consumer._crashed.is_set())
 
 
 def install(fetch_max_wait_ms: int = 10) -> None:
-    """Apply the four adjustments (idempotent; the fetch wait follows the latest call)."""
+    """Apply the five adjustments (idempotent; the fetch wait follows the latest call)."""
     global _installed, _fetch_max_wait_ms
     _fetch_max_wait_ms = int(fetch_max_wait_ms)
     if _installed:
@@ -204,4 +254,26 @@ def install(fetch_max_wait_ms: int = 10) -> None:
                                       lambda tp: earliest and acked(tp.topic))
 
     driver.AIOKafkaConsumerThread.seek_to_committed = seek_to_committed
+    from mode.services import WaitResults
+
+    base_wait_first = upstream["Consumer.wait_first"] = consumer_module.Consumer.wait_first
+
+    async def wait_first(self, *coros, timeout=None):
+        if not _handing_over(self, coros, timeout):
+            return await base_wait_first(self, *coros, timeout=timeout)
+        handed, suspended = coros
+        context = contextvars.copy_context()  # as a task runs it
+        try:
+            yielded = context.run(handed.send, None)
+        except StopIteration as done:  # handed over without waiting: the usual case
+            suspended.close()
+            return WaitResults([handed], [done.value], False)
+        except BaseException:
+            suspended.close()
+            raise
+        # it waits: the rest in a task, raced against the suspension as upstream does
+        rest = self.loop.create_task(_finish(handed, yielded), context=context)
+        return await base_wait_first(self, rest, suspended)
+
+    consumer_module.Consumer.wait_first = wait_first
     _installed = True

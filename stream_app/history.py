@@ -55,7 +55,7 @@ class History:
             series = self.series.get(name)
             if series is None:
                 series = self.series[name] = []
-            elif step <= series[-1][0]:
+            elif series and step <= series[-1][0]:  # (empty: only non-finite values so far)
                 continue
             if not math.isfinite(value):
                 self.add_column(name, (step,), (value,))  # the rare path keeps the bookkeeping

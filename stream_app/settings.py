@@ -49,7 +49,7 @@ class Settings:
     #: waiting and save_interval_s have passed since the burst began (a timer catches the last burst before a
     #: pause), or sooner when take_records runs (or 10 × take_records records) wait: a changelog message
     #: costs the worker ~0.25 ms whatever its size, so a run's records share one save per burst, single
-    #: events too; the detectors take at most take_records steps of waiting records in one go
+    #: events too; the detectors take at most 4 × take_records steps (of take_records runs) of waiting records in one go
     take_records: int = 500
     save_interval_s: float = 0.5
     #: embedded broker port

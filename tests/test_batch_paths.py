@@ -68,3 +68,17 @@ def test_one_pass_summary_equals_the_step_by_step_summary() -> None:
                 stepwise.observe(event)
             assert json.dumps(one_pass.to_dict(), sort_keys=True) == json.dumps(stepwise.to_dict(), sort_keys=True)
         assert fast_records > 10  # the fast path was really taken
+
+
+def test_a_run_whose_first_loss_is_not_finite_takes_its_next_steps_either_way() -> None:
+    # the NaN leaves the loss series empty; the next single step read its last point and raised IndexError,
+    # so the worker dead-lettered every later record of the run (its restored state had the same empty series)
+    for later in ([MetricEvent("run", 2, {"loss": 1.0}, ts=2.0)],
+                  [MetricEvent("run", 2, {"loss": 1.0}, ts=2.0), MetricEvent("run", 3, {"loss": 0.5}, ts=3.0)]):
+        summary = RunSummary("run", 60.0, 5)
+        summary.observe(MetricEvent("run", 1, {"loss": float("nan")}, ts=1.0))
+        restored = RunSummary.from_dict(json.loads(json.dumps(summary.to_dict())))
+        for run in (summary, restored):
+            for event in later:
+                assert run.observe(event) == "new"
+            assert run.history.series["loss"][0] == (2, 1.0) and run.history.nonfinite["loss"] == [1]

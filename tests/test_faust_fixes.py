@@ -5,6 +5,8 @@ written for, and the recovery workaround applying to the bundled broker only (do
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -128,6 +130,86 @@ def test_only_acked_partitions_of_an_earliest_consumer_are_sought_to_their_begin
     _three_records_in_partitions_0_and_1(topics)
     seek = AIOKafkaConsumerThread.seek_to_committed
     assert _positions_after_seek(topics, seek, "fixed", reset=reset, acked=acked) == {0: 3, 1: 2}
+_handed_to = contextvars.ContextVar("handed_to", default=None)
+
+
+def _handing_consumer(callback) -> SimpleNamespace:
+    """What ``Consumer.wait_first`` reads of a consumer: its record callback, flow and service events."""
+    return SimpleNamespace(callback=callback, suspend_flow=asyncio.Event(), _stopped=asyncio.Event(),
+                           _crashed=asyncio.Event(), loop=asyncio.get_running_loop())
+
+
+async def _hand_over(gate: asyncio.Future | None = None) -> asyncio.Task | None:
+    """A record's hand-over (the consumer's callback): waits on ``gate`` if given, says which task ran it."""
+    _handed_to.set("set by the hand-over")
+    if gate is not None:
+        await gate
+    return asyncio.current_task()
+
+
+def test_canary_upstream_hands_each_record_over_in_tasks_of_its_own_and_the_fix_at_once():
+    async def handed_in_tasks(wait_first) -> tuple[bool, int]:
+        consumer = _handing_consumer(_hand_over)
+        before = len(asyncio.all_tasks())
+        started = []
+        loop = asyncio.get_running_loop()
+        factory = loop.get_task_factory()
+        loop.set_task_factory(lambda lp, coro, **kw: started.append(1) or asyncio.Task(coro, loop=lp, **kw))
+        try:
+            done = await wait_first(consumer, _hand_over(), consumer.suspend_flow.wait())
+        finally:
+            loop.set_task_factory(factory)
+        await asyncio.sleep(0)  # the cancelled waits end
+        assert len(asyncio.all_tasks()) == before
+        return done.results[0] is not asyncio.current_task(), len(started)
+
+    # upstream: the hand-over, the suspension, the stop and the crash each in a task, for every record
+    assert asyncio.run(handed_in_tasks(faust_fixes.upstream["Consumer.wait_first"])) == (True, 4)
+    assert asyncio.run(handed_in_tasks(Consumer.wait_first)) == (False, 0)
+
+
+def test_a_hand_over_runs_at_once_in_a_context_of_its_own_and_leaves_no_coroutine_unawaited():
+    async def main() -> None:
+        consumer = _handing_consumer(_hand_over)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "coroutine ... was never awaited" would be one
+            done = await Consumer.wait_first(consumer, _hand_over(), consumer.suspend_flow.wait())
+        assert done.done and not done.stopped
+        assert _handed_to.get() is None  # set inside the hand-over's context only, as in a task
+
+    asyncio.run(main())
+
+
+def test_a_hand_over_that_waits_finishes_in_a_task_and_the_suspension_still_cuts_it_short():
+    async def main() -> None:
+        consumer = _handing_consumer(_hand_over)
+        gate = asyncio.get_running_loop().create_future()  # a full queue, say
+        asyncio.get_running_loop().call_later(0.01, gate.set_result, None)
+        done = await Consumer.wait_first(consumer, _hand_over(gate), consumer.suspend_flow.wait())
+        assert done.results[0] is not asyncio.current_task() and not done.stopped
+        assert _handed_to.get() is None
+
+        stuck = asyncio.get_running_loop().create_future()  # never set: the queue stays full
+        asyncio.get_running_loop().call_later(0.01, consumer.suspend_flow.set)  # a rebalance suspends the flow
+        handed = _hand_over(stuck)
+        done = await asyncio.wait_for(Consumer.wait_first(consumer, handed, consumer.suspend_flow.wait()), 5)
+        assert done.results == [True]  # the suspension won
+        await asyncio.sleep(0)
+        assert stuck.cancelled()  # the waiting hand-over was cancelled, as upstream cancels its task
+
+    asyncio.run(main())
+
+
+def test_a_hand_over_that_raises_raises_in_the_consumer():
+    async def broken(message: object) -> None:
+        raise ValueError("a decoder bug")
+
+    async def main() -> None:
+        consumer = _handing_consumer(broken)
+        with pytest.raises(ValueError, match="a decoder bug"):
+            await Consumer.wait_first(consumer, broken(None), consumer.suspend_flow.wait())
+
+    asyncio.run(main())
 
 
 def _rewritten_upstream(*_args):
@@ -139,6 +221,7 @@ def _rewritten_upstream(*_args):
     ("_create_worker_consumer", "fetch_max_wait_ms=1500"),
     ("Consumer.__init__", "Consumer.__init__"),
     ("AIOKafkaConsumerThread.seek_to_committed", "seek_to_committed"),
+    ("Consumer.wait_first", "wait_first"),
 ])
 def test_an_upstream_that_is_not_the_expected_code_is_refused_with_what_changed(monkeypatch, name, says):
     faust_fixes.check_upstream()  # the installed versions pass
