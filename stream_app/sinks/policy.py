@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 
 from detectors import Alert
 
-__all__ = ["AlertPolicy", "Decision"]
+__all__ = ["AlertPolicy", "Decision", "DELIVER"]
 
-_DELIVER = frozenset({"new", "escalated", "resolved"})
+#: the decisions that deliver an alert
+DELIVER = frozenset({"new", "escalated", "resolved"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ class Decision:
 
     @property
     def deliver(self) -> bool:
-        return self.reason in _DELIVER
+        return self.reason in DELIVER
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from producers.kafka_security import client_config
 from ..redact import redact
 from ..routing import Router
 from . import PermanentDeliveryError, Sink
-from .policy import AlertPolicy
+from .policy import DELIVER, AlertPolicy
 from .silences import SilenceBook
 
 __all__ = ["SinkRunner", "Backoff", "is_permanent"]
@@ -117,7 +117,7 @@ class SinkRunner:
                         alert = self._decode(record)
                         reason = self.decide(alert) if alert else "unreadable"
                         self.counts[reason] += 1
-                        if reason in ("new", "escalated", "resolved"):
+                        if reason in DELIVER:
                             outcome = self._deliver(alert, reason, stop)
                             if outcome is None:
                                 return self.counts  # stopped while the endpoint was down: not committed
@@ -140,7 +140,7 @@ class SinkRunner:
                 for record in records:
                     if record.offset < committed[tp] and (alert := self._decode(record)):
                         reason = self.decide(alert)
-                        if reason in ("new", "escalated", "resolved"):
+                        if reason in DELIVER:
                             self.sink.replayed(alert, reason)
             for tp in list(pending):
                 if consumer.position(tp) >= committed[tp]:
