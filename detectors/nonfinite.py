@@ -97,11 +97,10 @@ class NonFiniteDetector(Detector):
     def _saturated(self, event: MetricEvent) -> list[Alert]:
         alerts = []
         for name in ("loss", "val_loss"):
-            key = f"saturated:{name}"
-            if name not in event.metrics or (key not in self.episodes and _saturation(event.metrics[name]) is None):
-                continue
-            x = event.metrics[name]
+            key, x = f"saturated:{name}", event.metrics.get(name)
             why = _saturation(x)
+            if x is None or why is None and key not in self.episodes:
+                continue
             self.same[name] = self.same.get(name, 0) + 1 if why else 0
             alerts += self._report(
                 event, "saturated_loss", why is not None, key=key,

@@ -151,11 +151,11 @@ class ValTrainDivergenceDetector(Detector):
         # a noisy mid-epoch probe) few points to learn its noise from: there, evaluations that rise one
         # after another past a third of the threshold while training improves are the trend
         epoch_log = train_falling and 2 * self.evals >= self.points
-        val_only = undone and (self.rises >= 1 and rise > self.rise_threshold / 3
-                    and (self.train is None or epoch_log and self.noise_threshold * noise < min(
-                        val - self.best_val, self.rise_threshold * self.best_val))) or (
+        quiet = self.noise_threshold * noise < min(val - self.best_val, self.rise_threshold * self.best_val)
+        val_only = undone and (
+            (self.rises >= 1 and rise > self.rise_threshold / 3 and (self.train is None or epoch_log and quiet))
             # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
-            undone and epoch_log and self.rises >= 4 and rise > self.rise_threshold)
+            or (epoch_log and self.rises >= 4 and rise > self.rise_threshold))
         active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend
