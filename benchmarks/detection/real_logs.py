@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     results["table_markdown"] = markdown_table(results, methods, LABELS, unit="points")
+    if args.excerpts:
+        results["healthy_excerpts"] = healthy_excerpts(labels, args.real)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     if args.verbose:
@@ -208,11 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     m = results["lossguard"]
     print(f"\nlossguard: non-finite caught at the step {caught}/{nonfinite}; medium-or-worse alerts per 10k healthy "
           f"points {m['medium_or_worse_per_10k']:.1f} ({noisy})")
-    print(interval_line(summaries[LOSSGUARD], noisy, "points"))
+    print(interval_line(summaries[LOSSGUARD], results["intervals_95"], "points"))
     if args.excerpts:
-        results["healthy_excerpts"] = excerpts = healthy_excerpts(labels, args.real)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
-        for n, e in excerpts.items():
+        for n, e in results["healthy_excerpts"].items():
             kinds = ", ".join(f"{k} {v}" for k, v in sorted(e["by_type"].items(), key=lambda kv: -kv[1]))
             print(f"healthy excerpts of {n} points: {e['paging']} of {e['excerpts']} page "
                   f"({e['paging'] / max(1, e['excerpts']):.1%}){': ' + kinds if kinds else ''}")

@@ -50,6 +50,8 @@ EPISODE_GAP = 20  # alarms closer than this continue one episode (lossguard's re
 FA_BUDGET = 1.0  # false alarms per 10k healthy steps allowed to the "best combination" of baselines
 LOSSGUARD = "lossguard"
 
+T0 = 1_700_000_000.0
+
 
 def intervals(detected: int, failing: int, alarms: int, healthy: int) -> dict[str, list[float] | None]:
     """95 % intervals for what a half this small can say: recall (Wilson score interval of a binomial) and
@@ -70,26 +72,24 @@ def intervals(detected: int, failing: int, alarms: int, healthy: int) -> dict[st
 
 
 def interval_json(summary: Mapping[str, Any], noisy: int) -> dict[str, Any]:
-    """The 95 % intervals of lossguard's figures, for the results file."""
+    """The 95 % intervals of lossguard's figures (``summary`` as :func:`summarize` gives it), for the
+    results file and :func:`interval_line`."""
     overall, healthy = summary["overall"], summary["healthy_steps"]
     return {"high_critical": intervals(overall["detected"], overall["runs"], summary["false_alarms"], healthy),
             "medium_or_worse_per_10k": intervals(0, 0, noisy, healthy)["per_10k"]}
 
 
-def interval_line(summary: Mapping[str, Any], noisy: int, unit: str) -> str:
-    """One line: lossguard's recall and alarm rates with their 95 % intervals."""
-    overall, healthy = summary["overall"], summary["healthy_steps"]
-    fa, noise = (intervals(overall["detected"], overall["runs"], n, healthy) for n in (summary["false_alarms"], noisy))
+def interval_line(summary: Mapping[str, Any], ci: Mapping[str, Any], unit: str) -> str:
+    """One line: lossguard's recall and alarm rates with their 95 % intervals (``ci``: :func:`interval_json`)."""
+    def pct(pair: list[float] | None) -> str:
+        return "–" if pair is None else f"{pair[0]:.0%}–{pair[1]:.0%}"
 
-    def pct(ci: list[float] | None) -> str:
-        return "–" if ci is None else f"{ci[0]:.0%}–{ci[1]:.0%}"
+    def rate(pair: list[float] | None) -> str:
+        return "–" if pair is None else f"{pair[0]:.1f}–{pair[1]:.1f}"
 
-    def rate(ci: list[float] | None) -> str:
-        return "–" if ci is None else f"{ci[0]:.1f}–{ci[1]:.1f}"
-
+    overall, fa = summary["overall"], ci["high_critical"]
     return (f"95 % intervals: recall {overall['detected']}/{overall['runs']} → {pct(fa['recall'])}; high/critical FA "
-            f"per 10k healthy {unit} {rate(fa['per_10k'])}; medium-or-worse {rate(noise['per_10k'])}")
-T0 = 1_700_000_000.0
+            f"per 10k healthy {unit} {rate(fa['per_10k'])}; medium-or-worse {rate(ci['medium_or_worse_per_10k'])}")
 
 
 # -- the corpus and its split ----------------------------------------------------------------------
@@ -331,12 +331,12 @@ def main(argv: list[str] | None = None) -> int:
                       "nonfinite_at_step": [sum(outcomes[LOSSGUARD][r.run_id]["delay"] == 0 for r in runs
                                                 if r.failure == "nonfinite"),
                                             sum(r.failure == "nonfinite" for r in runs)]},
-        "intervals_95": interval_json(summarize(runs, outcomes[LOSSGUARD]), sum(noise.values())),
         "per_run": {r.run_id: {"failure": r.failure, "onset": r.onset, "steps": len(r.steps),
                                "outcomes": {m: outcomes[m][r.run_id] for m in methods},
                                "lossguard_alerts": lossguard_alerts[r.run_id]} for r in runs},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    results["intervals_95"] = interval_json(results["methods"][LOSSGUARD], results["lossguard"]["medium_or_worse"])
     results["table_markdown"] = markdown_table(results, methods)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     m = results["lossguard"]
     print(f"\nlossguard: non-finite caught at the step {m['nonfinite_at_step'][0]}/{m['nonfinite_at_step'][1]}; "
           f"medium-or-worse alerts per 10k healthy steps {m['medium_or_worse_per_10k']:.1f} ({m['medium_or_worse']})")
-    print(interval_line(results["methods"][LOSSGUARD], m["medium_or_worse"], "steps"))
+    print(interval_line(results["methods"][LOSSGUARD], results["intervals_95"], "steps"))
     print(f"({results['seconds']}s; details in {args.out})")
     return 0
 
