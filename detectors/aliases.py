@@ -4,6 +4,8 @@
 ('loss', 'kl', 'loss')
 >>> canonical_name("Loss"), canonical_name("Grad_Norm"), canonical_name("Val Loss"), canonical_name("lm_loss")
 ('loss', 'grad_norm', 'val_loss', 'loss')
+>>> canonical_name("TrainLoss"), canonical_name("ValLoss"), canonical_name("gradNorm")
+('loss', 'val_loss', 'grad_norm')
 >>> canonical_name("Accuracy"), canonical_name("eval_g0_loss")
 ('Accuracy', 'eval_g0_loss')
 >>> canonical_metrics({"eval_loss": 1.5, "my_metric": 2.0})
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 __all__ = ["CANONICAL", "ALIASES", "canonical_name", "canonical_metrics"]
@@ -85,9 +88,14 @@ ALIASES: dict[str, str] = {
 }
 
 
+#: a lower-case letter or digit followed by a capital: where a camel-case name (``TrainLoss``) parts words
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
 def _spelling(name: str) -> str:
-    """A name with case and separators (spaces, ``_``, ``-``) evened out: ``LM_Loss`` → ``lm loss``."""
-    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    """A name with case and separators (spaces, ``_``, ``-``, a camel-case hump) evened out: ``LM_Loss`` and
+    ``LmLoss`` → ``lm loss``."""
+    return " ".join(_CAMEL.sub(" ", name).lower().replace("_", " ").replace("-", " ").split())
 
 
 #: every alias and canonical name by its spelling (no two of them share one: tests/test_replay.py checks)

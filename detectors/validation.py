@@ -7,6 +7,8 @@ of the training loss between evaluations to know which way training is going.
 from __future__ import annotations
 
 import math
+import re
+from functools import lru_cache
 from itertools import pairwise
 
 from .alerts import Alert
@@ -14,7 +16,7 @@ from .base import Detector, all_finite, column, may_have, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, push, robust_center_scale
 
-__all__ = ["ValTrainDivergenceDetector", "VALIDATION_DEFAULTS"]
+__all__ = ["ValTrainDivergenceDetector", "VALIDATION_DEFAULTS", "eval_set"]
 
 VALIDATION_DEFAULTS = {
     "rise_threshold": 0.1,
@@ -26,6 +28,30 @@ VALIDATION_DEFAULTS = {
     "resolve_after": 3,
     "undo_fraction": 0.02,
 }
+
+#: a named evaluation set's loss: Hugging Face's ``eval_<set>_loss`` (an ``eval_dataset`` dict; ``eval/<set>_loss``
+#: once W&B has it) and Lightning's ``val_loss/dataloader_idx_<n>`` (several validation loaders)
+_EVAL_SET = re.compile(r"^(?:eval|val|valid|validation)[_/]([^/]+?)_loss$|^val_loss/(dataloader_idx_\d+)$")
+
+#: a validation set's own state (the training-loss EMA and the point count are the run's, shared by all sets)
+_SET_FIELDS = ("best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals", "rises", "evals",
+               "first_val")
+
+
+@lru_cache(maxsize=4096)
+def eval_set(name: str) -> str | None:
+    """The evaluation set a (canonical) metric name is the loss of, None if it is none of them.
+
+    >>> eval_set("eval_wikitext_loss"), eval_set("val_loss/dataloader_idx_1"), eval_set("val_loss"), eval_set("loss")
+    ('wikitext', 'dataloader_idx_1', None, None)
+    """
+    found = _EVAL_SET.match(name)
+    return None if found is None else found.group(1) or found.group(2)
+
+
+@lru_cache(maxsize=1024)
+def _has_sets(names: tuple[str, ...]) -> bool:
+    return any(map(eval_set, names))
 
 
 @register_detector
@@ -51,6 +77,9 @@ class ValTrainDivergenceDetector(Detector):
     steady climb's own steps inflate it.
     ``overtraining`` (``low``, ``medium`` while validation is also rising past its noise) says the best checkpoint is
     ``overtrain_evals`` evaluations old while training improves: the rest of the run is wasted compute.
+    Each named evaluation set (:func:`eval_set`: ``eval_<set>_loss``, ``val_loss/dataloader_idx_<n>``) is judged
+    on its own, against the same training loss, with its own episodes: one set can overfit while another
+    still improves.
 
     >>> from detectors.events import MetricEvent
     >>> d = ValTrainDivergenceDetector()
@@ -74,7 +103,7 @@ class ValTrainDivergenceDetector(Detector):
     defaults = VALIDATION_DEFAULTS
     metrics = ("loss", "val_loss")
     state_fields = ("train", "best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals",
-                    "rises", "points", "evals", "first_val")
+                    "rises", "points", "evals", "first_val", "sets")
 
     def reset(self) -> None:
         self.train: float | None = None
@@ -91,12 +120,18 @@ class ValTrainDivergenceDetector(Detector):
         self.evals = 0
         #: the first validation loss (what validation learned is first − best)
         self.first_val: float | None = None
+        #: named evaluation set → its own fields (``_SET_FIELDS``), for runs with several
+        self.sets: dict[str, dict] = {}
+
+    def reads(self, names: tuple[str, ...]) -> bool:
+        return "loss" in names or "val_loss" in names or _has_sets(names)
 
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # most steps carry only a training loss, which moves nothing but its EMA: those are folded in
         # right here, and the evaluation steps go through update
         alpha, train, raised = 2.0 / (self.train_span + 1), self.train, []
-        if not may_have(events, "val_loss"):
+        names = getattr(events, "names", None)
+        if not may_have(events, "val_loss") and not (names and _has_sets(names)):
             losses = column(events, "loss")
             if all_finite(losses):  # no evaluation in the batch: the training-loss EMA, and nothing else
                 start = 0
@@ -108,7 +143,7 @@ class ValTrainDivergenceDetector(Detector):
                 self.points += len(losses)
                 return []
         for i, (loss, val) in enumerate(zip(column(events, "loss"), column(events, "val_loss"), strict=True)):
-            if val is not None:
+            if val is not None or (_has_sets(names) if names else _has_sets(tuple(events[i].metrics))):
                 self.train = train
                 raised += [(i, alert) for alert in self.update(events[i])]
                 train = self.train
@@ -119,15 +154,48 @@ class ValTrainDivergenceDetector(Detector):
         return raised
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        loss = event.metrics.get("loss")
-        if loss is not None and math.isfinite(loss):
+        metrics = event.metrics
+        loss = metrics.get("loss")
+        trained = loss is not None and math.isfinite(loss)
+        if trained:
             self.train = ema(self.train, loss, 2.0 / (self.train_span + 1))
             self.points += 1
-        val = event.metrics.get("val_loss")
-        if val is None or not math.isfinite(val):
+        val = metrics.get("val_loss")
+        judged = [("val_loss", val)] if val is not None and math.isfinite(val) else []
+        if _has_sets(tuple(metrics)):
+            judged += [(name, v) for name, v in metrics.items() if eval_set(name) and math.isfinite(v)]
+        if not judged:
             return []
+        self.points += not trained
+        alerts = []
+        for name, v in judged:
+            if name == "val_loss":
+                alerts += self._judge(event, v, name)
+                continue
+            own = {f: getattr(self, f) for f in _SET_FIELDS}  # the set's fields stand in for the run's
+            kept = self.sets.get(name)
+            if kept is None:
+                self.reset_set()
+            else:
+                for f in _SET_FIELDS:
+                    setattr(self, f, kept[f])
+            try:
+                alerts += self._judge(event, v, name)
+            finally:
+                self.sets[name] = {f: getattr(self, f) for f in _SET_FIELDS}
+                for f, value in own.items():
+                    setattr(self, f, value)
+        return alerts
+
+    def reset_set(self) -> None:
+        """A fresh evaluation set's fields (``_SET_FIELDS``)."""
+        sets, points, train = self.sets, self.points, self.train
+        self.reset()
+        self.sets, self.points, self.train = sets, points, train
+
+    def _judge(self, event: MetricEvent, val: float, metric: str) -> list[Alert]:
+        """One evaluation of one validation set (``metric``), against the run's training loss."""
         self.evals += 1
-        self.points += loss is None or not math.isfinite(loss)
         if self.first_val is None:
             self.first_val = compact(val)
         if self.best_val is None or val < self.best_val:
@@ -166,7 +234,8 @@ class ValTrainDivergenceDetector(Detector):
         alerts = self._report(
             event, "val_train_divergence", active, severity=severity, value=val,
             threshold=self.best_val * (1 + self.rise_threshold),
-            message=(f"val_loss {val:.4g} is {rise:.0%} above its best {self.best_val:.4g} (step "
+            key=None if metric == "val_loss" else f"val_train_divergence:{metric}",
+            message=(f"{metric} {val:.4g} is {rise:.0%} above its best {self.best_val:.4g} (step "
                      f"{self.best_step}) "
                      + (f"while the training loss fell to {self.train:.4g}" if self.train is not None
                         else "with no training loss logged")
@@ -177,7 +246,8 @@ class ValTrainDivergenceDetector(Detector):
         alerts += self._report(
             event, "overtraining", overtrained, severity="medium" if self.run_length >= 2 else "low",
             value=val, threshold=self.best_val,
-            message=(f"no better val_loss than {self.best_val:.4g} (step {self.best_step}) in "
+            key=None if metric == "val_loss" else f"overtraining:{metric}",
+            message=(f"no better {metric} than {self.best_val:.4g} (step {self.best_step}) in "
                      f"{self.evals_since_best} evaluations while training improves; the best checkpoint "
                      f"is behind you"),
             metadata={"best_step": self.best_step, "evaluations_since_best": self.evals_since_best})

@@ -53,6 +53,9 @@ def synthetic(seed: int, steps: int = 700) -> list[MetricEvent]:
             m["rss"] = mem / 2
         if s % 25 == 0:
             m["val_loss"] = loss * (1 + max(0, s - 300) / 300) + rng.random() * 0.01
+        if seed % 3 == 1 and s % 20 == 10:  # named evaluation sets off val_loss's cadence; one overfits
+            m["eval_code_loss"] = loss * (1 + max(0, s - 250) / 200) + rng.random() * 0.01
+            m["eval_chat_loss"] = loss + rng.random() * 0.01
         if seed % 2:
             ent *= rng.choice([1.0] * 30 + [0.9, 0.3])
             kl = kl * rng.choice([1.0] * 20 + [1.5, 3]) + 0.01

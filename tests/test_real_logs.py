@@ -185,3 +185,16 @@ def test_a_jump_that_stays_in_a_sparse_fragment_reaches_high():
     alerts = [a for a in firing(run_id, ("low", "medium", "high", "critical"))
               if a.alert_type == "convergence_divergence"]
     assert [(a.step, a.severity) for a in alerts] == [(1273, "low"), (1275, "high")]
+
+
+def test_each_named_evaluation_set_is_watched_on_its_own():
+    """A Trainer with an ``eval_dataset`` dict logs ``eval_<set>_loss`` per set and no ``eval_loss``: six
+    groups' validation losses climb from step 401-802 while the training loss falls 1.11 → 0.05. Each set
+    pages high under its own name, and the camel-case ``TrainLoss``/``ValLoss`` columns of a resumed Keras-style
+    log are read as the training and validation loss."""
+    alerts = [a for a in firing("s7b_multigroup_eval_overfit_30ep") if a.alert_type == "val_train_divergence"]
+    named = {a.message.split()[0] for a in alerts}
+    assert {"eval_g0_loss", "eval_g5_loss"} <= named and len({a.metadata["episode_key"] for a in alerts}) == len(named)
+    assert min(a.step for a in alerts if a.message.startswith("eval_g0_loss ")) <= 2005
+    low = replay_file(REAL / LABELS["s10b_skinlesion_vgg16_resume"]["file"], run_id="skin")
+    assert any(a.alert_type == "val_train_divergence" and a.message.startswith("val_loss ") for a in low)
