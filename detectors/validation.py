@@ -30,8 +30,9 @@ VALIDATION_DEFAULTS = {
 }
 
 #: a named evaluation set's loss: Hugging Face's ``eval_<set>_loss`` (an ``eval_dataset`` dict; ``eval/<set>_loss``
-#: once W&B has it) and Lightning's ``val_loss/dataloader_idx_<n>`` (several validation loaders)
-_EVAL_SET = re.compile(r"^(?:eval|val|valid|validation)[_/]([^/]+?)_loss$|^val_loss/(dataloader_idx_\d+)$")
+#: once W&B has it) and Lightning's ``val_loss/dataloader_idx_<n>`` (several validation loaders) — not YOLO's
+#: ``val/box_loss``, ``val/cls_loss``: parts of one validation loss, whose training parts are not the training loss
+_EVAL_SET = re.compile(r"^eval[_/]([^/]+?)_loss$|^val_loss/(dataloader_idx_\d+)$")
 
 #: a validation set's own state (the training-loss EMA and the point count are the run's, shared by all sets)
 _SET_FIELDS = ("best_val", "best_step", "train_at_best", "evals_since_best", "run_length", "vals", "rises", "evals",
@@ -44,6 +45,8 @@ def eval_set(name: str) -> str | None:
 
     >>> eval_set("eval_wikitext_loss"), eval_set("val_loss/dataloader_idx_1"), eval_set("val_loss"), eval_set("loss")
     ('wikitext', 'dataloader_idx_1', None, None)
+    >>> eval_set("val/box_loss"), eval_set("eval_runtime")   # a YOLO validation-loss part; not a loss at all
+    (None, None)
     """
     found = _EVAL_SET.match(name)
     return None if found is None else found.group(1) or found.group(2)
