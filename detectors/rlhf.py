@@ -255,7 +255,7 @@ class _LaggingRatio(Detector):
     category = "rlhf"
     section = "rlhf"
     defaults = RLHF_DEFAULTS
-    state_fields = ("recent", "run_length")
+    state_fields = ("recent", "run_length", "first_step", "interval")
     metric = ""
 
     @property
@@ -265,12 +265,24 @@ class _LaggingRatio(Detector):
     def reset(self) -> None:
         self.recent: list[float] = []
         self.run_length = 0
+        #: the metric's first step and the steps between its first two values (its logging cadence)
+        self.first_step: int | None = None
+        self.interval: int | None = None
+
+    def _persist(self) -> int:
+        """Points a trip must last to be ``high``: ``persist``, or 3 where the metric is logged every 5 steps or
+        more — there ``persist`` points span hundreds of optimizer steps, and a sparse log may hold a dozen."""
+        return min(self.persist, 3) if self.interval is not None and self.interval >= 5 else self.persist
 
     def _step(self, event: MetricEvent) -> tuple[float, float, bool] | None:
         """``(value, median, tripped)`` after warm-up, else None; subclasses define ``_tripped``."""
         x = _finite(event, self.metric)
         if x is None:
             return None
+        if self.first_step is None:
+            self.first_step = event.step
+        elif self.interval is None and event.step > self.first_step:
+            self.interval = event.step - self.first_step
         if len(self.recent) < min(self.window, 10):
             # warm-up: a fragment (a few points pasted around an incident) has no median to speak of,
             # so only a jump the subclass calls unmistakable against the largest value so far trips
@@ -346,8 +358,8 @@ class EntropyCollapseDetector(_LaggingRatio):
     Two ways to get there, both tripping the test: fast, below ``entropy_drop`` of its recent median (the
     median of the last ``window`` ordinary values, which a healthy run's slow decline moves along), and
     slowly, below ``entropy_ratio`` of its early level (the median of the first ``window`` values).
-    ``medium`` at once, ``high`` after ``persist`` steps, ``critical`` when it lasts 4× ``persist`` steps
-    below a quarter of ``entropy_ratio`` of the early level.
+    ``medium`` at once, ``high`` after ``persist`` points (3 on a sparse log: see ``_persist``), ``critical``
+    when it lasts 4× that below a quarter of ``entropy_ratio`` of the early level.
 
     >>> from detectors.events import MetricEvent
     >>> d = EntropyCollapseDetector()
@@ -383,8 +395,9 @@ class EntropyCollapseDetector(_LaggingRatio):
             return []
         x, median, tripped = out
         early = self._early_level()
-        severity = ("critical" if self.run_length >= 4 * self.persist and x < self.entropy_ratio / 4 * early
-                    else "high" if self.run_length >= self.persist else "medium")
+        persist = self._persist()
+        severity = ("critical" if self.run_length >= 4 * persist and x < self.entropy_ratio / 4 * early
+                    else "high" if self.run_length >= persist else "medium")
         return self._report(event, "entropy_collapse", tripped, severity=severity, value=x,
                             threshold=max(self.entropy_drop * median, self.entropy_ratio * early),
                             message=f"entropy {x:.4g} collapsed from a recent {median:.4g} (early {early:.4g}) "
@@ -396,7 +409,7 @@ class EntropyCollapseDetector(_LaggingRatio):
 class LengthExplosionDetector(_LaggingRatio):
     """Mean response length above ``length_ratio`` × its recent median (runaway generations).
 
-    ``medium`` at once, ``high`` after ``persist`` steps, ``critical`` after that at twice the ratio.
+    ``medium`` at once, ``high`` after ``persist`` points (3 on a sparse log), ``critical`` after twice that at twice the ratio.
 
     >>> from detectors.events import MetricEvent
     >>> d = LengthExplosionDetector()
@@ -416,8 +429,9 @@ class LengthExplosionDetector(_LaggingRatio):
         if out is None:
             return []
         x, median, tripped = out
-        severity = ("critical" if self.run_length >= 2 * self.persist and x > 2 * self.length_ratio * median
-                    else "high" if self.run_length >= self.persist else "medium")
+        persist = self._persist()
+        severity = ("critical" if self.run_length >= 2 * persist and x > 2 * self.length_ratio * median
+                    else "high" if self.run_length >= persist else "medium")
         return self._report(event, "length_explosion", tripped, severity=severity, value=x,
                             threshold=self.length_ratio * median,
                             message=f"response length {x:.0f} is {x / median:.1f}x its recent median {median:.0f}",

@@ -198,3 +198,10 @@ def test_each_named_evaluation_set_is_watched_on_its_own():
     assert min(a.step for a in alerts if a.message.startswith("eval_g0_loss ")) <= 2005
     low = replay_file(REAL / LABELS["s10b_skinlesion_vgg16_resume"]["file"], run_id="skin")
     assert any(a.alert_type == "val_train_divergence" and a.message.startswith("val_loss ") for a in low)
+
+
+def test_an_entropy_collapse_on_a_sparse_log_reaches_high():
+    """A GRPO chess run logged every 160-360 steps: entropy 3.2 → 0.71 ("the root cause is entropy
+    collapse"). Five logged points of a trip span a thousand steps there; three are enough for high."""
+    alerts = [a for a in firing("s8a_chess_grpo_entropy_collapse") if a.alert_type == "entropy_collapse"]
+    assert alerts and alerts[0].step <= 1793  # the third point under half its recent median
