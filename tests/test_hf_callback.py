@@ -31,17 +31,23 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def _trainer(tmp_path, callbacks, max_steps: int, **args):
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+def _gpt2(n_embd: int = 16):
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=n_embd, n_layer=2, n_head=2))
+
+
+def _trainer(tmp_path, callbacks, max_steps: int, model=None, train_dataset=None, eval_dataset=None, **args):
+    from transformers import Trainer, TrainingArguments
+
+    model = model if model is not None else _gpt2()
     settings = {"per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "learning_rate": 1e-3,
                 "logging_steps": 1, "report_to": [], "save_strategy": "no", "use_cpu": True, "disable_tqdm": True,
                 "dataloader_num_workers": 0, **args}
     targs = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=max_steps, **settings)
-    return Trainer(model=model, args=targs, train_dataset=_Tokens(), eval_dataset=_Tokens(16, seed=1),
-                   callbacks=callbacks)
+    return Trainer(model=model, args=targs, train_dataset=train_dataset or _Tokens(),
+                   eval_dataset=eval_dataset or _Tokens(16, seed=1), callbacks=callbacks)
 
 
 def _events(topics, run_id: str):
@@ -125,3 +131,41 @@ class _Sleep(transformers.TrainerCallback):
         import time
 
         time.sleep(self.seconds)
+
+
+class _Part(torch.utils.data.Dataset):
+    def __init__(self, data, n: int):
+        self.data, self.n = data, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.data[i]
+
+
+def test_each_eval_dataset_of_a_dict_is_watched_on_its_own(topics, tmp_path, monkeypatch):
+    """``eval_dataset={"seen": ..., "unseen": ...}``: HF evaluates each set in turn and logs
+    ``eval_<set>_loss``. A tiny GPT-2 memorizes 32 random sequences: the seen set's loss falls with training,
+    the unseen set's climbs from its first evaluation (3.9 → 5.0). The callback sends both, and the
+    detectors page the unseen set's overfitting under its own name and leave the seen set alone."""
+    from detectors import DetectorSuite
+
+    monkeypatch.setenv("LOSSGUARD_TOPIC_PREFIX", topics.prefix)
+    run_id = "hf-eval-sets"
+    train = _Tokens(32)
+    trainer = _trainer(tmp_path, [LossguardCallback(run_id, bootstrap=topics.bootstrap)], max_steps=200,
+                       model=_gpt2(n_embd=32), train_dataset=train,
+                       eval_dataset={"seen": _Part(train, 16), "unseen": _Tokens(16, seed=1)},
+                       per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=10,
+                       eval_strategy="steps", eval_steps=20, per_device_eval_batch_size=16)
+    trainer.train()
+
+    events = sorted(_events(topics, run_id), key=lambda e: e.step)
+    named = {name for e in events for name in e.metrics if name.startswith("eval_") and name.endswith("_loss")}
+    assert named == {"eval_seen_loss", "eval_unseen_loss"}
+    suite = DetectorSuite()
+    alerts = [a for e in events for a in suite.update(e) if a.status == "firing"]
+    overfit = [a for a in alerts if a.alert_type == "val_train_divergence"]
+    assert overfit and all(a.message.startswith("eval_unseen_loss ") for a in overfit)
+    assert any(a.severity in ("high", "critical") for a in overfit)
