@@ -2,9 +2,10 @@
 
 Keras' ``TerminateOnNaN`` checks only the loss; here every metric counts (a NaN grad norm often comes a
 step before the NaN loss). A non-finite loss (or validation loss, perplexity) is ``critical``. A
-non-finite grad norm while the loss stays finite is ``high`` — unless the run logs a ``loss_scale``, where
-it is most likely a step the mixed-precision loss scaler skipped, and ``medium``; a loss of exactly 0
-beside it is no comfort (fp16 overflow logs that), so that is ``critical``.
+non-finite grad norm while the loss stays finite is ``high`` — unless the run logs a ``loss_scale`` above 1,
+where it is most likely a step the mixed-precision loss scaler skipped, and ``medium``; a scale of 1 is no
+scaler at work (Megatron logs 1.0 under bf16) or one at its floor, with nothing left to skip to. A loss of
+exactly 0 beside it is no comfort (fp16 overflow logs that), so that is ``critical``.
 
 A loss that sits exactly at a framework's clamp is non-finite in disguise: 87.3365 is −ln(FLT_MIN), where a
 float32 softmax loss (Caffe's, and any that clamps the probability at the smallest normal float) lands when
@@ -82,7 +83,7 @@ class NonFiniteDetector(Detector):
             loss = metrics.get("loss")
             if any(m in _LOSSES for m in new) or loss == 0.0:
                 severity = "critical"
-            elif "loss_scale" in metrics:
+            elif metrics.get("loss_scale", 0.0) > 1.0:
                 severity = "medium"
             else:
                 severity = "high"

@@ -189,6 +189,17 @@ def test_a_metric_turning_nonfinite_later_is_a_new_critical_alert_not_swallowed(
     assert len({a.alert_id for a in alerts}) == len(alerts)
 
 
+def test_a_nonfinite_grad_norm_with_the_loss_scale_at_1_is_no_skipped_step():
+    """Megatron-DeepSpeed, pasted into an issue: "loss scale: 1.0 | grad norm: nan" line after line. A scale
+    of 1 is bf16 (no scaler) or a scaler at its floor: nothing explains the NaN away, so it pages high; the
+    same NaN under a scale of 65536 is the scaler's skipped step, medium."""
+    for scale, severity in ((1.0, "high"), (65536.0, "medium")):
+        suite = DetectorSuite()
+        alerts = [a for s in (5426, 5427) for a in suite.update(MetricEvent(
+            "mds", s, {"lr": 3e-4, "loss_scale": scale, "grad_norm": math.nan}, ts=float(s)))]
+        assert [(a.step, a.severity) for a in alerts if a.alert_type == "nonfinite_metric"] == [(5426, severity)]
+
+
 def test_a_fragment_that_climbs_for_three_points_is_a_failure():
     """A log pasted into an issue: five points every 100 steps, no history, the loss climbing from the
     second on. Three rises in a row to 1.5x its lowest page at high; the same points falling do not."""
