@@ -196,6 +196,14 @@ class ValTrainDivergenceDetector(Detector):
         self.reset()
         self.sets, self.points, self.train = sets, points, train
 
+    def _noise_before_climb(self) -> float:
+        """The noise σ (as in ``_judge``) of the evaluations before the current run of rises; 0 when fewer
+        than 4 changes came before it (a fragment: nothing to learn the noise from)."""
+        before = self.vals[:len(self.vals) - self.rises]
+        if len(before) < 5:
+            return 0.0
+        return robust_center_scale([b - a for a, b in pairwise(before)])[1] / math.sqrt(2)
+
     def _judge(self, event: MetricEvent, val: float, metric: str) -> list[Alert]:
         """One evaluation of one validation set (``metric``), against the run's training loss."""
         self.evals += 1
@@ -226,7 +234,10 @@ class ValTrainDivergenceDetector(Detector):
         val_only = undone and (
             (self.rises >= 1 and rise > self.rise_threshold / 3 and (self.train is None or epoch_log and quiet))
             # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
-            or (epoch_log and self.rises >= 4 and rise > self.rise_threshold))
+            # and past the noise the evaluations showed before the climb (the climb's own steps would
+            # inflate it): after a lucky best, a noisy set rises four times in a row by chance soon enough
+            or (epoch_log and self.rises >= 4 and rise > self.rise_threshold
+                and val - self.best_val > self.noise_threshold * self._noise_before_climb()))
         active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend
