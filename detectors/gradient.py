@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 from .alerts import Alert
-from .base import Detector, all_finite, column, register_detector
+from .base import Detector, all_finite, column, has_any, register_detector
 from .events import MetricEvent
+from .loss import POLICY_GRADIENT_METRICS
 from .stats import compact, ema, ema_var
 
 __all__ = ["GradientExplosionDetector", "GradientVanishingDetector", "GradientVarianceDetector",
@@ -211,9 +212,12 @@ class GradientVanishingDetector(_GradientNormReader):
     """Gradient norm at or below ``vanishing_threshold``: the model has stopped receiving signal.
 
     A measured norm under the threshold for one step is ``medium`` (an fp16 skipped step can report 0);
-    for 5 steps in a row ``high`` — or 2 logged points of exactly 0 (nothing is trained: a GRPO group whose
-    completions all get one reward has no advantage to follow) — for ``window_size`` steps ``critical``. Estimated norms are not used:
-    a flat loss says "plateau", not "no gradient".
+    for 5 steps in a row ``high`` — or 2 logged points of exactly 0 (nothing is trained) — for
+    ``window_size`` steps ``critical``. On a policy-gradient run (reward, KL, ... logged) a norm of exactly 0 is
+    a batch whose every group of completions got one reward — no advantage to follow, routine once a policy
+    solves most prompts (healthy GRPO runs log 0 for eight points in a row) — and stays ``low``: a reward
+    that does not move is ``reward_flat``'s to page. Estimated norms are not used: a flat loss says
+    "plateau", not "no gradient".
 
     >>> from detectors.events import MetricEvent
     >>> d = GradientVanishingDetector()
@@ -223,13 +227,16 @@ class GradientVanishingDetector(_GradientNormReader):
     """
 
     name = "gradient_vanishing"
-    state_fields = _GradientNormReader.state_fields + ("run_length",)
+    state_fields = _GradientNormReader.state_fields + ("run_length", "rl")
 
     def reset(self) -> None:
         super().reset()
         self.run_length = 0
+        #: whether the run logs policy-gradient metrics (``POLICY_GRADIENT_METRICS``)
+        self.rl = False
 
     def update(self, event: MetricEvent) -> list[Alert]:
+        self.rl = self.rl or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
         g, estimated = self.grad_norm(event)
         if g is None or estimated:
             return []
@@ -237,7 +244,8 @@ class GradientVanishingDetector(_GradientNormReader):
             self.run_length = 0
             return self._report(event, "gradient_vanishing", False)
         self.run_length += 1
-        severity = ("critical" if self.run_length >= self.window_size else
+        severity = ("low" if self.rl and g == 0 else
+                    "critical" if self.run_length >= self.window_size else
                     "high" if self.run_length >= 5 or (self.run_length >= 2 and g == 0) else "medium")
         return self._report(event, "gradient_vanishing", True, severity=severity, value=g,
                             threshold=self.vanishing_threshold,
@@ -249,6 +257,7 @@ class GradientVanishingDetector(_GradientNormReader):
         if norms is None or min(norms) <= self.vanishing_threshold:
             return super().update_batch(events)
         self.run_length = 0
+        self.rl = self.rl or has_any(events, POLICY_GRADIENT_METRICS)
         return []
 
 
