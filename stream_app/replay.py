@@ -10,7 +10,9 @@ same step are merged into one event. The run id is the file's (its stem, or its 
 ``trainer_state.json`` and event files), or ``--run-id`` for all files — which is how a Bedrock training
 CSV and its validation CSV become one run. Alerts are written as JSONL alert events; exit 0 when the
 replay ran (alerts or not), 2 on bad input, with the file, line and column in the message. Columns it
-skips (text, a run's notes) are named once on stderr.
+skips (text, a run's notes) are named once on stderr. A log with no time column has no clock (its events
+are read at one second per step): ``stalled_run`` stays out of it, since a gap in its step numbers is no
+silence.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from typing import Any
 
 from detectors import Alert, DetectorSuite, MetricEvent, RunDriver, load_detectors
 from detectors.aliases import canonical_name
-from detectors.config import ConfigError
+from detectors.base import DETECTORS
+from detectors.config import DETECTORS_SECTION, ConfigError, build_config
 from detectors.driver import DetectorLoadError
 
 from .logfiles import Notice, ReplayError, read_events
@@ -66,6 +69,12 @@ def _unread_metrics(run_events: list[MetricEvent], suite: DetectorSuite) -> list
     return sorted(names)
 
 
+def _without_stalled_run(config: Mapping[str, Any] | None) -> list[str]:
+    """The detectors the config enables, but the one that needs a clock."""
+    disabled = set(build_config(config)[DETECTORS_SECTION]["disabled"])
+    return [name for name in DETECTORS if name not in disabled and name != "stalled_run"]
+
+
 def replay_events(events: Iterable[MetricEvent],
                   config: Mapping[str, Any] | str | os.PathLike | None = None,
                   notice: Notice | None = None) -> list[Alert]:
@@ -74,7 +83,10 @@ def replay_events(events: Iterable[MetricEvent],
     cfg = _detector_config(config)
     alerts: list[Alert] = []
     for run_id, run_events in _merge_by_step(events).items():
-        suite = DetectorSuite(cfg)
+        # a log with no clock is read at one second per step (logfiles): a jump in its step numbers (an
+        # excerpt's gap, a sparse logging interval) is no silence, so stalled_run does not judge it
+        clockless = all(e.ts == e.step for e in run_events)
+        suite = DetectorSuite(cfg, _without_stalled_run(cfg) if clockless else None)
         unread = _unread_metrics(run_events, suite)
         if unread and notice is not None:
             shown = ", ".join(unread[:8]) + (", ..." if len(unread) > 8 else "")

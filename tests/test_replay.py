@@ -316,3 +316,17 @@ def test_metric_names_match_whatever_their_case_and_separators():
         meanings.setdefault(_spelling(name), set()).add(canon)
     assert {k: v for k, v in meanings.items() if len(v) > 1} == {}
     assert len(SPELLINGS) == len(meanings)
+
+
+def test_a_log_without_a_clock_has_no_stall_and_one_with_a_clock_does(tmp_path):
+    """A pasted excerpt jumps from step 50 to 4950: with no time column that is a gap in the log, not a
+    silence of the run (replay reads it at one second per step); the same jump with a timestamp column
+    4,900 s apart is a past stall, medium."""
+    rows = [(s, 2.0 - s / 10000) for s in [*range(1, 51), *range(4950, 5000)]]
+    stepped = tmp_path / "excerpt.csv"
+    stepped.write_text("step,loss\n" + "".join(f"{s},{x}\n" for s, x in rows))
+    timed = tmp_path / "timed.csv"
+    timed.write_text("step,ts,loss\n" + "".join(f"{s},{1.7e9 + s},{x}\n" for s, x in rows))
+    assert [a for a in replay_file(stepped) if a.alert_type == "stalled_run"] == []
+    stalls = [a for a in replay_file(timed) if a.alert_type == "stalled_run" and a.status == "firing"]
+    assert [(a.step, a.severity) for a in stalls] == [(4950, "medium")]
