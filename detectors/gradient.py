@@ -79,7 +79,9 @@ class GradientExplosionDetector(_GradientNormReader):
     single step is at most ``medium`` (one hard batch must not page anyone, as for loss spikes); two steps
     in a row over both tests, or at 10× the mean, are ``high``; three steps, or two at 100×, ``critical``.
     An episode clears only when the norm is back under twice the mean it had when the episode began: the
-    moving mean creeps up towards a norm that stays high, and that is not the run getting better.
+    moving mean creeps up towards a norm that stays high, and that is not the run getting better. A norm of
+    exactly 0 is no update at all (a step the loss scaler skipped, a GRPO batch with no advantage) and does
+    not enter the mean: on a GRPO run half the norms can be 0, and the rest would all look 10× above it.
 
     >>> from detectors.events import MetricEvent
     >>> d = GradientExplosionDetector()
@@ -106,7 +108,7 @@ class GradientExplosionDetector(_GradientNormReader):
 
     def update(self, event: MetricEvent) -> list[Alert]:
         g, estimated = self.grad_norm(event)
-        if g is None:
+        if g is None or g == 0:  # 0: no update was made (a skipped step, a batch with no advantage), no scale
             return []
         if self._advance([g], screened=False):
             return self._calm(event, g, estimated)
@@ -191,7 +193,7 @@ class GradientExplosionDetector(_GradientNormReader):
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # _advance over the batch; from the first norm that hits a test on, step by step
         norms = self.measured_norms(events, "gradient_explosion")
-        if norms is None:
+        if norms is None or min(norms) == 0:
             return super().update_batch(events)
         # the mean never falls below min(mean, smallest norm) (an average of values above that): when no
         # norm reaches twice that nor the ceiling, neither test can fire and only the average moves
