@@ -315,17 +315,17 @@ class KLBlowupDetector(_LaggingRatio):
 
     Active when ``kl > kl_threshold``, or ``kl > kl_ratio × median(last window)`` and ``kl > kl_floor``
     (tiny KLs early in a run have meaningless ratios). In the first 10 points (a short fragment, a run's
-    start) only ``kl > kl_ratio ×`` the largest KL so far and ``> kl_floor`` counts. ``medium`` at once,
-    ``high`` after 3 steps, ``critical`` after ``persist`` steps at 5× ``kl_threshold``.
+    start) only ``kl > kl_ratio ×`` the largest KL so far and ``> kl_floor`` counts. ``low`` for one point
+    (isolated one-step KL spikes happen in healthy runs), ``medium`` for two, ``high`` after 3 steps, ``critical`` after ``persist`` steps at 5× ``kl_threshold``.
 
     >>> from detectors.events import MetricEvent
     >>> d = KLBlowupDetector()
     >>> kls = [0.02 * s for s in range(1, 100)] + [25.0, 40.0, 60.0]
     >>> [(a.severity, a.step) for s, k in enumerate(kls) for a in d.update(MetricEvent("r", s, {"kl": k}))]
-    [('medium', 99), ('high', 101)]
+    [('low', 99), ('medium', 100), ('high', 101)]
     >>> d = KLBlowupDetector()   # a pasted PPO table: the KL leaves 0.017 for 1.76 and stays there
     >>> [(a.severity, a.step) for s, k in enumerate([0.017, 1.76, 3.79, 4.34, 4.47]) for a in d.update(MetricEvent("r", s, {"kl": k}))]
-    [('medium', 1), ('high', 3)]
+    [('low', 1), ('medium', 2), ('high', 3)]
     """
 
     name = "kl_blowup"
@@ -345,7 +345,7 @@ class KLBlowupDetector(_LaggingRatio):
             return []
         x, median, tripped = out
         severity = ("critical" if self.run_length >= self.persist and x > 5 * self.kl_threshold
-                    else "high" if self.run_length >= 3 else "medium")
+                    else "high" if self.run_length >= 3 else "medium" if self.run_length >= 2 else "low")
         return self._report(event, "kl_blowup", tripped, severity=severity, value=x, threshold=self.kl_threshold,
                             message=f"KL {x:.4g} vs recent median {median:.4g} for {self.run_length} step(s)",
                             metadata={"median": median, "consecutive": self.run_length})
@@ -358,14 +358,15 @@ class EntropyCollapseDetector(_LaggingRatio):
     Two ways to get there, both tripping the test: fast, below ``entropy_drop`` of its recent median (the
     median of the last ``window`` ordinary values, which a healthy run's slow decline moves along), and
     slowly, below ``entropy_ratio`` of its early level (the median of the first ``window`` values).
-    ``medium`` at once, ``high`` after ``persist`` points (3 on a sparse log: see ``_persist``), ``critical``
+    ``low`` for one point (a noisy metric's blip), ``medium`` for two, ``high`` after ``persist`` points (3 on a
+    sparse log: see ``_persist``), ``critical``
     when it lasts 4× that below a quarter of ``entropy_ratio`` of the early level.
 
     >>> from detectors.events import MetricEvent
     >>> d = EntropyCollapseDetector()
     >>> ent = [2.0 - s / 200 for s in range(100)] + [0.1] * 10
     >>> [(a.severity, a.step) for s, e in enumerate(ent) for a in d.update(MetricEvent("r", s, {"entropy": e}))]
-    [('medium', 100), ('high', 104)]
+    [('low', 100), ('medium', 101), ('high', 104)]
     >>> d = EntropyCollapseDetector()   # a healthy, slow decline by a third
     >>> [a for s in range(300) for a in d.update(MetricEvent("r", s, {"entropy": 2.0 - s / 450}))]
     []
@@ -397,7 +398,7 @@ class EntropyCollapseDetector(_LaggingRatio):
         early = self._early_level()
         persist = self._persist()
         severity = ("critical" if self.run_length >= 4 * persist and x < self.entropy_ratio / 4 * early
-                    else "high" if self.run_length >= persist else "medium")
+                    else "high" if self.run_length >= persist else "medium" if self.run_length >= 2 else "low")
         return self._report(event, "entropy_collapse", tripped, severity=severity, value=x,
                             threshold=max(self.entropy_drop * median, self.entropy_ratio * early),
                             message=f"entropy {x:.4g} collapsed from a recent {median:.4g} (early {early:.4g}) "
@@ -409,13 +410,14 @@ class EntropyCollapseDetector(_LaggingRatio):
 class LengthExplosionDetector(_LaggingRatio):
     """Mean response length above ``length_ratio`` × its recent median (runaway generations).
 
-    ``medium`` at once, ``high`` after ``persist`` points (3 on a sparse log), ``critical`` after twice that at twice the ratio.
+    ``low`` for one point (one batch of long answers), ``medium`` for two, ``high`` after ``persist`` points (3 on
+    a sparse log), ``critical`` after twice that at twice the ratio.
 
     >>> from detectors.events import MetricEvent
     >>> d = LengthExplosionDetector()
     >>> lengths = [180 + s % 7 for s in range(60)] + [600, 900, 1300, 1800, 2048, 2048, 2048]
     >>> [(a.severity, a.step) for s, n in enumerate(lengths) for a in d.update(MetricEvent("r", s, {"response_length": n}))]
-    [('medium', 60), ('high', 64)]
+    [('low', 60), ('medium', 61), ('high', 64)]
     """
 
     name = "length_explosion"
@@ -431,7 +433,7 @@ class LengthExplosionDetector(_LaggingRatio):
         x, median, tripped = out
         persist = self._persist()
         severity = ("critical" if self.run_length >= 2 * persist and x > 2 * self.length_ratio * median
-                    else "high" if self.run_length >= persist else "medium")
+                    else "high" if self.run_length >= persist else "medium" if self.run_length >= 2 else "low")
         return self._report(event, "length_explosion", tripped, severity=severity, value=x,
                             threshold=self.length_ratio * median,
                             message=f"response length {x:.0f} is {x / median:.1f}x its recent median {median:.0f}",
