@@ -346,8 +346,8 @@ class LossDivergenceDetector(_SmoothedLoss):
     minimum, that rise is over 2× the loss noise (so a noisy late-training loss near zero does not trip a
     relative test) *and* it undoes at least 5 % of what the run learned (start − best): at a converged
     run's floor a tiny best can double without anything going wrong. In its first two warm-ups (all a
-    fragment has), a loss that rose two points in a row to 1.5× the lowest it showed, and above the first,
-    with the point before already 1.2× up, is ``low``, three points ``high`` (two, when the loss then stays within
+    fragment has), a loss that rose two points in a row to 1.5× the lowest it showed and twice the median
+    before it, and above the first, with the point before already 1.2× up, is ``low``, three points ``high`` (two, when the loss then stays within
     80 % of where it got, above the first loss, for two more points). ``low`` for one step (an epoch boundary's
     sawtooth), ``medium`` for two, ``high`` after ``divergence_steps`` steps in a row,
     ``critical`` when it also exceeds the loss at the start of the run — everything learned is undone.
@@ -467,10 +467,11 @@ class LossDivergenceDetector(_SmoothedLoss):
                         last, early = x, [*early, compact(x)]
                         break
                 # the point before already up too: one loss far above the rest is the spike detector's;
-                # and 1.5x the median of the losses before it, not only the lowest: a noisy log's lowest
-                # point is an outlier, and three rises in a row from it happen by chance
+                # and twice the median of the losses before it, not only 1.5x the lowest: a noisy log's
+                # lowest point is an outlier, and three rises in a row from it happen by chance (a per-step
+                # loss wandering 0.24-0.64 climbs to 1.5x its median now and then)
                 if climb >= 2 and low > 0 and x >= 1.5 * low and x > start and last >= 1.2 * low and (
-                        x >= 1.5 * median(early)):
+                        x >= 2.0 * median(early)):
                     found, self._climbing = i, True
                     peak, held = max(peak or x, x), 0
                     last, early = x, [*early, compact(x)]

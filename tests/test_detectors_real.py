@@ -202,12 +202,12 @@ def test_a_nonfinite_grad_norm_with_the_loss_scale_at_1_is_no_skipped_step():
 
 def test_a_fragment_that_climbs_for_three_points_is_a_failure():
     """A log pasted into an issue: five points every 100 steps, no history, the loss climbing from the
-    second on. Three rises in a row to 1.5x its lowest page at high; the same points falling do not."""
+    second on. Three rises in a row to 1.5x its lowest and twice the median before it page at high; the
+    same points falling do not."""
     losses = [2.1, 1.9, 2.4, 3.3, 4.8]
     suite = DetectorSuite()
     alerts = [a for i, x in enumerate(losses) for a in suite.update(MetricEvent("frag", 100 * i, {"loss": x}, ts=i))]
-    assert [(a.step, a.severity) for a in alerts if a.alert_type == "convergence_divergence"] == [(300, "low"),
-                                                                                               (400, "high")]
+    assert [(a.step, a.severity) for a in alerts if a.alert_type == "convergence_divergence"] == [(400, "high")]
     suite = DetectorSuite()
     calm = [a for i, x in enumerate(sorted(losses, reverse=True))
             for a in suite.update(MetricEvent("frag", 100 * i, {"loss": x}, ts=i))]

@@ -205,3 +205,19 @@ def test_an_entropy_collapse_on_a_sparse_log_reaches_high():
     collapse"). Five logged points of a trip span a thousand steps there; three are enough for high."""
     alerts = [a for a in firing("s8a_chess_grpo_entropy_collapse") if a.alert_type == "entropy_collapse"]
     assert alerts and alerts[0].step <= 1793  # the third point under half its recent median
+
+
+def test_a_noisy_per_step_loss_cut_into_excerpts_is_no_climb():
+    """A 6,687-step SFT history logged every step, its loss wandering 0.24-0.64 from step to step: pasted as
+    16-point excerpts (no history), three rises in a row to 1.5x the median happen by chance; a
+    fragment's climb must reach twice the median before it."""
+    from detectors.events import MetricEvent
+    from stream_app.replay import replay_events
+
+    events = read_events(REAL / LABELS["s11a_baize_tcm"]["file"], run_id="baize")
+    paged = []
+    for start in range(1600, 3400, 8):
+        part = [MetricEvent(f"baize@{start}", e.step, e.metrics, ts=e.ts) for e in events[start:start + 16]]
+        paged += [a.run_id for a in replay_events(part) if a.alert_type == "convergence_divergence"
+                  and a.status == "firing" and a.severity in HIGH]
+    assert paged == []
