@@ -214,11 +214,16 @@ class ValTrainDivergenceDetector(Detector):
             self.evals_since_best = 0
         else:
             self.evals_since_best += 1
+        if self.train_at_best is None:
+            # the best came before any training loss was logged (evaluations every epoch, the loss every 500
+            # steps): the first training loss seen since stands in for the one at the best
+            self.train_at_best = self.train
         train_falling = (self.train is not None and self.train_at_best is not None
                          and self.train < self.train_at_best)
         self.rises = self.rises + 1 if self.vals and val > self.vals[-1] else 0
         push(self.vals, val, self.noise_window)
-        noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 4 else math.inf
+        # a spread of fewer than 4 changes is no estimate (three rises of a quiet excerpt look like a trend)
+        noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 5 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
         # and by a part of what validation learned: at a floor near 0, printed to 4 decimals, a tiny best
         # doubles without anything going wrong (the divergence detector asks the same of the training loss)

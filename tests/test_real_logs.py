@@ -221,3 +221,12 @@ def test_a_noisy_per_step_loss_cut_into_excerpts_is_no_climb():
         paged += [a.run_id for a in replay_events(part) if a.alert_type == "convergence_divergence"
                   and a.status == "firing" and a.severity in HIGH]
     assert paged == []
+
+
+def test_overfitting_whose_best_came_before_any_training_loss_reaches_high():
+    """A classifier evaluated every epoch (98 steps) with its training loss logged every 500 steps: the best
+    evaluation (0.82 at step 490) came before the first training loss, and validation then climbs 45
+    epochs to 1.29 while training falls 0.94 → 0.0004. The first training loss logged after the best
+    stands in for the one at it."""
+    alerts = [a for a in firing("s11a_reqclass") if a.alert_type == "val_train_divergence"]
+    assert alerts and alerts[0].step <= 1176
