@@ -2,6 +2,8 @@
 
 >>> canonical_name("train/loss"), canonical_name("objective/kl"), canonical_name("lm loss")
 ('loss', 'kl', 'loss')
+>>> canonical_name("rollout/ep_rew_mean"), canonical_name("critic/score/mean"), canonical_name("actor/entropy")
+('reward_mean', 'reward_mean', 'entropy')
 >>> canonical_name("Loss"), canonical_name("Grad_Norm"), canonical_name("Val Loss"), canonical_name("lm_loss")
 ('loss', 'grad_norm', 'val_loss', 'loss')
 >>> canonical_name("TrainLoss"), canonical_name("ValLoss"), canonical_name("gradNorm")
@@ -85,6 +87,13 @@ ALIASES: dict[str, str] = {
     "grpo_loss": "loss", "policy_entropy_mean": "entropy", "policy_entropy": "entropy", "ent": "entropy",
     "completion_length_mean": "response_length", "mean_length": "response_length", "vf_loss": "value_loss",
     "clip_fraction": "clipfrac", "ratio_mean": "ratio", "reward_mean/mean": "reward_mean",
+    # Stable-Baselines3 / RL Zoo (train/loss, train/learning_rate are above)
+    "rollout/ep_rew_mean": "reward_mean", "train/approx_kl": "approx_kl", "train/clip_fraction": "clipfrac",
+    "train/value_loss": "value_loss", "rollout/ep_len_mean": "episode_length",
+    # verl (PPO/GRPO for LLMs) and OpenRLHF
+    "critic/score/mean": "reward_mean", "actor/entropy": "entropy", "actor/ppo_kl": "approx_kl",
+    "actor/pg_clipfrac": "clipfrac", "actor/kl_loss": "kl", "response_length/mean": "response_length",
+    "actor/grad_norm": "grad_norm", "actor/lr": "lr", "critic/vf_loss": "value_loss", "act_lr": "lr",
 }
 
 
