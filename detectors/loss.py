@@ -511,6 +511,32 @@ class LossDivergenceDetector(_SmoothedLoss):
 REPEAT_POINTS = 4
 
 
+#: a classifier that predicts the uniform distribution over K classes has a cross-entropy of exactly ln K: the
+#: loss of a model that learned nothing ("stuck at 2.302" on CIFAR-10, 6.9 on ImageNet, 0.693 for a binary
+#: task). The class counts looked for: 2-10, 100, 1000 (further ln K crowd together and mean nothing)
+CHANCE_CLASSES = (*range(2, 11), 100, 1000)
+_CHANCE = tuple((k, math.log(k)) for k in CHANCE_CLASSES)
+#: logged points in a row within CHANCE_TOLERANCE (relative) of one ln K
+CHANCE_POINTS = 5
+CHANCE_TOLERANCE = 0.002
+#: metrics of preference tuning (DPO and kin), whose loss starts at ln 2 by construction
+PREFERENCE_METRICS = ("reward_margin", "chosen_reward", "rejected_reward", "reward_accuracy")
+
+
+def _chance_classes(values: list[float], x: float) -> int:
+    """K when ``x`` and the ``CHANCE_POINTS - 1`` values before it all sit within ``CHANCE_TOLERANCE`` of
+    ln K, else 0."""
+    if not 0.68 < x < 6.92:  # between ln 2 and ln 1000: one comparison for almost every loss
+        return 0
+    last = values[len(values) - CHANCE_POINTS + 1:]
+    if len(last) < CHANCE_POINTS - 1:
+        return 0
+    for k, c in _CHANCE:
+        if abs(x - c) <= CHANCE_TOLERANCE * c:
+            return k if all(abs(v - c) <= CHANCE_TOLERANCE * c for v in last) else 0
+    return 0
+
+
 def _repeat_lag(values: list[float], x: float, window: int) -> int:
     """The smallest lag p (1 ≤ p ≤ ``window``) such that ``x`` and the ``REPEAT_POINTS - 1`` values before it
     equal the values p places earlier, ``x`` coming after ``values``; 0 when there is none."""
@@ -546,7 +572,11 @@ class LossPlateauDetector(_SmoothedLoss):
     very losses of the epoch before — are ``high`` at once, warm-up or not: the model does not change (no
     optimizer step, frozen or unattached weights, dead units, a constant prediction: 0.6931 = ln 2 for a
     binary classifier), nothing a healthy loss's noise ever does. Only at steps past every earlier one: a
-    deterministic run restored from a checkpoint logs its losses again, and that is no failure.
+    deterministic run restored from a checkpoint logs its losses again, and that is no failure. A loss that
+    sits at chance, within 0.2 % of ln K (K = 2-10, 100, 1000 classes: a uniform prediction) for
+    ``CHANCE_POINTS`` logged points in a row is ``high`` too — past the run's first 10 points when it was
+    watched from its start (an untrained model starts there), at once in a fragment picked up mid-run; not
+    in preference tuning, whose loss starts at ln 2 by construction.
 
     >>> import random
     >>> from detectors.events import MetricEvent
@@ -571,7 +601,7 @@ class LossPlateauDetector(_SmoothedLoss):
 
     name = "loss_plateau"
     state_fields = _SmoothedLoss.state_fields + ("best", "since_best", "early", "recent", "first_step",
-                                                 "interval", "prev_lr", "lr_rose_at", "top_step")
+                                                 "interval", "prev_lr", "lr_rose_at", "top_step", "preference")
 
     def __init__(self, **params: Any):
         super().__init__(**params)
@@ -589,8 +619,12 @@ class LossPlateauDetector(_SmoothedLoss):
         self.lr_rose_at = 0
         #: the highest step seen (a loss repeated at a lower one is a checkpoint restore's)
         self.top_step: int | None = None
-        #: the lag at which the last loss taken repeats the ones before (not state: read right after _advance)
+        #: the lag at which the last loss taken repeats the ones before, and the K whose ln K it and the ones
+        #: before sit at (not state: read right after _advance)
         self._lag = 0
+        self._chance = 0
+        #: whether the run logs preference-tuning metrics (``PREFERENCE_METRICS``)
+        self.preference = False
 
     def _sizes(self, interval: int | None) -> tuple[int, int, int]:
         """(warm-up, plateau window, smoothing span), in points, for a run logged every ``interval`` steps."""
@@ -601,8 +635,17 @@ class LossPlateauDetector(_SmoothedLoss):
         x = self._loss(event)
         if x is None:
             return []
+        self.preference = self.preference or any(name in event.metrics for name in PREFERENCE_METRICS)
         self._advance([x], [event.step], [event.metrics.get("lr")], 0, watch=False)
         warmup, window, _ = self._sizes(self.interval)
+        if self._chance and not self._lag:
+            k = self._chance
+            return self._report(
+                event, "convergence_plateau", True, severity="high", value=x, threshold=None,
+                message=(f"{self.metric} has sat at {x:.5g} for {CHANCE_POINTS} points: ln {k} = {math.log(k):.5g}, the "
+                         f"loss of a uniform guess over {k} classes — the model predicts nothing (dead or frozen "
+                         f"weights, labels not reaching the loss, an LR that does not move it)"),
+                metadata={"best": self.best, "since_best": self.since_best, "stagnation": True, "chance_classes": k})
         if self._lag:
             how = (f"has been exactly {x:.7g} for {REPEAT_POINTS + 1} points" if self._lag == 1 else
                    f"repeats, value for value, its last {REPEAT_POINTS} losses of {self._lag} points before")
@@ -639,6 +682,7 @@ class LossPlateauDetector(_SmoothedLoss):
         xs = None if self.off else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
+        self.preference = self.preference or has_any(events, PREFERENCE_METRICS)
         steps, lrs = [e.step for e in events], column(events, "lr")
         raised: list[tuple[int, Alert]] = []
         begin = 0
@@ -673,7 +717,7 @@ class LossPlateauDetector(_SmoothedLoss):
         lr_still = later.count(prev_lr) == len(later) or later.count(None) == len(later)  # compact already
         checked = 0  # steps taken that the stagnation test would look at
         stop = len(xs)
-        top, self._lag = self.top_step, 0
+        top, self._lag, self._chance = self.top_step, 0, 0
         for i in range(begin, len(xs)):
             x = xs[i]
             if interval is None:  # the cadence is known from the second point on (never a step to stop at)
@@ -699,7 +743,10 @@ class LossPlateauDetector(_SmoothedLoss):
             cx = compact(x)
             fresh = top is None or steps[i] > top
             lag = _repeat_lag(recent, cx, window) if fresh and cx > 0.01 else 0
-            if watch and lag:  # a model that does not change: update judges the step
+            # at chance: past the first 10 points of a run watched from its start, at once in a fragment
+            chance = _chance_classes(recent, cx) if fresh and not self.preference and (
+                seen >= 10 or first_step > warmup * (interval or 1)) else 0
+            if watch and (lag or chance):  # a model that does not change: update judges the step
                 stop = i
                 break
             if n_seen >= warmup:
@@ -729,7 +776,7 @@ class LossPlateauDetector(_SmoothedLoss):
                         checked += 1
             smooth, absdev, seen, prev_lr, lr_rose_at = n_smooth, n_absdev, n_seen, n_prev_lr, n_rose
             best, since_best, clear = n_best, n_since, n_clear
-            top, self._lag = steps[i] if fresh else top, lag
+            top, self._lag, self._chance = steps[i] if fresh else top, lag, chance
             if len(early) < warmup:
                 early.append(cx)
             recent.append(cx)

@@ -93,6 +93,8 @@ def steady(seed: int, steps: int = 900) -> list[MetricEvent]:
         loss = 0.4 + 1.6 * math.exp(-s / 300) * (0.95 + rng.random() * 0.1)
         if seed == 1 and 650 <= s < 660:
             loss = 0.5512  # stuck at one exact value for 10 reports: a plateau opens at once, resolves later
+        if seed == 1 and 700 <= s < 708:
+            loss = math.log(10) * (1 + (rng.random() - 0.5) * 0.002)  # at chance for 10 classes: a plateau opens
         if seed == 0 and 816 <= s < 832:
             loss = events[s - 16].metrics["loss"]  # a data order replayed by a model that stopped changing
         m = {"loss": loss,

@@ -230,3 +230,28 @@ def test_overfitting_whose_best_came_before_any_training_loss_reaches_high():
     stands in for the one at it."""
     alerts = [a for a in firing("s11a_reqclass") if a.alert_type == "val_train_divergence"]
     assert alerts and alerts[0].step <= 1176
+
+
+@pytest.mark.parametrize("run_id, by_step", [("s12d_darknet1400_stuck69", 40249), ("s12d_pnn2_stuck_ln2", 14)])
+def test_a_loss_sitting_at_chance_pages(run_id, by_step):
+    """Darknet on ImageNet, picked up at iteration 40,245: the loss sits at 6.908-6.917 — ln 1000, a uniform
+    guess over the 1000 classes — and pages at its fifth point. A product-based net's epoch log from its
+    start: 0.6936 → 0.6932 (ln 2, AUC 0.5) pages once past its first 10 points."""
+    alerts = [a for a in firing(run_id) if a.alert_type == "convergence_plateau"]
+    assert alerts and alerts[0].step <= by_step and "chance_classes" in alerts[0].metadata
+
+
+def test_a_run_that_starts_at_chance_and_learns_is_no_plateau():
+    """An untrained 10-class classifier starts at ln 10 and a DPO run at ln 2: a dense run that sits there
+    for its first 10 steps (an LR warm-up) and then learns, and a preference run whose loss stays near ln 2
+    for 15 steps, page nothing."""
+    import math as m
+
+    from detectors import DetectorSuite, MetricEvent
+
+    warm = [m.log(10) * (1 - 0.0001 * s) for s in range(10)] + [2.3 * m.exp(-s / 30) + 0.2 for s in range(200)]
+    dpo = [m.log(2) - 0.0002 * s for s in range(15)] + [0.69 * m.exp(-s / 40) for s in range(1, 100)]
+    for name, losses, extra in (("warm", warm, {}), ("dpo", dpo, {"rewards/margins": 0.01})):
+        suite = DetectorSuite()
+        alerts = [a for s, x in enumerate(losses) for a in suite.update(MetricEvent(name, s, {"loss": x, **extra}))]
+        assert [a for a in alerts if a.alert_type == "convergence_plateau" and a.severity in HIGH] == [], name
