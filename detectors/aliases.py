@@ -90,6 +90,8 @@ ALIASES: dict[str, str] = {
     # Stable-Baselines3 / RL Zoo (train/loss, train/learning_rate are above)
     "rollout/ep_rew_mean": "reward_mean", "train/approx_kl": "approx_kl", "train/clip_fraction": "clipfrac",
     "train/value_loss": "value_loss", "rollout/ep_len_mean": "episode_length",
+    # detectron2 (metrics.json, its log lines) and OpenNMT ("xent": the cross-entropy it trains on)
+    "total_loss": "loss", "xent": "loss",
     # verl (PPO/GRPO for LLMs) and OpenRLHF
     "critic/score/mean": "reward_mean", "actor/entropy": "entropy", "actor/ppo_kl": "approx_kl",
     "actor/pg_clipfrac": "clipfrac", "actor/kl_loss": "kl", "response_length/mean": "response_length",
