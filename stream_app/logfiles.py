@@ -61,6 +61,9 @@ _TB_FILE = re.compile(r"-tag-(?P<tag>.+)\.csv$", re.IGNORECASE)
 _DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%d.%m.%Y", "%m/%d/%Y", "%b %d, %Y", "%B %d, %Y", "%d %b %Y",
                  "%d %B %Y", "%Y-%m-%d %H:%M:%S", "%Y/%m/%d %H:%M:%S", "%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M")
 
+#: glog's time stamp: an optional severity letter, MMDD, then the clock
+_GLOG_TIME = re.compile(r"^[IWEF]?(?P<month>\d\d)(?P<day>\d\d) (?P<clock>\d\d:\d\d:\d\d(?:\.\d+)?)$")
+
 Notice = Callable[[str], None]
 
 
@@ -143,11 +146,19 @@ def _number(text: str) -> float | None:
 
 
 def _time(text: str) -> float | None:
-    """Unix seconds from a number, an ISO date/time or a common date format (UTC when no zone is given)."""
+    """Unix seconds from a number, an ISO date/time, a common date format or glog's ``I0515 11:05:31.873651``
+    (UTC when no zone is given).
+
+    >>> _time("I0515 11:05:51.320263") - _time("0515 11:05:31.873651")
+    19.446612
+    """
     value = _number(text)
     if value is not None:
         return value if math.isfinite(value) else None
     text = text.strip()
+    glog = _GLOG_TIME.match(text)
+    if glog:  # glog's "I0515 11:05:31.873651" (Caffe, darknet forks...): no year, one is assumed (2000, a leap year)
+        text = f"2000-{glog['month']}-{glog['day']} {glog['clock']}"
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

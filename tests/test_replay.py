@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import subprocess
@@ -330,3 +331,14 @@ def test_a_log_without_a_clock_has_no_stall_and_one_with_a_clock_does(tmp_path):
     assert [a for a in replay_file(stepped) if a.alert_type == "stalled_run"] == []
     stalls = [a for a in replay_file(timed) if a.alert_type == "stalled_run" and a.status == "firing"]
     assert [(a.step, a.severity) for a in stalls] == [(4950, "medium")]
+
+
+def test_a_glog_time_column_is_time(tmp_path):
+    """Caffe's solver log stamps each line glog's way ("I0515 11:05:31.873651": no year); a log transcribed
+    with that column is read, its times 19-20 s apart, not refused."""
+    log = tmp_path / "caffe.csv"
+    log.write_text("time,step,loss\n0515 11:05:31.873651,0,6.91161\nI0515 11:05:51.320263,20,6.90501\n"
+                   "0515 11:06:10.9,40,6.91\n")
+    events = read_events(log)
+    assert [e.step for e in events] == [0, 20, 40]
+    assert [round(b.ts - a.ts, 3) for a, b in itertools.pairwise(events)] == [19.447, 19.58]
