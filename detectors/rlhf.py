@@ -519,8 +519,8 @@ class RewardCollapseDetector(Detector):
     An EMA of ``reward_mean`` (span 10 points; 3 on a run logged every 5 steps or more) and its noise (an
     EMA of the absolute deviation, as it was at the best) against the best EMA so far: ``reward_collapse`` when the EMA has lost
     more than ``reward_drop`` of what the run gained since its start (of the best's size, when it gained
-    nothing beyond the noise), by over twice the noise —
-    ``medium`` at once, ``high`` after ``persist`` points (2 on a sparse run). ``reward_flat`` (``high``) when
+    nothing beyond the noise or a twentieth of where the reward started), by over twice the noise —
+    ``medium`` at once, ``high`` after ``persist`` points (3 on a sparse run). ``reward_flat`` (``high``) when
     the reward is exactly the same number for ``reward_flat_points`` points in a row, or for 3 points with a
     grad norm of exactly 0: every completion gets the same reward, so there is nothing to learn from.
 
@@ -566,7 +566,7 @@ class RewardCollapseDetector(Detector):
         elif self.interval is None and event.step > self.first_step:
             self.interval = event.step - self.first_step
         sparse = self.interval is not None and self.interval >= 5
-        span, warmup, persist = (3, 3, 2) if sparse else (10, 10, self.persist)
+        span, warmup, persist = (3, 3, 3) if sparse else (10, 10, self.persist)
         alpha = 2.0 / (span + 1)
         if self.smooth is not None:
             self.absdev = ema(self.absdev, abs(x - self.smooth), alpha)
@@ -589,7 +589,9 @@ class RewardCollapseDetector(Detector):
         if self.best is None or self.smooth >= self.best:
             self.best, self.best_noise = self.smooth, 1.25 * self.absdev
         drop, gain = self.best - self.smooth, self.best - self.start
-        scale = gain if gain > 2 * self.best_noise else max(abs(self.best), 1e-6)
+        # a gain is what the run learned when it clears the noise and a twentieth of where the reward started
+        # (an episode return of -75 that drifts to -74.6 learned nothing: losing half of that is no collapse)
+        scale = gain if gain > 2 * self.best_noise and gain > 0.05 * abs(self.start) else max(abs(self.best), 1e-6)
         active = drop > self.reward_drop * scale and drop > 2 * self.best_noise
         self.run_length = self.run_length + 1 if active else 0
         severity = "high" if self.run_length >= persist else "medium"
