@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from functools import lru_cache
 from itertools import pairwise
 
@@ -235,7 +236,11 @@ class ValTrainDivergenceDetector(Detector):
         # a noisy mid-epoch probe) few points to learn its noise from: there, evaluations that rise one
         # after another past a third of the threshold while training improves are the trend
         epoch_log = train_falling and 2 * self.evals >= self.points
-        quiet = self.noise_threshold * noise < min(val - self.best_val, self.rise_threshold * self.best_val)
+        # the rise is measured from the level the evaluations held before the climb (their median), not from
+        # the best alone: a best is the luckiest evaluation, and the ones after it rise by chance
+        before = self.vals[:len(self.vals) - self.rises]
+        level = max(self.best_val, statistics.median(before[-self.noise_window:])) if len(before) >= 3 else self.best_val
+        quiet = self.noise_threshold * noise < min(val - level, self.rise_threshold * self.best_val)
         val_only = undone and (
             (self.rises >= 1 and rise > self.rise_threshold / 3 and (self.train is None or epoch_log and quiet))
             # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
