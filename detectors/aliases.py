@@ -95,7 +95,8 @@ ALIASES: dict[str, str] = {
     # verl (PPO/GRPO for LLMs) and OpenRLHF
     "critic/score/mean": "reward_mean", "actor/entropy": "entropy", "actor/ppo_kl": "approx_kl",
     "actor/pg_clipfrac": "clipfrac", "actor/kl_loss": "kl", "response_length/mean": "response_length",
-    "actor/grad_norm": "grad_norm", "actor/lr": "lr", "critic/vf_loss": "value_loss", "act_lr": "lr",
+    "actor/grad_norm": "grad_norm", "critic/vf_loss": "value_loss", "act_lr": "lr",
+    # (not verl's actor/lr: its console prints every metric to 3 decimals, an LLM's 1e-6 as 0.000)
 }
 
 

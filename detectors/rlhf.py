@@ -178,7 +178,9 @@ class RewardDistributionDriftDetector(Detector):
     of ``reward_mean`` itself). After that an EMA (span 10) of mean and σ is compared with it. Rising reward
     is the goal of RL fine-tuning, so an upward shift is ``low``; a fall of more than ``shift_threshold``
     σ, or σ collapsing below ¼ (all responses scored alike) or widening over 4×, is ``medium``, and
-    ``high`` once it has lasted ``baseline`` observations at twice the shift (or the collapse persists).
+    ``high`` once it has lasted ``baseline`` observations at twice the shift (or the collapse persists) —
+    when the run logs ``reward_std``. Without it the σ is the early means' own wobble (an episode return's
+    rolling mean barely moves), not the rewards' spread, and the shift stays ``medium``.
 
     >>> import random
     >>> from detectors.events import MetricEvent
@@ -231,7 +233,7 @@ class RewardDistributionDriftDetector(Detector):
         strong = shift < -2 * self.shift_threshold or collapsed
         self.run_length = self.run_length + 1 if strong else 0
         active = down or collapsed or widened or up
-        if self.run_length >= self.baseline:
+        if self.run_length >= self.baseline and self.early_stds:
             severity = "high"
         elif down or collapsed or widened:
             severity = "medium"
@@ -522,7 +524,8 @@ class RewardCollapseDetector(Detector):
     nothing beyond the noise or a twentieth of where the reward started), by over twice the noise —
     ``medium`` at once, ``high`` after ``persist`` points (3 on a sparse run). ``reward_flat`` (``high``) when
     the reward is exactly the same number for ``reward_flat_points`` points in a row, or for 3 points with a
-    grad norm of exactly 0: every completion gets the same reward, so there is nothing to learn from.
+    grad norm of exactly 0: every completion gets the same reward, so there is nothing to learn from —
+    unless the reward rose to that number (a solved task: every episode reaches the goal).
 
     >>> from detectors.events import MetricEvent
     >>> d = RewardCollapseDetector()
@@ -539,7 +542,7 @@ class RewardCollapseDetector(Detector):
     section = "rlhf"
     defaults = RLHF_DEFAULTS
     state_fields = ("smooth", "absdev", "best", "best_noise", "start", "seen", "run_length", "same", "last",
-                    "first_step", "interval")
+                    "first_step", "interval", "low")
     metrics = ("reward_mean",)
 
     def reset(self) -> None:
@@ -554,6 +557,8 @@ class RewardCollapseDetector(Detector):
         #: points in a row with exactly the reward ``last``
         self.same = 0
         self.last: float | None = None
+        #: the lowest reward seen
+        self.low: float | None = None
         self.first_step: int | None = None
         self.interval: int | None = None
 
@@ -574,11 +579,13 @@ class RewardCollapseDetector(Detector):
         self.seen += 1
         self.same = self.same + 1 if x == self.last else 1
         self.last = x
+        self.low = x if self.low is None else min(self.low, x)
         if self.start is None:
             self.start = self.smooth
         alerts = []
         zero_grad = event.metrics.get("grad_norm") == 0.0
-        flat = self.same >= self.reward_flat_points or (self.same >= 3 and zero_grad)
+        # a reward that rose to a constant is a solved task (every episode at the goal), not one stuck
+        flat = x <= self.low and (self.same >= self.reward_flat_points or (self.same >= 3 and zero_grad))
         alerts += self._report(event, "reward_flat", flat, severity="high", value=x, threshold=None,
                                message=f"reward has been exactly {x:.4g} for {self.same} points"
                                        f"{' with a grad norm of 0' if zero_grad else ''}: every completion gets "

@@ -53,12 +53,19 @@ def test_a_nonfinite_value_pages_at_its_step(run_id):
 
 @pytest.mark.parametrize("run_id", ["hf_bashkir_asr", "hf_luojiu_7b_base", "hf_mt5_az_news_summ",
                                     "hf_qlora_25ep_fujump", "hf_t5_summarization_demo", "gh_sherrywan_grpo_seed42",
-                                    "s9a_credibility_cls_large_gradnorm", "s10b_emonettcn"])
+                                    "s9a_credibility_cls_large_gradnorm", "s10b_emonettcn",
+                                    "s11c_grpo_q35_9b_rho300_s43_ok", "s12c_sb3_frozenlake8x8_ppo",
+                                    "s12c_sb3_flappybird_dqn", "s12c_verl_ppo_gsm8k_dstack", "s12a_cecilia_gpt2_124m",
+                                    "s12d_d2_rpn_fpn_ref"])
 def test_healthy_sparse_and_rlhf_runs_do_not_page(run_id):
     """Sparse HF histories of 400-1,700 points (a cosine tail to LR 0, an epoch sawtooth, a slow fine-tune,
     grad norms of 20-300), a classifier whose grad norm wanders 0.7-136 and survives a 250, a 500-epoch log
-    whose validation loss sits at 0.0008-0.0023 printed to 4 decimals, and a healthy GRPO run whose loss
-    sits near 0: nothing high/critical."""
+    whose validation loss sits at 0.0008-0.0023 printed to 4 decimals, a healthy GRPO run whose loss sits
+    near 0 and whose grad norm is exactly 0 at many points (groups with one reward), SB3 PPO on FrozenLake
+    whose return rises to 1.0 and stays (solved), SB3 DQN on Flappy Bird whose rolling return falls -74 →
+    -90 while it explores (no reward_std logged), verl PPO printed to 3 decimals (its LR reads 0.000), a
+    19k-step GPT-2 pretraining log and a 4,500-point
+    detectron2 reference log: nothing high/critical."""
     assert LABELS[run_id]["label"] == "healthy"
     assert firing(run_id) == []
 
