@@ -2,8 +2,8 @@
 
 >>> canonical_name("train/loss"), canonical_name("objective/kl"), canonical_name("lm loss")
 ('loss', 'kl', 'loss')
->>> canonical_name("rollout/ep_rew_mean"), canonical_name("critic/score/mean"), canonical_name("actor/entropy")
-('reward_mean', 'reward_mean', 'entropy')
+>>> canonical_name("rollout/ep_rew_mean"), canonical_name("EpRewMean"), canonical_name("critic/score/mean")
+('reward_mean', 'reward_mean', 'reward_mean')
 >>> canonical_name("Loss"), canonical_name("Grad_Norm"), canonical_name("Val Loss"), canonical_name("lm_loss")
 ('loss', 'grad_norm', 'val_loss', 'loss')
 >>> canonical_name("TrainLoss"), canonical_name("ValLoss"), canonical_name("gradNorm")
@@ -90,6 +90,9 @@ ALIASES: dict[str, str] = {
     # Stable-Baselines3 / RL Zoo (train/loss, train/learning_rate are above)
     "rollout/ep_rew_mean": "reward_mean", "train/approx_kl": "approx_kl", "train/clip_fraction": "clipfrac",
     "train/value_loss": "value_loss", "rollout/ep_len_mean": "episode_length",
+    # the same return as SB3's console table and OpenAI baselines print it (ep_rew_mean, EpRewMean,
+    # eprewmean), and Unity ML-Agents' "Mean Reward"
+    "ep_rew_mean": "reward_mean", "eprewmean": "reward_mean", "mean reward": "reward_mean",
     # detectron2 (metrics.json, its log lines) and OpenNMT ("xent": the cross-entropy it trains on)
     "total_loss": "loss", "xent": "loss",
     # verl (PPO/GRPO for LLMs) and OpenRLHF
