@@ -111,7 +111,9 @@ class LossSpikeDetector(Detector):
         x = event.metrics.get(self.metric)
         if x is None or not math.isfinite(x) or self.off:
             return []
-        if _not_a_convergence_curve(event, x):
+        if any(name in event.metrics for name in POLICY_GRADIENT_METRICS):
+            # a policy-gradient surrogate hovers around 0 by design; a negative loss is no reason to stop
+            # watching (a flow's or a VAE's likelihood loss lives below 0, and its blow-up is a spike too)
             self.off = True
             return self._report(event, "loss_spike", False)
         if self.initial is None:
@@ -210,8 +212,9 @@ class LossSpikeDetector(Detector):
             center = median(self.history)
             if center < reference:
                 reference, how = center, f"the median {center:.4g} of its first {len(self.history)} losses"
-        limit = (2.0 if confirmed else self.early_ratio) * reference
-        if reference <= 0 or x <= limit:
+        # "k times the reference", for a reference of either sign: k - 1 of its size above it
+        limit = reference + ((2.0 if confirmed else self.early_ratio) - 1) * abs(reference)
+        if reference == 0 or x <= limit:
             self.run_length = 0
             self._remember(x)
             return self._report(event, "loss_spike", False)
@@ -220,7 +223,7 @@ class LossSpikeDetector(Detector):
     def _spike(self, event: MetricEvent, x: float, median: float, limit: float, how: str,
                metadata: dict, confirmed: str | None = None) -> list[Alert]:
         self.run_length += 1
-        ratio = x / median if median > 0 else math.inf
+        ratio = 1 + (x - median) / abs(median) if median != 0 else math.inf  # x / median, for either sign
         material = ratio >= self.material_ratio
         if (self.run_length >= self.persist_critical and material) or (
                 ratio >= self.ratio_critical and self.run_length > 1):
@@ -236,7 +239,8 @@ class LossSpikeDetector(Detector):
             severity = "low"  # one hard batch: noisy pretraining has many, none of them a failure
         return self._report(
             event, "loss_spike", True, severity=severity, value=x, threshold=limit,
-            message=f"{self.metric} {x:.4g} is {ratio:.2f}x {how} for {self.run_length} step(s)"
+            message=(f"{self.metric} {x:.4g} is {ratio:.2f}x {how}" if median > 0 else
+                     f"{self.metric} {x:.4g} is {x - median:.4g} above {how}") + f" for {self.run_length} step(s)"
                     + (f", and the validation loss jumped with it ({confirmed})" if confirmed else ""),
             metadata=dict(metadata, median=median, ratio=ratio, consecutive=self.run_length,
                           **({"val_loss_jump": confirmed} if confirmed else {})),

@@ -262,3 +262,11 @@ def test_a_run_that_starts_at_chance_and_learns_is_no_plateau():
         suite = DetectorSuite()
         alerts = [a for s, x in enumerate(losses) for a in suite.update(MetricEvent(name, s, {"loss": x, **extra}))]
         assert [a for a in alerts if a.alert_type == "convergence_plateau" and a.severity in HIGH] == [], name
+
+
+def test_a_negative_likelihood_loss_that_blows_up_is_a_spike():
+    """WaveGlow's loss is a negative log-likelihood that lives below 0 (-4.07 … -4.49); at step 78,620 it is
+    4,191.68 ("the loss explode"). A negative loss no longer turns the spike detector off (only a
+    policy-gradient run does); the jump is judged by its size against the losses before it."""
+    alerts = [a for a in firing("s13b_waveglow_loss_jump") if a.alert_type == "loss_spike"]
+    assert [a.step for a in alerts] == [78620] and "above the median" in alerts[0].message
