@@ -1,7 +1,8 @@
 """The training logs people already have, read into metric events for ``lossguard replay``.
 
 * **CSV / TSV** — a step column (``step``, ``Step``, ``_step``, ``global_step``, ``iteration``, Bedrock's
-  ``step_number`` …) and one column per metric. An empty cell means "not logged at that step";
+  ``step_number`` …; else a whole-number ``epoch`` column, as Keras' CSVLogger writes) and one column per
+  metric. An empty cell means "not logged at that step";
   ``nan``/``inf``/``-inf`` mean a non-finite value *was* logged. A column of dates, ISO times or unix
   timestamps (``date``, ``ts``, ``_timestamp``, ``Wall time`` …) is time; a log kept by date (a logbook,
   one row a day) has no step column and its rows are numbered in order. Any other column whose first
@@ -192,6 +193,11 @@ def _read_table(path: Path, text: str, run_id: str, fixed_run: bool, say: Notice
     step_col = next((lower.index(name) for name in _STEP_COLUMNS if name in lower), None)
     if step_col is None:
         step_col = next((i for i, h in enumerate(header) if canonical_name(h) == "step"), None)
+    if step_col is None and "epoch" in lower:  # Keras' CSVLogger: one row per epoch, numbered by 'epoch'
+        i = lower.index("epoch")
+        numbers = [_number(row[i]) for row in cells if i < len(row) and row[i].strip()]
+        if numbers and all(v is not None and math.isfinite(v) and v.is_integer() for v in numbers):
+            step_col = i
     time_col = next((lower.index(name) for name in _TIME_COLUMNS if name in lower), None)
     run_col = None if fixed_run else next((lower.index(name) for name in _RUN_COLUMNS if name in lower), None)
     metric_cols: dict[int, tuple[str | None, str]] = {}  # column → (run named in the header, metric)

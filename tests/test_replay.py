@@ -342,3 +342,17 @@ def test_a_glog_time_column_is_time(tmp_path):
     events = read_events(log)
     assert [e.step for e in events] == [0, 20, 40]
     assert [round(b.ts - a.ts, 3) for a, b in itertools.pairwise(events)] == [19.447, 19.58]
+
+
+def test_a_keras_csvlogger_file_is_numbered_by_its_epoch_column(tmp_path):
+    """Keras' CSVLogger writes 'epoch,loss,val_loss' with no step column: its whole-number epochs number
+    the rows. A fractional epoch column (Hugging Face's) is no step: without a step column that file is
+    still refused, by name."""
+    log = tmp_path / "history.csv"
+    log.write_text("epoch,loss,val_loss\n0,2.1,2.2\n1,1.5,1.9\n2,1.1,2.4\n")
+    assert [(e.step, e.metrics) for e in read_events(log)] == [
+        (0, {"loss": 2.1, "val_loss": 2.2}), (1, {"loss": 1.5, "val_loss": 1.9}), (2, {"loss": 1.1, "val_loss": 2.4})]
+    hf = tmp_path / "fractional.csv"
+    hf.write_text("epoch,loss\n0.5,2.1\n1.0,1.5\n")
+    with pytest.raises(ReplayError, match="no 'step' column"):
+        read_events(hf)
