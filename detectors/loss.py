@@ -673,6 +673,11 @@ class LossPlateauDetector(_SmoothedLoss):
         checked = 0  # steps taken that the stagnation test would look at
         stop = len(xs)
         top, self._lag = self.top_step, 0
+        cxs = [compact(x) for x in xs[begin:]]
+        # a repeat needs a loss equal to one before it in the window: when the window's losses and these
+        # are all different (one set, in C), no step repeats and none needs the per-step search (a batch
+        # of 100 steady steps: ~1 µs a step); one step alone takes the search, cheaper than the set
+        repeats = len(cxs) < 8 or len(set(recent).union(cxs)) < len(recent) + len(cxs)
         for i in range(begin, len(xs)):
             x = xs[i]
             if interval is None:  # the cadence is known from the second point on (never a step to stop at)
@@ -695,9 +700,9 @@ class LossPlateauDetector(_SmoothedLoss):
                         n_rose = n_seen
                     n_prev_lr = compact(lr)
             n_best, n_since, n_clear = best, since_best, clear
-            cx = compact(x)
+            cx = cxs[i - begin]
             fresh = top is None or steps[i] > top
-            lag = _repeat_lag(recent, cx, window) if fresh and cx > 0.01 else 0
+            lag = _repeat_lag(recent, cx, window) if repeats and fresh and cx > 0.01 else 0
             if watch and lag:  # a model that does not change: update judges the step
                 stop = i
                 break
