@@ -37,7 +37,7 @@ span ``span`` first: a minibatch loss is a noisy sample, its trend is what conve
 from __future__ import annotations
 
 import math
-from bisect import insort
+from bisect import bisect_left, insort
 from itertools import pairwise
 from typing import Any
 
@@ -520,6 +520,7 @@ REPEAT_POINTS = 4
 #: task). The class counts looked for: 2-10, 100, 1000 (further ln K crowd together and mean nothing)
 CHANCE_CLASSES = (*range(2, 11), 100, 1000)
 _CHANCE = tuple((k, math.log(k)) for k in CHANCE_CLASSES)
+_CHANCE_LOGS = [c for _, c in _CHANCE]
 #: logged points in a row within CHANCE_TOLERANCE (relative) of one ln K
 CHANCE_POINTS = 5
 CHANCE_TOLERANCE = 0.002
@@ -530,14 +531,14 @@ PREFERENCE_METRICS = ("reward_margin", "chosen_reward", "rejected_reward", "rewa
 def _chance_classes(values: list[float], x: float) -> int:
     """K when ``x`` and the ``CHANCE_POINTS - 1`` values before it all sit within ``CHANCE_TOLERANCE`` of
     ln K, else 0."""
-    if not 0.68 < x < 6.92:  # between ln 2 and ln 1000: one comparison for almost every loss
+    if not 0.68 < x < 6.92:  # between ln 2 and ln 1000: one comparison for most losses
         return 0
-    last = values[len(values) - CHANCE_POINTS + 1:]
-    if len(last) < CHANCE_POINTS - 1:
-        return 0
-    for k, c in _CHANCE:
+    i = bisect_left(_CHANCE_LOGS, x)  # the nearest ln K is one of the two around x
+    for k, c in _CHANCE[max(0, i - 1):i + 1]:
         if abs(x - c) <= CHANCE_TOLERANCE * c:
-            return k if all(abs(v - c) <= CHANCE_TOLERANCE * c for v in last) else 0
+            last = values[len(values) - CHANCE_POINTS + 1:]
+            ok = len(last) == CHANCE_POINTS - 1 and all(abs(v - c) <= CHANCE_TOLERANCE * c for v in last)
+            return k if ok else 0
     return 0
 
 
@@ -722,6 +723,11 @@ class LossPlateauDetector(_SmoothedLoss):
         checked = 0  # steps taken that the stagnation test would look at
         stop = len(xs)
         top, self._lag, self._chance = self.top_step, 0, 0
+        cxs = [compact(x) for x in xs[begin:]]
+        # a repeat needs a loss equal to one before it in the window: when the window's losses and these
+        # are all different (one set, in C), no step repeats and none needs the per-step search (a batch
+        # of 100 steady steps: ~1 µs a step); one step alone takes the search, cheaper than the set
+        repeats = len(cxs) < 8 or len(set(recent).union(cxs)) < len(recent) + len(cxs)
         for i in range(begin, len(xs)):
             x = xs[i]
             if interval is None:  # the cadence is known from the second point on (never a step to stop at)
@@ -744,9 +750,9 @@ class LossPlateauDetector(_SmoothedLoss):
                         n_rose = n_seen
                     n_prev_lr = compact(lr)
             n_best, n_since, n_clear = best, since_best, clear
-            cx = compact(x)
+            cx = cxs[i - begin]
             fresh = top is None or steps[i] > top
-            lag = _repeat_lag(recent, cx, window) if fresh and cx > 0.01 else 0
+            lag = _repeat_lag(recent, cx, window) if repeats and fresh and cx > 0.01 else 0
             # at chance: past the first 10 points of a run watched from its start, at once in a fragment
             chance = _chance_classes(recent, cx) if fresh and not self.preference and (
                 seen >= 10 or first_step > warmup * (interval or 1)) else 0

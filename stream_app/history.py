@@ -20,6 +20,7 @@ partition takeovers with the rest of the run.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,6 +87,49 @@ class History:
         if series and steps[0] <= series[-1][0]:
             while begin < len(steps) and steps[begin] <= series[-1][0]:
                 begin += 1
+            steps, values = steps[begin:], values[begin:]
+        if math.isfinite(sum(map(abs, values))):
+            # the usual case, checked in C: no NaN or infinity, and no sum of them overflows
+            self._add_finite(series, steps, values)
+        else:
+            self._add_any(name, series, steps, values)
+        if len(series) > self.max_points:
+            self._coarsen()
+
+    def _add_finite(self, series: list[tuple[int, float]], steps: Sequence[int], values: Sequence[float]) -> None:
+        """Each bucket's lowest and highest value (the earliest step of each) by ``min``/``max`` in C, its
+        bucket's end found by bisection."""
+        stride = self.stride
+        end_bucket = steps[-1] // stride if steps else 0
+        begin, count = 0, len(steps)
+        while begin < count:
+            bucket = steps[begin] // stride
+            end = count if bucket == end_bucket else bisect_left(steps, (bucket + 1) * stride, begin + 1)
+            if end - begin == 1:
+                low = high = (steps[begin], values[begin])
+            else:
+                part = values[begin:end]
+                low_value, high_value = min(part), max(part)
+                low = (steps[values.index(low_value, begin, end)], low_value)
+                high = low if high_value == low_value else (steps[values.index(high_value, begin, end)], high_value)
+            if begin == 0 and series and series[-1][0] // stride == bucket:
+                # the points already in this bucket (one or two, at the end) compete with the new ones
+                points = [low, high]
+                while series and series[-1][0] // stride == bucket:
+                    points.append(series.pop())
+                series.extend(_extremes(points))
+            elif low is high:
+                series.append(low)
+            elif low[0] < high[0]:
+                series += (low, high)
+            else:
+                series += (high, low)
+            begin = end
+
+    def _add_any(self, name: str, series: list[tuple[int, float]], steps: Sequence[int],
+                 values: Sequence[float]) -> None:
+        """Bucket by bucket, non-finite values set apart."""
+        begin = 0
         while begin < len(steps):
             bucket = steps[begin] // self.stride
             end = begin + 1
@@ -96,8 +140,6 @@ class History:
                     end += 1
             self._into_bucket(name, series, bucket, steps[begin:end], values[begin:end])
             begin = end
-        if len(series) > self.max_points:
-            self._coarsen()
 
     def _into_bucket(self, name: str, series: list[tuple[int, float]], bucket: int, steps: Sequence[int],
                      values: Sequence[float]) -> None:
@@ -120,17 +162,9 @@ class History:
     def _coarsen(self) -> None:
         while any(len(s) > self.max_points for s in self.series.values()):
             self.stride *= 2
+            stride = self.stride
             for name, series in self.series.items():
-                merged: list[tuple[int, float]] = []
-                for point in series:
-                    if merged and merged[-1][0] // self.stride == point[0] // self.stride:
-                        group = [point]
-                        while merged and merged[-1][0] // self.stride == point[0] // self.stride:
-                            group.append(merged.pop())
-                        merged.extend(_extremes(group))
-                    else:
-                        merged.append(point)
-                self.series[name] = merged
+                self.series[name] = _merged(series, stride)
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_points": self.max_points, "stride": self.stride, "series": self.series,
@@ -148,8 +182,34 @@ class History:
         return history
 
 
+def _merged(series: list[tuple[int, float]], stride: int) -> list[tuple[int, float]]:
+    """``series`` (step order) with the points of each bucket of ``stride`` steps reduced to its extremes."""
+    merged: list[tuple[int, float]] = []
+    buckets = [step // stride for step, _ in series]
+    begin, count = 0, len(series)
+    while begin < count:
+        bucket = buckets[begin]
+        end = begin + 1
+        while end < count and buckets[end] == bucket:
+            end += 1
+        if end - begin == 1:
+            merged.append(series[begin])
+        else:
+            merged += _extremes(series[begin:end])
+        begin = end
+    return merged
+
+
 def _extremes(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The lowest and the highest of ``points`` in step order (one point when they are the same)."""
-    low = min(points, key=lambda p: (p[1], p[0]))
-    high = max(points, key=lambda p: (p[1], -p[0]))
-    return [low] if low is high or low == high else sorted([low, high])
+    """The lowest and the highest of ``points`` in step order (one point when they are the same); of equal
+    values, the earliest step's."""
+    low = high = points[0]
+    for point in points[1:]:
+        step, value = point
+        if value < low[1] or value == low[1] and step < low[0]:
+            low = point
+        if value > high[1] or value == high[1] and step < high[0]:
+            high = point
+    if low is high or low == high:
+        return [low]
+    return [low, high] if low[0] < high[0] else [high, low]
