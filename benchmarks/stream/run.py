@@ -207,6 +207,16 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+
+def bootstrap_or_embedded() -> tuple[EmbeddedBroker | None, str]:
+    """``LOSSGUARD_BOOTSTRAP`` when set (a real Kafka), else a bundled broker started here (and returned, to
+    stop)."""
+    bootstrap = os.environ.get("LOSSGUARD_BOOTSTRAP")
+    if bootstrap:
+        return None, bootstrap
+    broker = EmbeddedBroker(port=free_port()).start()
+    return broker, broker.bootstrap
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw-events", type=int, default=100_000)
@@ -225,11 +235,7 @@ def main() -> int:
                         help="run the worker under cProfile and write its profile to PATH (figures are slower)")
     args = parser.parse_args()
 
-    broker = None
-    bootstrap = os.environ.get("LOSSGUARD_BOOTSTRAP")
-    if not bootstrap:
-        broker = EmbeddedBroker(port=free_port()).start()
-        bootstrap = broker.bootstrap
+    broker, bootstrap = bootstrap_or_embedded()
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     kinds = ("metrics", "alerts", "control", "dlq", "raw")
     ensure_topics(bootstrap, [f"{prefix}.{k}" for k in kinds], PARTITIONS)

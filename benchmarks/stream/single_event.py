@@ -39,6 +39,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 from run import (  # noqa: E402
     PARTITIONS,
     Worker,
+    bootstrap_or_embedded,
     measure_latency,
     pct,
     plain_faust_rate,
@@ -46,7 +47,7 @@ from run import (  # noqa: E402
     raw_consume_rate,
 )
 
-from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from stream_app.broker import ensure_topics  # noqa: E402
 
 
 def wait_alerting(bootstrap: str, metrics: str, alerts: str, timeout: float = 90.0) -> None:
@@ -111,11 +112,7 @@ def main() -> int:
     parser.add_argument("--lossguard-only", action="store_true", help="skip the ceiling and the floor")
     args = parser.parse_args()
 
-    broker = None
-    bootstrap = os.environ.get("LOSSGUARD_BOOTSTRAP")
-    if not bootstrap:
-        broker = EmbeddedBroker(port=free_port()).start()
-        bootstrap = broker.bootstrap
+    broker, bootstrap = bootstrap_or_embedded()
     tag = uuid.uuid4().hex[:6]
     prefixes = {name: f"single{tag}{name}" for name in ("raw", "faust", "lossguard")}
     ensure_topics(bootstrap, [f"{p}.{k}" for p in prefixes.values() for k in ("metrics", "alerts", "control", "dlq")],

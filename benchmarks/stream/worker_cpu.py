@@ -12,7 +12,6 @@ event moves less than the wall-clock rate. With ``--py-spy OUT`` the feeds after
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -26,10 +25,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from event_client import healthy_loss, metric_event  # noqa: E402
-from run import PARTITIONS, Worker  # noqa: E402
+from run import PARTITIONS, Worker, bootstrap_or_embedded  # noqa: E402
 from single_event import wait_alerting  # noqa: E402
 
-from stream_app.broker import EmbeddedBroker, ensure_topics, free_port  # noqa: E402
+from stream_app.broker import ensure_topics  # noqa: E402
 
 
 def main() -> int:
@@ -40,11 +39,7 @@ def main() -> int:
     parser.add_argument("--py-spy", metavar="OUT", help="sample the worker with py-spy --gil into OUT")
     args = parser.parse_args()
 
-    broker = None
-    bootstrap = os.environ.get("LOSSGUARD_BOOTSTRAP")
-    if not bootstrap:
-        broker = EmbeddedBroker(port=free_port()).start()
-        bootstrap = broker.bootstrap
+    broker, bootstrap = bootstrap_or_embedded()
     prefix = f"cpu{uuid.uuid4().hex[:6]}"
     ensure_topics(bootstrap, [f"{prefix}.{k}" for k in ("metrics", "alerts", "control", "dlq")], PARTITIONS)
     worker = Worker(bootstrap, prefix, tempfile.mkdtemp(prefix="lossguard-cpu-"))
