@@ -58,6 +58,12 @@ def _has_sets(names: tuple[str, ...]) -> bool:
     return any(map(eval_set, names))
 
 
+def _noise(vals: list[float]) -> float:
+    """The noise σ of evaluations: the robust spread (MAD around the median, so a steady descent is not noise)
+    of their eval-to-eval changes, over √2."""
+    return robust_center_scale([b - a for a, b in pairwise(vals)])[1] / math.sqrt(2)
+
+
 @register_detector
 class ValTrainDivergenceDetector(Detector):
     """Validation loss rising above its best while the training loss keeps falling (overfitting).
@@ -179,7 +185,7 @@ class ValTrainDivergenceDetector(Detector):
             own = {f: getattr(self, f) for f in _SET_FIELDS}  # the set's fields stand in for the run's
             kept = self.sets.get(name)
             if kept is None:
-                self.reset_set()
+                self._reset_set()
             else:
                 for f in _SET_FIELDS:
                     setattr(self, f, kept[f])
@@ -191,19 +197,11 @@ class ValTrainDivergenceDetector(Detector):
                     setattr(self, f, value)
         return alerts
 
-    def reset_set(self) -> None:
+    def _reset_set(self) -> None:
         """A fresh evaluation set's fields (``_SET_FIELDS``)."""
         sets, points, train = self.sets, self.points, self.train
         self.reset()
         self.sets, self.points, self.train = sets, points, train
-
-    def _noise_before_climb(self) -> float:
-        """The noise σ (as in ``_judge``) of the evaluations before the current run of rises; 0 when fewer
-        than 4 changes came before it (a fragment: nothing to learn the noise from)."""
-        before = self.vals[:len(self.vals) - self.rises]
-        if len(before) < 5:
-            return 0.0
-        return robust_center_scale([b - a for a, b in pairwise(before)])[1] / math.sqrt(2)
 
     def _judge(self, event: MetricEvent, val: float, metric: str) -> list[Alert]:
         """One evaluation of one validation set (``metric``), against the run's training loss."""
@@ -224,7 +222,7 @@ class ValTrainDivergenceDetector(Detector):
         self.rises = self.rises + 1 if self.vals and val > self.vals[-1] else 0
         push(self.vals, val, self.noise_window)
         # a spread of fewer than 4 changes is no estimate (three rises of a quiet excerpt look like a trend)
-        noise = robust_center_scale([b - a for a, b in pairwise(self.vals)])[1] / math.sqrt(2) if len(self.vals) >= 5 else math.inf
+        noise = _noise(self.vals) if len(self.vals) >= 5 else math.inf
         rise = (val - self.best_val) / abs(self.best_val) if self.best_val else 0.0
         # and by a part of what validation learned: at a floor near 0, printed to 4 decimals, a tiny best
         # doubles without anything going wrong (the divergence detector asks the same of the training loss)
@@ -236,8 +234,8 @@ class ValTrainDivergenceDetector(Detector):
         # a noisy mid-epoch probe) few points to learn its noise from: there, evaluations that rise one
         # after another past a third of the threshold while training improves are the trend
         epoch_log = train_falling and 2 * self.evals >= self.points
-        # the rise is measured from the level the evaluations held before the climb (their median), not from
-        # the best alone: a best is the luckiest evaluation, and the ones after it rise by chance
+        # the rise is measured from the level the evaluations held before the climb (their median, and their
+        # noise), not from the best alone: a best is the luckiest evaluation, and the ones after it rise by chance
         before = self.vals[:len(self.vals) - self.rises]
         level = max(self.best_val, statistics.median(before[-self.noise_window:])) if len(before) >= 3 else self.best_val
         quiet = self.noise_threshold * noise < min(val - level, self.rise_threshold * self.best_val)
@@ -246,8 +244,9 @@ class ValTrainDivergenceDetector(Detector):
             # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
             # and past the noise the evaluations showed before the climb (the climb's own steps would
             # inflate it): after a lucky best, a noisy set rises four times in a row by chance soon enough
+            # (with fewer than 4 changes before it, a fragment, there is no noise to clear)
             or (epoch_log and self.rises >= 4 and rise > self.rise_threshold
-                and val - self.best_val > self.noise_threshold * self._noise_before_climb()))
+                and val - self.best_val > self.noise_threshold * (_noise(before) if len(before) >= 5 else 0.0)))
         active = active or val_only
         self.run_length = self.run_length + 1 if active else 0
         # one evaluation above the best is a noisy validation set; several in a row are a trend
