@@ -23,8 +23,8 @@ from .alerts import Alert, severity_rank
 from .events import MetricEvent
 from .stats import compact
 
-__all__ = ["Detector", "DETECTORS", "Steps", "all_finite", "column", "compacted", "has_any", "last_finite",
-           "may_have", "register_detector"]
+__all__ = ["Detector", "DETECTORS", "SPARSE_INTERVAL", "Steps", "all_finite", "cadence", "column", "compacted",
+           "has_any", "is_sparse", "last_finite", "may_have", "register_detector"]
 
 #: name → detector class; the stream app and the in-process API build detectors from here.
 DETECTORS: dict[str, type[Detector]] = {}
@@ -103,6 +103,27 @@ def last_finite(values: list[float | None], k: int, positive: bool = False) -> l
         return tail
     kept = [x for x in values if x is not None and math.isfinite(x) and (x > 0 or not positive)]
     return kept[-k:]
+
+
+#: a run that logs a point every this many steps or more is *sparse*: each point is usually an average over
+#: its interval (HF's ``logging_steps``), less noisy than a step's loss, and a run has tens to hundreds of
+#: them, not thousands — warm-ups, windows and persistence counted in points shrink
+SPARSE_INTERVAL = 5
+
+
+def is_sparse(interval: int | None) -> bool:
+    """Whether a metric logged every ``interval`` steps (None: not known yet) is sparse."""
+    return interval is not None and interval >= SPARSE_INTERVAL
+
+
+def cadence(first_step: int | None, interval: int | None, step: int) -> tuple[int, int | None]:
+    """``(first step, interval)`` of a metric once it is logged at ``step``: the steps between its first two
+    values are its logging cadence."""
+    if first_step is None:
+        return step, interval
+    if interval is None and step > first_step:
+        return first_step, step - first_step
+    return first_step, interval
 
 
 def has_any(events: list[MetricEvent], names: tuple[str, ...]) -> bool:

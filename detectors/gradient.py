@@ -13,7 +13,7 @@ import math
 from .alerts import Alert
 from .base import Detector, all_finite, column, has_any, register_detector
 from .events import MetricEvent
-from .loss import POLICY_GRADIENT_METRICS
+from .loss import POLICY_GRADIENT_METRICS, is_policy_gradient
 from .stats import compact, ema, ema_var
 
 __all__ = ["GradientExplosionDetector", "GradientVanishingDetector", "GradientVarianceDetector",
@@ -238,7 +238,7 @@ class GradientVanishingDetector(_GradientNormReader):
         self.rl = False
 
     def update(self, event: MetricEvent) -> list[Alert]:
-        self.rl = self.rl or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
+        self.rl = self.rl or is_policy_gradient(event)
         g, estimated = self.grad_norm(event)
         if g is None or estimated:
             return []

@@ -45,7 +45,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .alerts import Alert
-from .base import Detector, all_finite, column, compacted, has_any, register_detector
+from .base import Detector, all_finite, cadence, column, compacted, has_any, is_sparse, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, lower_median_bound, median, push, sorted_median, upper_median_bound
 
@@ -58,9 +58,14 @@ __all__ = ["LossSpikeDetector", "LossDivergenceDetector", "LossPlateauDetector",
 POLICY_GRADIENT_METRICS = ("reward_mean", "kl", "approx_kl", "clipfrac", "value_loss", "ratio")
 
 
+def is_policy_gradient(event: MetricEvent) -> bool:
+    """Whether the event is a policy-gradient run's (it logs one of ``POLICY_GRADIENT_METRICS``)."""
+    return any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
+
+
 def _not_a_convergence_curve(event: MetricEvent, x: float) -> bool:
     """A negative loss, or an event of a policy-gradient run: the loss detectors stand down for the run."""
-    return x < 0 or any(name in event.metrics for name in POLICY_GRADIENT_METRICS)
+    return x < 0 or is_policy_gradient(event)
 
 
 def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
@@ -111,7 +116,7 @@ class LossSpikeDetector(Detector):
         x = event.metrics.get(self.metric)
         if x is None or not math.isfinite(x) or self.off:
             return []
-        if any(name in event.metrics for name in POLICY_GRADIENT_METRICS):
+        if is_policy_gradient(event):
             # a policy-gradient surrogate hovers around 0 by design; a negative loss is no reason to stop
             # watching (a flow's or a VAE's likelihood loss lives below 0, and its blow-up is a spike too)
             self.off = True
@@ -275,16 +280,6 @@ CONVERGENCE_DEFAULTS = {
 }
 
 
-#: a run that logs a point every this many steps or more is *sparse*: each point is usually an average over
-#: its interval (HF's ``logging_steps``), less noisy than a step's loss, and a run has tens to hundreds of
-#: them, not thousands — the convergence detectors' warm-ups and windows, counted in points, shrink
-SPARSE_INTERVAL = 5
-
-
-def _is_sparse(interval: int | None) -> bool:
-    return interval is not None and interval >= SPARSE_INTERVAL
-
-
 class _SmoothedLoss(Detector):
     """An EMA of the loss and an EMA of its absolute deviation from it (a noise scale ≈ 0.8 σ).
 
@@ -325,7 +320,7 @@ class _SmoothedLoss(Detector):
         """(warm-up, smoothing span, ``persist``, ``window``) in points for a run logged every ``interval``
         steps: on a sparse run a quarter of the warm-up, a third of the span and of ``persist``, a fifth of
         ``window`` (at least 5, 3, 3 and 10 points)."""
-        if _is_sparse(interval):
+        if is_sparse(interval):
             return max(5, self.warmup // 4), max(3, self.span // 3), max(3, persist // 3), max(10, window // 5)
         return self.warmup, self.span, persist, window
 
@@ -444,10 +439,8 @@ class LossDivergenceDetector(_SmoothedLoss):
         found, self._climbing = len(xs), False
         for i, x in enumerate(xs):
             if interval is None:
-                if first_step is None:
-                    first_step = steps[i]
-                elif steps[i] > first_step:
-                    interval = steps[i] - first_step
+                first_step, interval = cadence(first_step, interval, steps[i])
+                if interval is not None:
                     warmup, span, _ = self._sizes(interval)
                     alpha = 2.0 / (span + 1)
             if smooth is None:
@@ -731,10 +724,8 @@ class LossPlateauDetector(_SmoothedLoss):
         for i in range(begin, len(xs)):
             x = xs[i]
             if interval is None:  # the cadence is known from the second point on (never a step to stop at)
-                if first_step is None:
-                    first_step = steps[i]
-                elif steps[i] > first_step:
-                    interval = steps[i] - first_step
+                first_step, interval = cadence(first_step, interval, steps[i])
+                if interval is not None:
                     warmup, window, span = self._sizes(interval)
                     alpha = 2.0 / (span + 1)
             if smooth is None:
@@ -806,7 +797,7 @@ class LossPlateauDetector(_SmoothedLoss):
 
     def _improvement(self) -> float:
         """The relative improvement below which the loss is not learning (halved on a sparse run)."""
-        return self.stagnation_improvement / (2 if _is_sparse(self.interval) else 1)
+        return self.stagnation_improvement / (2 if is_sparse(self.interval) else 1)
 
     def _stagnation(self) -> tuple[bool, float, float]:
         """``(not learning, early median, recent median)`` — see the class docstring."""

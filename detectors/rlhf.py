@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .alerts import Alert
-from .base import Detector, register_detector
+from .base import Detector, cadence, is_sparse, register_detector
 from .events import MetricEvent
 from .stats import compact, ema, push
 from .stats import median as _median
@@ -272,19 +272,16 @@ class _LaggingRatio(Detector):
         self.interval: int | None = None
 
     def _persist(self) -> int:
-        """Points a trip must last to be ``high``: ``persist``, or 3 where the metric is logged every 5 steps or
-        more — there ``persist`` points span hundreds of optimizer steps, and a sparse log may hold a dozen."""
-        return min(self.persist, 3) if self.interval is not None and self.interval >= 5 else self.persist
+        """Points a trip must last to be ``high``: ``persist``, or 3 where the metric is logged sparsely (every
+        ``SPARSE_INTERVAL`` steps or more) — there ``persist`` points span hundreds of optimizer steps, and a sparse log may hold a dozen."""
+        return min(self.persist, 3) if is_sparse(self.interval) else self.persist
 
     def _step(self, event: MetricEvent) -> tuple[float, float, bool] | None:
         """``(value, median, tripped)`` after warm-up, else None; subclasses define ``_tripped``."""
         x = _finite(event, self.metric)
         if x is None:
             return None
-        if self.first_step is None:
-            self.first_step = event.step
-        elif self.interval is None and event.step > self.first_step:
-            self.interval = event.step - self.first_step
+        self.first_step, self.interval = cadence(self.first_step, self.interval, event.step)
         if len(self.recent) < min(self.window, 10):
             # warm-up: a fragment (a few points pasted around an incident) has no median to speak of,
             # so only a jump the subclass calls unmistakable against the largest value so far trips
@@ -566,12 +563,8 @@ class RewardCollapseDetector(Detector):
         x = _finite(event, "reward_mean")
         if x is None:
             return []
-        if self.first_step is None:
-            self.first_step = event.step
-        elif self.interval is None and event.step > self.first_step:
-            self.interval = event.step - self.first_step
-        sparse = self.interval is not None and self.interval >= 5
-        span, warmup, persist = (3, 3, 3) if sparse else (10, 10, self.persist)
+        self.first_step, self.interval = cadence(self.first_step, self.interval, event.step)
+        span, warmup, persist = (3, 3, 3) if is_sparse(self.interval) else (10, 10, self.persist)
         alpha = 2.0 / (span + 1)
         if self.smooth is not None:
             self.absdev = ema(self.absdev, abs(x - self.smooth), alpha)
