@@ -535,6 +535,12 @@ def _chance_classes(values: list[float], x: float) -> int:
     return 0
 
 
+def _from_start(first_step: int, interval: int | None, warmup: int) -> bool:
+    """Whether a run whose loss was first logged at ``first_step`` was watched from its start, not picked up
+    mid-way (resumed, monitoring started late, a pasted fragment): that step is within its first warm-up."""
+    return first_step <= warmup * (interval or 1)
+
+
 def _repeat_lag(values: list[float], x: float, window: int) -> int:
     """The smallest lag p (1 ≤ p ≤ ``window``) such that ``x`` and the ``REPEAT_POINTS - 1`` values before it
     equal the values p places earlier, ``x`` coming after ``values``; 0 when there is none."""
@@ -746,7 +752,7 @@ class LossPlateauDetector(_SmoothedLoss):
             lag = _repeat_lag(recent, cx, window) if repeats and fresh and cx > 0.01 else 0
             # at chance: past the first 10 points of a run watched from its start, at once in a fragment
             chance = _chance_classes(recent, cx) if fresh and not self.preference and (
-                seen >= 10 or first_step > warmup * (interval or 1)) else 0
+                seen >= 10 or not _from_start(first_step, interval, warmup)) else 0
             if watch and (lag or chance):  # a model that does not change: update judges the step
                 stop = i
                 break
@@ -783,7 +789,7 @@ class LossPlateauDetector(_SmoothedLoss):
             recent.append(cx)
         if watch:
             taken = recent[max(0, len(recent) - checked - window + 1):]
-            if checked and first_step <= warmup * (interval or 1):
+            if checked and _from_start(first_step, interval, warmup):
                 start = median(early)
                 # no window's median can exceed this bound: below the stagnation level, none is stagnant
                 if start > 0 and upper_median_bound(taken, window) > start * (1 - self.stagnation_improvement):
@@ -805,7 +811,7 @@ class LossPlateauDetector(_SmoothedLoss):
         if self.seen < warmup + window:
             return False, math.nan, math.nan
         # a run picked up mid-way (resumed, or monitoring started late) did not start at this level
-        from_start = self.first_step <= warmup * (self.interval or 1)
+        from_start = _from_start(self.first_step, self.interval, warmup)
         warming_up = self.seen - self.lr_rose_at < window
         start, now = median(self.early), median(self.recent)
         # above where it started by a quarter is a divergence (the divergence detector's), not a plateau
