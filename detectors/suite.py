@@ -33,7 +33,7 @@ from .base import DETECTORS, Detector, Steps
 from .config import DETECTORS_SECTION, build_config
 from .events import MetricEvent
 
-__all__ = ["DetectorSuite"]
+__all__ = ["DetectorSuite", "enabled_detectors"]
 
 
 class DetectorSuite:
@@ -147,11 +147,20 @@ class DetectorSuite:
                 self.detectors[name].load_state_dict(det_state)
 
 
+def enabled_detectors(config: Mapping[str, Any] | None = None) -> list[str]:
+    """The detectors a config enables (all registered ones but its ``disabled``), in suite order."""
+    return _enabled(build_config(config))
+
+
+def _enabled(config: dict[str, dict[str, Any]]) -> list[str]:
+    disabled = set(config[DETECTORS_SECTION]["disabled"])
+    return [name for name in DETECTORS if name not in disabled]
+
+
 def _plan(config: dict[str, dict[str, Any]], detectors: Iterable[str] | None
           ) -> tuple[dict[str, dict[str, Any]], tuple[tuple[str, type[Detector], dict[str, Any]], ...]]:
     """The validated ``config`` and, per detector to run (suite order), its class and parameters."""
-    disabled = set(config[DETECTORS_SECTION]["disabled"])
-    names = list(detectors) if detectors is not None else [n for n in DETECTORS if n not in disabled]
+    names = list(detectors) if detectors is not None else _enabled(config)
     plan = []
     for name in names:
         cls = DETECTORS[name]

@@ -27,9 +27,9 @@ from typing import Any
 
 from detectors import Alert, DetectorSuite, MetricEvent, RunDriver, load_detectors
 from detectors.aliases import canonical_name
-from detectors.base import DETECTORS
-from detectors.config import DETECTORS_SECTION, ConfigError, build_config
+from detectors.config import ConfigError
 from detectors.driver import DetectorLoadError
+from detectors.suite import enabled_detectors
 
 from .logfiles import Notice, ReplayError, read_events
 from .settings import load_settings
@@ -69,12 +69,6 @@ def _unread_metrics(run_events: list[MetricEvent], suite: DetectorSuite) -> list
     return sorted(names)
 
 
-def _without_stalled_run(config: Mapping[str, Any] | None) -> list[str]:
-    """The detectors the config enables, but the one that needs a clock."""
-    disabled = set(build_config(config)[DETECTORS_SECTION]["disabled"])
-    return [name for name in DETECTORS if name not in disabled and name != "stalled_run"]
-
-
 def replay_events(events: Iterable[MetricEvent],
                   config: Mapping[str, Any] | str | os.PathLike | None = None,
                   notice: Notice | None = None) -> list[Alert]:
@@ -82,11 +76,15 @@ def replay_events(events: Iterable[MetricEvent],
     told about a run whose metrics no detector reads (only a non-finite value could alert there)."""
     cfg = _detector_config(config)
     alerts: list[Alert] = []
+    makers: dict[bool, Callable[[], DetectorSuite]] = {}  # the config validated once, not per run
     for run_id, run_events in _merge_by_step(events).items():
         # a log with no clock is read at one second per step (logfiles): a jump in its step numbers (an
         # excerpt's gap, a sparse logging interval) is no silence, so stalled_run does not judge it
         clockless = all(e.ts == e.step for e in run_events)
-        suite = DetectorSuite(cfg, _without_stalled_run(cfg) if clockless else None)
+        if clockless not in makers:
+            chosen = [name for name in enabled_detectors(cfg) if name != "stalled_run"] if clockless else None
+            makers[clockless] = DetectorSuite.factory(cfg, chosen)
+        suite = makers[clockless]()
         unread = _unread_metrics(run_events, suite)
         if unread and notice is not None:
             shown = ", ".join(unread[:8]) + (", ..." if len(unread) > 8 else "")
