@@ -292,7 +292,7 @@ class _SmoothedLoss(Detector):
     category = "convergence"
     section = "convergence"
     defaults = CONVERGENCE_DEFAULTS
-    state_fields = ("smooth", "absdev", "seen", "off")
+    state_fields = ("smooth", "absdev", "seen", "off", "evaluated")
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -303,6 +303,9 @@ class _SmoothedLoss(Detector):
         self.absdev = 0.0
         self.seen = 0
         self.off = False
+        #: of the run's first two losses, how many came with a validation loss: both, and the log is an epoch
+        #: log (a Keras CSVLogger file, a table of epochs), whose every point is a whole pass over the data
+        self.evaluated = 0
 
     def _loss(self, event: MetricEvent) -> float | None:
         """The loss, or None when absent, non-finite, or the run's loss is not a convergence curve."""
@@ -314,13 +317,15 @@ class _SmoothedLoss(Detector):
             # best" and "no improvement" mean nothing for it: off for the rest of the run
             self.off = True
             return None
+        if self.seen < 2 and "val_loss" in event.metrics:
+            self.evaluated += 1
         return x
 
     def _cadence(self, interval: int | None, persist: int, window: int) -> tuple[int, int, int, int]:
         """(warm-up, smoothing span, ``persist``, ``window``) in points for a run logged every ``interval``
         steps: on a sparse run a quarter of the warm-up, a third of the span and of ``persist``, a fifth of
         ``window`` (at least 5, 3, 3 and 10 points)."""
-        if is_sparse(interval):
+        if is_sparse(interval) or self.evaluated >= 2:
             return max(5, self.warmup // 4), max(3, self.span // 3), max(3, persist // 3), max(10, window // 5)
         return self.warmup, self.span, persist, window
 
@@ -369,8 +374,9 @@ class LossDivergenceDetector(_SmoothedLoss):
 
     def reset(self) -> None:
         super().reset()
-        #: whether the last _advance stopped at a climb (not state: read right after the call)
-        self._climbing = False
+        #: whether the last _advance stopped at a climb, and at a coarse log's steep one (not state: read right
+        #: after the call)
+        self._climbing = self._steep = False
         self.best: float | None = None
         self.start: float | None = None
         self.run_length = 0
@@ -414,7 +420,7 @@ class LossDivergenceDetector(_SmoothedLoss):
         rise = self.smooth - self.best
         if self.run_length >= persist and self.smooth > self.start:
             severity = "critical"
-        elif self.run_length >= persist:
+        elif self.run_length >= persist or self._steep:
             severity = "high"
         else:  # one point above the best is an epoch boundary's sawtooth as often as a trend
             severity = "medium" if self.run_length >= 2 else "low"
@@ -436,7 +442,8 @@ class LossDivergenceDetector(_SmoothedLoss):
         early, peak, held = self.early, self.peak, self.held
         warmup, span, _ = self._sizes(interval)
         alpha = 2.0 / (span + 1)
-        found, self._climbing = len(xs), False
+        epochs = self.evaluated >= 2
+        found, self._climbing, self._steep = len(xs), False, False
         for i, x in enumerate(xs):
             if interval is None:
                 first_step, interval = cadence(first_step, interval, steps[i])
@@ -474,16 +481,23 @@ class LossDivergenceDetector(_SmoothedLoss):
                     last, early = x, [*early, compact(x)]
                     break
                 last, early = x, [*early, compact(x)]
-            elif early or peak is not None:
-                early, peak, held = [], None, 0  # past the fragment rule: not state any longer
+            else:
+                if early or peak is not None:
+                    early, peak, held = [], None, 0  # past the fragment rule: not state any longer
+                climb, last = climb + 1 if last is not None and x > last else 0, x
             if seen < warmup:
                 continue
             if best is None or smooth < best:
                 best = smooth
             rise = smooth - best
+            # in an epoch log (each point a whole pass over the data), three rises in a row to 3x the best, the
+            # smoothed loss at twice it, are a climb, however much the descent before it inflated the noise
+            # estimate (the absolute deviation from a lagging average)
+            self._steep = (epochs and best > 0 and climb >= 3 and x >= 3 * best and smooth >= 2 * best)
             # above the best by a relative margin, by more than the noise, and by a part of what the run
             # learned: a healthy run's loss floor wanders by 100% of a tiny best and means nothing
-            if rise > threshold * abs(best) and rise > 2 * (1.25 * absdev) and rise > 0.05 * (start - best):
+            if self._steep or (rise > threshold * abs(best) and rise > 2 * (1.25 * absdev)
+                               and rise > 0.05 * (start - best)):
                 found = i
                 break
         if commit or found == len(xs):
@@ -495,7 +509,8 @@ class LossDivergenceDetector(_SmoothedLoss):
     def update_batch(self, events: list[MetricEvent]) -> list[tuple[int, Alert]]:
         # _advance over the batch; the first step that would be active sends the whole batch (state
         # untouched) to the step-by-step path
-        xs = None if self.off or "convergence_divergence" in self.episodes else _plain_losses(events, self.metric)
+        xs = (None if self.off or self.seen < 2 or "convergence_divergence" in self.episodes
+              else _plain_losses(events, self.metric))
         if xs is None or self._advance(xs, [e.step for e in events], commit=False) < len(xs):
             return super().update_batch(events)
         if self.seen >= self._sizes(self.interval)[0]:
@@ -683,7 +698,7 @@ class LossPlateauDetector(_SmoothedLoss):
         # _advance takes steps until one that may change the alert stream (a plateau opens, escalates or
         # resolves): that step goes through update, and _advance takes the rest. When a recent median may
         # sit where the run started (stagnation), the rest goes step by step.
-        xs = None if self.off else _plain_losses(events, self.metric)
+        xs = None if self.off or self.seen < 2 else _plain_losses(events, self.metric)
         if xs is None:
             return super().update_batch(events)
         self.preference = self.preference or has_any(events, PREFERENCE_METRICS)

@@ -104,6 +104,18 @@ def steady(seed: int, steps: int = 900) -> list[MetricEvent]:
     return events
 
 
+def epochs(seed: int, count: int = 300) -> list[MetricEvent]:
+    """An epoch log (a training and a validation loss on every row, as a Keras CSVLogger writes): the loss
+    falls, climbs for 8 epochs from epoch 150 (the coarse cadence's climb rule), and falls again."""
+    rng = random.Random(seed)
+    events, loss = [], 2.5
+    for s in range(1, count + 1):
+        loss = loss * (1.5 if 150 <= s < 158 else 0.97) * (0.98 + rng.random() * 0.04)
+        events.append(MetricEvent(f"epochs{seed}", s, {"loss": loss, "val_loss": loss * 1.1 + rng.random() * 0.01},
+                                  source="syn"))
+    return events
+
+
 def replay(events: list[MetricEvent], chunk: int | None, round_trip_every: int | None = None) -> tuple[list, str]:
     """Alerts (as full dicts) and final state; ``chunk`` None feeds ``update`` one event at a time."""
     suite, alerts = DetectorSuite(), []
@@ -120,7 +132,8 @@ def replay(events: list[MetricEvent], chunk: int | None, round_trip_every: int |
 
 RUN_EVENTS = {**{name: lambda name=name: read_events(CORPUS / f"{name}.csv") for name in RUNS},
               **{f"synthetic-{seed}": lambda seed=seed: synthetic(seed) for seed in range(6)},
-              **{f"steady-{seed}": lambda seed=seed: steady(seed) for seed in range(2)}}
+              **{f"steady-{seed}": lambda seed=seed: steady(seed) for seed in range(2)},
+              **{f"epochs-{seed}": lambda seed=seed: epochs(seed) for seed in range(2)}}
 
 
 @pytest.mark.parametrize("run", sorted(RUN_EVENTS))

@@ -270,3 +270,22 @@ def test_a_negative_likelihood_loss_that_blows_up_is_a_spike():
     policy-gradient run does); the jump is judged by its size against the losses before it."""
     alerts = [a for a in firing("s13b_waveglow_loss_jump") if a.alert_type == "loss_spike"]
     assert [a.step for a in alerts] == [78620] and "above the median" in alerts[0].message
+
+
+def test_an_epoch_log_whose_training_loss_turns_and_climbs_reaches_high():
+    """An epoch log (train and validation loss on every row): the training loss falls 2.58 → 0.061 over 13
+    epochs, then climbs 0.067, 0.110, 0.204, 0.334 … 0.554. The descent inflated the noise estimate and the
+    log is shorter than a per-step warm-up; an epoch log is coarse, and three rises in a row to 3x the best
+    are a climb."""
+    run_id = "s12b_optiver_rv_diverge"
+    alerts = [a for a in firing(run_id) if a.alert_type == "convergence_divergence"]
+    assert alerts and min(a.step for a in alerts) <= LABELS[run_id]["onset_step"] + 2
+
+
+@pytest.mark.parametrize("run_id", ["s10b_catclassifier_keras", "s11d_keras_alzheimer_cnn2d", "s10b_emonettcn",
+                                    "s12d_era_resnet50_imagenet", "s10b_brats2020_keras"])
+def test_healthy_epoch_logs_raise_no_climb(run_id):
+    """Healthy epoch logs (Keras CSVLogger files and epoch tables, validation on every row) keep the coarse
+    cadence's climb rule quiet: a training loss that bounces up an epoch or two is no climb."""
+    assert LABELS[run_id]["label"] == "healthy"
+    assert [a for a in firing(run_id) if a.alert_type == "convergence_divergence"] == []
