@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import numpy as np
 
 from .alerts import Alert
 from .base import Detector, cadence, is_sparse, register_detector
 from .events import MetricEvent
-from .stats import compact, ema, push
+from .stats import compact, ema, push, robust_center_scale
 from .stats import median as _median
 
 __all__ = [
@@ -37,6 +38,9 @@ REWARD_DRIFT_DEFAULTS = {
 }
 
 #: the ``[rlhf]`` section
+#: rewards kept for the noise of their point-to-point changes (``RewardCollapseDetector``)
+REWARD_NOISE_POINTS = 20
+
 RLHF_DEFAULTS = {
     "window": 30,
     "persist": 5,
@@ -539,7 +543,7 @@ class RewardCollapseDetector(Detector):
     section = "rlhf"
     defaults = RLHF_DEFAULTS
     state_fields = ("smooth", "absdev", "best", "best_noise", "start", "seen", "run_length", "same", "last",
-                    "first_step", "interval", "low")
+                    "first_step", "interval", "low", "recent")
     metrics = ("reward_mean",)
 
     def reset(self) -> None:
@@ -558,6 +562,8 @@ class RewardCollapseDetector(Detector):
         self.low: float | None = None
         self.first_step: int | None = None
         self.interval: int | None = None
+        #: the last ``REWARD_NOISE_POINTS`` rewards (the noise of their point-to-point changes)
+        self.recent: list[float] = []
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = _finite(event, "reward_mean")
@@ -569,6 +575,7 @@ class RewardCollapseDetector(Detector):
         if self.smooth is not None:
             self.absdev = ema(self.absdev, abs(x - self.smooth), alpha)
         self.smooth = ema(self.smooth, x, alpha)
+        push(self.recent, x, REWARD_NOISE_POINTS)
         self.seen += 1
         self.same = self.same + 1 if x == self.last else 1
         self.last = x
@@ -587,7 +594,15 @@ class RewardCollapseDetector(Detector):
         if self.seen < warmup:
             return alerts
         if self.best is None or self.smooth >= self.best:
-            self.best, self.best_noise = self.smooth, 1.25 * self.absdev
+            # the EMA's deviations count a climb to the best as noise (a return that jumps 5 → 70 keeps the
+            # lagging average 60 off for points): when they are over 3x the robust spread of the point-to-point
+            # changes, they measure the climb, and that spread is the noise (unless it is 0: rewards in steps of
+            # 1/8, most changes one step either way)
+            noise = 1.25 * self.absdev
+            if len(self.recent) >= 5:
+                changes = robust_center_scale([b - a for a, b in pairwise(self.recent)])[1] / math.sqrt(2)
+                noise = changes if noise > 3 * changes > 0 else noise
+            self.best, self.best_noise = self.smooth, noise
         drop, gain = self.best - self.smooth, self.best - self.start
         # a gain is what the run learned when it clears the noise and a twentieth of where the reward started
         # (an episode return of -75 that drifts to -74.6 learned nothing: losing half of that is no collapse)

@@ -289,3 +289,21 @@ def test_healthy_epoch_logs_raise_no_climb(run_id):
     cadence's climb rule quiet: a training loss that bounces up an epoch or two is no climb."""
     assert LABELS[run_id]["label"] == "healthy"
     assert [a for a in firing(run_id) if a.alert_type == "convergence_divergence"] == []
+
+
+def test_a_return_that_jumped_and_then_collapsed_reaches_high():
+    """ML-Agents PPO, mean reward per summary: 2.3 → 70 in one jump ("super-human"), then 56, 52 … 8.7 …
+    0.18. The lagging average's deviations counted the jump as noise (60 off for points); the spread of the
+    point-to-point changes does not, and the collapse pages high."""
+    run_id = "s12c_mlagents_ppo_reward_drop"
+    alerts = [a for a in firing(run_id) if a.alert_type == "reward_collapse"]
+    assert alerts and LABELS[run_id]["onset_step"] <= min(a.step for a in alerts) <= 22
+
+
+def test_a_grpo_reward_in_eighths_that_dips_is_no_collapse():
+    """A healthy GRPO run whose reward is a mean over 8 completions (steps of 1/8): it dips from 0.5 to
+    0.125-0.25 for a few points. Most changes are one step either way, so their robust spread is 0 — no
+    noise estimate — and the EMA's stands."""
+    run_id = "s11c_grpo_q35_9b_g2_adq_s44_ok"
+    assert LABELS[run_id]["label"] == "healthy"
+    assert firing(run_id, ("medium", "high", "critical")) == []
