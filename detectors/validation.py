@@ -82,7 +82,9 @@ class ValTrainDivergenceDetector(Detector):
     best, are ``high`` too where the noise test has little to go on: with no training loss at all (a
     history of evaluations only), and in an epoch log (an evaluation at every other point or more) while
     training improves, the rise is past ``noise_threshold`` noise σ and that noise is small (its
-    ``noise_threshold`` σ under ``rise_threshold`` of the best). In an epoch log, five evaluations each above
+    ``noise_threshold`` σ under ``rise_threshold`` of the best) — until the run has had ``noise_window``
+    evaluations: by then the noise test has its full window, and over 150 evaluations three rises in a row
+    come by chance. In an epoch log, five evaluations each above
     the last (1 in 120 by chance) past ``rise_threshold`` are ``high`` whatever the noise estimate says: a
     steady climb's own steps inflate it.
     ``overtraining`` (``low``, ``medium`` while validation is also rising past its noise) says the best checkpoint is
@@ -240,7 +242,8 @@ class ValTrainDivergenceDetector(Detector):
         level = max(self.best_val, statistics.median(before[-self.noise_window:])) if len(before) >= 3 else self.best_val
         quiet = self.noise_threshold * noise < min(val - level, self.rise_threshold * self.best_val)
         val_only = undone and (
-            (self.rises >= 1 and rise > self.rise_threshold / 3 and (self.train is None or epoch_log and quiet))
+            (self.rises >= 1 and rise > self.rise_threshold / 3 and (self.train is None or epoch_log and quiet
+                                                                      and self.evals <= self.noise_window))
             # five evaluations of an epoch log each above the last (1 in 120 by chance), past the threshold
             # and past the noise the evaluations showed before the climb (the climb's own steps would
             # inflate it): after a lucky best, a noisy set rises four times in a row by chance soon enough

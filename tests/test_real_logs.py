@@ -307,3 +307,12 @@ def test_a_grpo_reward_in_eighths_that_dips_is_no_collapse():
     run_id = "s11c_grpo_q35_9b_g2_adq_s44_ok"
     assert LABELS[run_id]["label"] == "healthy"
     assert firing(run_id, ("medium", "high", "critical")) == []
+
+
+def test_three_rises_among_a_hundred_and_fifty_evaluations_are_no_trend():
+    """A healthy sentiment fine-tune evaluated at every logged point, 150 times: its validation loss rises
+    three evaluations in a row, 8-12 % above its best, now and then. With a full window of evaluations the
+    noise test decides, not the few-evaluations shortcut."""
+    run_id = "s12b_sentiment_150evals"
+    assert LABELS[run_id]["label"] == "healthy"
+    assert [a for a in firing(run_id) if a.alert_type == "val_train_divergence"] == []
