@@ -93,6 +93,8 @@ ALIASES: dict[str, str] = {
     # the same return as SB3's console table and OpenAI baselines print it (ep_rew_mean, EpRewMean,
     # eprewmean), and Unity ML-Agents' "Mean Reward"
     "ep_rew_mean": "reward_mean", "eprewmean": "reward_mean", "mean reward": "reward_mean",
+    # RLlib's mean return over an iteration's episodes (also what replay makes of a Monitor file's episodes)
+    "episode_reward_mean": "reward_mean",
     # detectron2 (metrics.json, its log lines) and OpenNMT ("xent": the cross-entropy it trains on)
     "total_loss": "loss", "xent": "loss",
     # verl (PPO/GRPO for LLMs) and OpenRLHF

@@ -12,6 +12,9 @@
   identified is an error that says so, never an empty result. W&B exports read as they are: history
   exports (``_step``, ``train/loss``, ``_timestamp``, a run-name column, whose values name the runs) and
   chart exports (``Step``, ``RUN - train/loss``, with their ``__MIN``/``__MAX`` columns skipped).
+  Stable-Baselines3's ``monitor.csv`` (a ``#{"t_start": …}`` line, then ``r,l,t``: one row per episode)
+  reads as ``episode_reward``, ``episode_length`` and the time, its rows numbered by episode; every 100th row
+  also carries ``episode_reward_mean``, those 100 episodes' mean return (the reward the detectors watch).
 * **JSONL** — lossguard metric events, or flat records such as W&B's ``wandb-history.jsonl``
   (``{"_step": 3, "train/loss": 2.1, "_timestamp": …}``).
 * **Hugging Face ``trainer_state.json``** — its ``log_history``; eval entries give ``val_loss``.
@@ -51,9 +54,15 @@ _TIME_COLUMNS = ("ts", "timestamp", "_timestamp", "wall time", "wall_time", "wal
 _RUN_COLUMNS = ("name", "run", "run_name", "run_id", "run name")
 #: bookkeeping columns that measure nothing about training
 _SKIP_COLUMNS = ("_runtime", "_wandb", "runtime", "total_flos")
+#: Stable-Baselines3's Monitor columns (``monitor.csv``): an episode's return, its length in steps, and the
+#: seconds since the header's ``t_start``
+_MONITOR_COLUMNS = {"r": "episode_reward", "l": "episode_length", "t": "time"}
+#: a Monitor file's episodes per reward point (SB3's own ``rollout/ep_rew_mean`` averages the last 100)
+_MONITOR_WINDOW = 100
 #: file names that say nothing about the run: the folder names it instead
-_GENERIC_STEMS = {"trainer_state", "metrics", "log", "logs", "history", "wandb-history", "events", "progress",
+_GENERIC_STEMS = {"trainer_state", "metrics", "monitor", "log", "logs", "history", "wandb-history", "events", "progress",
                   "scalars", "train", "training", "log_history", "results"}
+_MONITOR_FILE = re.compile(r"^(\d+\.)?monitor\.csv$", re.IGNORECASE)
 _GENERIC_FOLDER = re.compile(r"^(checkpoint-\d+|version_\d+|run-\d+|logs?|files|\.)$")
 #: HF log_history keys that describe the entry rather than measure the step
 _HF_SKIP = {"step", "epoch", "total_flos"}
@@ -84,9 +93,13 @@ def run_id_of(path: str | os.PathLike) -> str:
     'whisper-small-ta'
     >>> run_id_of("logs/exp7/events.out.tfevents.1700000000.host.1.0"), run_id_of("sweep/lr3e-4.csv")
     ('exp7', 'lr3e-4')
+    >>> run_id_of("logs/ppo_breakout/0.monitor.csv")
+    'ppo_breakout'
     """
     p = Path(path)
     stem = p.name.split(".")[0] if p.name.startswith("events.out.tfevents") else p.stem
+    if _MONITOR_FILE.match(p.name):
+        stem = "monitor"  # Stable-Baselines3's monitor.csv, 0.monitor.csv: one per worker, in the run's folder
     if stem.lower() not in _GENERIC_STEMS:
         return stem
     for folder in Path(os.path.abspath(p)).parents:
@@ -182,13 +195,27 @@ def _first_value(rows: list[list[str]], i: int) -> str | None:
 
 def _read_table(path: Path, text: str, run_id: str, fixed_run: bool, say: Notice, metric: str | None,
                 delimiter: str) -> list[MetricEvent]:
+    t_start, first_line = 0.0, 1
+    if text.startswith("#{"):  # Stable-Baselines3's Monitor: {"t_start": unix seconds, "env_id": …} above r,l,t
+        comment, _, text = text.partition("\n")
+        first_line = 2
+        try:
+            t_start = float(json.loads(comment[1:]).get("t_start") or 0.0)
+        except (ValueError, TypeError, AttributeError):
+            raise ReplayError(path, "a '#' first line that is not Stable-Baselines3's Monitor header "
+                                    "({\"t_start\": …})", 1) from None
     rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)]
     if not rows:
-        raise ReplayError(path, "empty file: expected a header with a 'step' column", 1)
+        raise ReplayError(path, "empty file: expected a header with a 'step' column", first_line)
     header = [h.strip() for h in rows[0]]
-    body = [(line, row) for line, row in enumerate(rows[1:], start=2) if row and any(c.strip() for c in row)]
+    body = [(line, row) for line, row in enumerate(rows[1:], start=first_line + 1)
+            if row and any(c.strip() for c in row)]
     cells = [row for _, row in body]
     lower = [h.lower() for h in header]
+    monitor = {"r", "l", "t"} <= set(lower) and len(set(lower) - {"r", "l", "t", *_STEP_COLUMNS}) == 0
+    if monitor:  # one row per episode: its return, its length, and the seconds since t_start
+        header = [_MONITOR_COLUMNS.get(h, h) for h in lower]
+        lower = [h.lower() for h in header]
 
     step_col = next((lower.index(name) for name in _STEP_COLUMNS if name in lower), None)
     if step_col is None:
@@ -227,6 +254,7 @@ def _read_table(path: Path, text: str, run_id: str, fixed_run: bool, say: Notice
 
     events: list[MetricEvent] = []
     offset, last_step, last_epoch = 0, None, None
+    returns: list[float] = []  # a Monitor file's last episodes' returns
     for index, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise ReplayError(path, f"{len(row)} cells where the header has {len(header)}", line)
@@ -236,6 +264,8 @@ def _read_table(path: Path, text: str, run_id: str, fixed_run: bool, say: Notice
             if ts is None:
                 raise ReplayError(path, f"expected a date, time or unix seconds, got {row[time_col]!r}", line,
                                   header[time_col])
+            if monitor:
+                ts += t_start
         if step_col is None:
             step = index  # a log kept by date: its rows in order
         else:
@@ -255,6 +285,15 @@ def _read_table(path: Path, text: str, run_id: str, fixed_run: bool, say: Notice
                 raise ReplayError(path, f"expected a number (or nan/inf/-inf, or empty), got {cell!r}", line,
                                   header[i])
             by_run.setdefault(run or row_run, {})[name] = value
+        if monitor and "episode_reward" in by_run.get(row_run, {}):
+            # every 100 episodes, their mean return (as a logger that reports once per 100 episodes would): one
+            # episode's return is far noisier than the batch means the reward detectors are made for, and a
+            # mean over the last 100 taken at every episode moves by 1/100 of an episode a point — its
+            # changes say nothing of its noise
+            returns.append(by_run[row_run]["episode_reward"])
+            if len(returns) == _MONITOR_WINDOW:
+                by_run[row_run]["episode_reward_mean"] = math.fsum(returns) / len(returns)
+                returns.clear()
         epoch = next((m.get("epoch_number", m.get("epoch")) for m in by_run.values()), None)
         # Bedrock restarts step numbers every epoch: keep them increasing across epochs
         if last_step is not None and step + offset <= last_step and epoch is not None and epoch != last_epoch:

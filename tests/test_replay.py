@@ -356,3 +356,36 @@ def test_a_keras_csvlogger_file_is_numbered_by_its_epoch_column(tmp_path):
     hf.write_text("epoch,loss\n0.5,2.1\n1.0,1.5\n")
     with pytest.raises(ReplayError, match="no 'step' column"):
         read_events(hf)
+
+
+def test_a_stable_baselines3_monitor_file_reads_as_episodes_and_their_mean_return(tmp_path):
+    """Stable-Baselines3's Monitor wrapper writes ``0.monitor.csv``: a ``#{"t_start": …}`` line, then one
+    ``r,l,t`` row per episode. Written here by SB3 itself around CartPole (random actions, 250 episodes):
+    replay numbers the rows by episode, names the run after the folder, reads the times against t_start,
+    and every 100th row carries the mean return of those 100 episodes — the reward the detectors watch."""
+    import gymnasium as gym
+    from stable_baselines3.common import monitor
+    folder = tmp_path / "cartpole_random"
+    folder.mkdir()
+    env = monitor.Monitor(gym.make("CartPole-v1"), str(folder / "0"))
+    env.action_space.seed(0)
+    for episode in range(250):
+        env.reset(seed=episode)
+        while not any(env.step(env.action_space.sample())[2:4]):
+            pass
+    env.close()
+    path = folder / "0.monitor.csv"
+    rows = list(csv.DictReader(path.read_text().splitlines()[1:]))
+    assert path.read_text().startswith('#{"t_start"') and len(rows) == 250
+    events = read_events(path)
+    assert [e.step for e in events] == list(range(250)) and {e.run_id for e in events} == {"cartpole_random"}
+    assert [e.metrics["episode_reward"] for e in events] == [float(r["r"]) for r in rows]
+    assert [e.metrics["episode_length"] for e in events] == [float(r["l"]) for r in rows]
+    t_start = json.loads(path.read_text().splitlines()[0][1:])["t_start"]
+    assert [e.ts for e in events] == pytest.approx([t_start + float(r["t"]) for r in rows])
+    means = {e.step: e.metrics["episode_reward_mean"] for e in events if "episode_reward_mean" in e.metrics}
+    assert means == pytest.approx({99: sum(float(r["r"]) for r in rows[:100]) / 100,
+                                   199: sum(float(r["r"]) for r in rows[100:200]) / 100})
+    proc = lossguard(str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "no detector reads" not in proc.stderr
