@@ -49,6 +49,7 @@ RLHF_DEFAULTS = {
     "kl_floor": 1.0,
     "entropy_ratio": 0.2,
     "entropy_drop": 0.5,
+    "entropy_floor": 0.1,
     "length_ratio": 2.5,
     "hack_kl_ratio": 5.0,
     "hack_kl_min": 10.0,
@@ -181,7 +182,8 @@ class RewardDistributionDriftDetector(Detector):
     The first ``baseline`` observations fix a reference mean and spread (mean ``reward_std``, else the spread
     of ``reward_mean`` itself). After that an EMA (span 10) of mean and σ is compared with it. Rising reward
     is the goal of RL fine-tuning, so an upward shift is ``low``; a fall of more than ``shift_threshold``
-    σ, or σ collapsing below ¼ (all responses scored alike) or widening over 4×, is ``medium``, and
+    σ, or σ collapsing below ¼ (all responses scored alike) with the mean no higher than it began (with it
+    higher, the groups score alike because the task is learned), or widening over 4×, is ``medium``, and
     ``high`` once it has lasted ``baseline`` observations at twice the shift (or the collapse persists) —
     when the run logs ``reward_std``. Without it the σ is the early means' own wobble (an episode return's
     rolling mean barely moves), not the rewards' spread, and the shift stays ``medium``.
@@ -232,7 +234,9 @@ class RewardDistributionDriftDetector(Detector):
         shift = (self.mean - base_mean) / base_std
         ratio = self.std / base_std if self.std is not None and self.early_stds else 1.0
         down = shift < -self.shift_threshold
-        collapsed, widened = ratio < 0.25, ratio > 4.0
+        # every response scored alike while the mean is no better than it began: no learning signal. With the
+        # mean up, it is the task learned (a GRPO group all correct), not a collapse
+        collapsed, widened = ratio < 0.25 and shift <= 0, ratio > 4.0
         up = shift > self.shift_threshold
         strong = shift < -2 * self.shift_threshold or collapsed
         self.run_length = self.run_length + 1 if strong else 0
@@ -360,7 +364,9 @@ class EntropyCollapseDetector(_LaggingRatio):
 
     Two ways to get there, both tripping the test: fast, below ``entropy_drop`` of its recent median (the
     median of the last ``window`` ordinary values, which a healthy run's slow decline moves along), and
-    slowly, below ``entropy_ratio`` of its early level (the median of the first ``window`` values).
+    slowly, below ``entropy_ratio`` of its early level (the median of the first ``window`` values) — each
+    only from a level above ``entropy_floor`` (0.1 nats): an LLM policy at 0.04 nats a token is as good as
+    deterministic already, and its per-step entropy swings 0.003-0.07 with the batch.
     ``low`` for one point (a noisy metric's blip), ``medium`` for two, ``high`` after ``persist`` points (3 on a
     sparse log: see ``_persist``), ``critical``
     when it lasts 4× that below a quarter of ``entropy_ratio`` of the early level.
@@ -388,7 +394,8 @@ class EntropyCollapseDetector(_LaggingRatio):
 
     def _tripped(self, x: float, median: float) -> bool:
         early = self._early_level()
-        return (median > 0 and x < self.entropy_drop * median) or (early > 0 and x < self.entropy_ratio * early)
+        floor = self.entropy_floor  # a policy already this sure of itself has no collapse left to make
+        return (median > floor and x < self.entropy_drop * median) or (early > floor and x < self.entropy_ratio * early)
 
     def update(self, event: MetricEvent) -> list[Alert]:
         x = _finite(event, self.metric)
@@ -622,14 +629,15 @@ class RewardCollapseDetector(Detector):
 class PPOClipDetector(Detector):
     """PPO clip fraction above ``clipfrac_max`` or mean probability ratio outside ``[ratio_low, ratio_high]``.
 
-    Either means the policy moves too far per update (learning rate or epochs too large). ``medium``;
-    ``high`` after ``persist`` steps when clipfrac exceeds 1.5× its bound or the ratio leaves [0.5, 2].
+    Either means the policy moves too far per update (learning rate or epochs too large). ``low`` for one
+    point (a noisy update, as for KL, entropy and length), ``medium`` for two in a row; ``high`` after
+    ``persist`` steps when clipfrac exceeds 1.5× its bound or the ratio leaves [0.5, 2].
 
     >>> from detectors.events import MetricEvent
     >>> d = PPOClipDetector()
     >>> cf = [0.12, 0.15, 0.1, 0.14] * 5 + [0.6] * 6
     >>> [(a.severity, a.step) for s, c in enumerate(cf) for a in d.update(MetricEvent("r", s, {"clipfrac": c}))]
-    [('medium', 20), ('high', 24)]
+    [('low', 20), ('medium', 21), ('high', 24)]
     """
 
     name = "ppo_clip"
@@ -652,7 +660,8 @@ class PPOClipDetector(Detector):
             ratio is not None and not 0.5 <= ratio <= 2.0)
         active = clip_out or ratio_out
         self.run_length = self.run_length + 1 if active else 0
-        severity = "high" if extreme and self.run_length >= self.persist else "medium"
+        severity = ("high" if extreme and self.run_length >= self.persist
+                    else "medium" if self.run_length >= 2 else "low")
         return self._report(
             event, "clipfrac_out_of_band", active, severity=severity,
             value=clip if clip_out or ratio is None else ratio,

@@ -316,3 +316,30 @@ def test_three_rises_among_a_hundred_and_fifty_evaluations_are_no_trend():
     run_id = "s12b_sentiment_150evals"
     assert LABELS[run_id]["label"] == "healthy"
     assert [a for a in firing(run_id) if a.alert_type == "val_train_divergence"] == []
+
+
+def test_a_grpo_policy_already_near_deterministic_has_no_entropy_collapse_left():
+    """A healthy 2,400-step GRPO run whose per-token entropy starts at 0.04 nats and swings 0.0002-0.07 with
+    the batch: ratios of numbers that small are noise, so nothing below ``entropy_floor`` (0.1) collapses."""
+    run_id = "s15c_finqa_grpo_long2400"
+    assert LABELS[run_id]["label"] == "healthy"
+    assert [a for a in firing(run_id, ("medium", "high", "critical")) if a.alert_type == "entropy_collapse"] == []
+
+
+def test_reward_groups_scoring_alike_while_the_mean_is_up_are_no_drift_warning():
+    """The same run: as the model learns, more GRPO groups score all alike and the reward σ sinks to a fifth
+    of its early level while the mean sits above where it began — the task learned, not a lost learning
+    signal. Every medium-or-worse drift alert left is a fall in the mean (or a σ widening)."""
+    alerts = [a for a in firing("s15c_finqa_grpo_long2400", ("medium", "high", "critical"))
+              if a.alert_type == "reward_distribution_drift"]
+    assert all(a.value <= 0 or a.metadata["std_ratio"] > 4 for a in alerts), [a.message for a in alerts]
+
+
+def test_one_ppo_update_over_the_clip_band_is_low():
+    """SB3 PPO on a wheel-runner task: clip_fraction crosses 0.3 for one update now and then (0.31-0.45) in a
+    healthy run. One point is low, as for KL, entropy and length; two in a row are medium."""
+    run_id = "s15d_hirokame_wheelrunner_ppo"
+    assert LABELS[run_id]["label"] == "healthy"
+    alerts = [a for a in firing(run_id, ("medium", "high", "critical")) if a.alert_type == "clipfrac_out_of_band"]
+    assert all(a.metadata["consecutive"] >= 2 for a in alerts)
+    assert any(a.alert_type == "clipfrac_out_of_band" for a in firing(run_id, ("low",)))
