@@ -77,6 +77,10 @@ def _plain_losses(events: list[MetricEvent], metric: str) -> list[float] | None:
     return xs
 
 
+#: the part of what a run learned (its first loss − its level now) that a spike must undo
+MATERIAL_UNDO = 0.05
+
+
 @register_detector
 class LossSpikeDetector(Detector):
     name = "loss_spike"
@@ -144,7 +148,9 @@ class LossSpikeDetector(Detector):
             sigma = 1.4826 * median([abs(v - center) for v in self.history])
             limit = max(center + self.threshold * sigma, floor)
             z = (x - center) / sigma if sigma > 0 else math.inf
-        if x <= limit:
+        # and by a part of what the run learned (as convergence_divergence asks): at a floor near 0, printed to
+        # 4 decimals, 0.0004 → 0.0032 is 8x and undoes nothing of a descent from 8
+        if x <= limit or x - center <= MATERIAL_UNDO * (self.initial - center):
             self.run_length = 0
             self._remember(x)
             return self._report(event, "loss_spike", False)

@@ -343,3 +343,12 @@ def test_one_ppo_update_over_the_clip_band_is_low():
     alerts = [a for a in firing(run_id, ("medium", "high", "critical")) if a.alert_type == "clipfrac_out_of_band"]
     assert all(a.metadata["consecutive"] >= 2 for a in alerts)
     assert any(a.alert_type == "clipfrac_out_of_band" for a in firing(run_id, ("low",)))
+
+
+def test_a_jump_at_a_floor_near_zero_that_undoes_nothing_is_no_spike():
+    """A healthy Bert2Bert summarisation run logged every step: its loss falls from ~8 to a floor of
+    0.0001-0.0005 (printed to 4 decimals), where 0.0004 → 0.0032 is 8x its median. A spike must undo a part
+    (5 %) of what the run learned, as a divergence must."""
+    run_id = "s15a_bert2bert_liputan6"
+    assert LABELS[run_id]["label"] == "healthy"
+    assert [a for a in firing(run_id) if a.alert_type == "loss_spike"] == []
