@@ -180,8 +180,14 @@ class Detector:
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {name: _copy(getattr(self, name)) for name in self.state_fields}
-        state["episodes"] = _copy(self.episodes)
+        # _copy inlined for the usual kinds: most fields are numbers, and a call for each was a third of
+        # the worker's cost of saving a run (24 detectors, ~165 fields)
+        state = {}
+        for name in self.state_fields:
+            value = getattr(self, name)
+            kind = type(value)
+            state[name] = value.copy() if kind is list else _copy(value) if kind is dict else value
+        state["episodes"] = _copy(self.episodes) if self.episodes else {}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from . import faust_fixes, recovery, web
 from .aggregates import RunSummary
 from .intake import dead_letter_value, read_record
 from .metrics import WorkerMetrics
+from .saved_state import STATE_CODEC, SavedState
 from .settings import faust_credentials, load_settings
 
 log = logging.getLogger("lossguard.worker")
@@ -88,8 +89,13 @@ dlq_topic = app.topic(settings.topic("dlq"), key_serializer="raw", value_seriali
 #: rebalances. One value, one changelog message per run per burst of records: each message costs the worker
 #: ~0.25 ms on the send path (benchmarks/stream), and the summary and detector state of a run can no longer
 #: be saved one without the other. (Untyped JSON values: with ``value_type=dict`` RocksDB cannot decode
-#: them.)
+#: them.) The codec writes the JSON Faust's ``json`` codec wrote, without encoding again the chart points a
+#: save before this one encoded (stream_app.saved_state): a changelog written by either version reads back.
 run_summary = app.Table("run_summary", default=None, partitions=settings.partitions, key_type=str)
+# Table takes no serializer: the changelog sends and the store (built on first use) take this attribute;
+# the changelog topic's own decoder stays Faust's ``json`` (the same JSON, decoded the same way)
+assert run_summary._data is None, "the run_summary store was built before its codec was set"
+run_summary.value_serializer = STATE_CODEC
 #: the key of the detector state inside a ``run_summary`` value
 SUITE_KEY = "suite"
 
@@ -302,8 +308,10 @@ def process(events: list[MetricEvent]) -> list[Alert]:
     return alerts
 
 
-def _saved_value(driver: RunDriver) -> dict[str, Any]:
-    return {**driver.ledger.to_dict(), SUITE_KEY: driver.suite.state_dict()}
+def _saved_value(driver: RunDriver) -> SavedState:
+    value = driver.ledger.to_dict()
+    value[SUITE_KEY] = driver.suite.state_dict()
+    return SavedState(value, driver.ledger.history)
 
 
 def _process(events: list[MetricEvent]) -> tuple[list[Alert], RunDriver]:

@@ -8,7 +8,8 @@ doubles and neighbouring buckets merge, so the cost per step stays constant and 
 points; their latest steps are kept apart (the alert that a NaN raises marks them on the chart too).
 
 The state is plain JSON and lives inside the run's ``run_summary`` value, so it survives restarts and
-partition takeovers with the rest of the run.
+partition takeovers with the rest of the run. :meth:`History.to_json` gives that JSON without encoding again
+the points that did not change since the run's last save: only the last bucket of a series moves.
 
 >>> h = History(max_points=8)
 >>> for step in range(100):
@@ -23,6 +24,8 @@ import math
 from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import orjson
 
 __all__ = ["CHART_METRICS", "History"]
 
@@ -44,6 +47,11 @@ class History:
         self.stride = 1
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.nonfinite: dict[str, list[int]] = {}
+        #: name → (series, stride, count, series[count - 1], JSON of series[:count] without brackets): the
+        #: encoding of the settled points — those before the last point's bucket: steps only come after the
+        #: last, so only the last bucket changes — valid while the series is the same list at the same stride
+        #: (coarsening builds new lists)
+        self._encoded: dict[str, tuple[list[tuple[int, float]], int, int, tuple[int, float], bytes]] = {}
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         """One step's values (the one-event path: no slicing, and a value inside its bucket's range costs
@@ -169,6 +177,35 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         return {"max_points": self.max_points, "stride": self.stride, "series": self.series,
                 "nonfinite": self.nonfinite}
+
+    def to_json(self) -> bytes:
+        """``orjson.dumps(self.to_dict())``, byte for byte, with each series' settled points (all but its
+        last bucket's) encoded once: a run that sends single events is saved every few steps, and encoding
+        its ~400 points again each time was most of what a save cost (115 of 150 µs a save, 200 runs)."""
+        series = b",".join(orjson.dumps(name) + b":" + self._series_json(name, points)
+                           for name, points in self.series.items())
+        return (b'{"max_points":' + orjson.dumps(self.max_points) + b',"stride":' + orjson.dumps(self.stride)
+                + b',"series":{' + series + b'},"nonfinite":' + orjson.dumps(self.nonfinite) + b"}")
+
+    def _series_json(self, name: str, series: list[tuple[int, float]]) -> bytes:
+        cached = self._encoded.get(name)
+        count, settled = 0, b""
+        if cached is not None and cached[0] is series and cached[1] == self.stride:
+            # (and its last settled point still in place: a guard, should a change ever break the rule)
+            if len(series) >= cached[2] and series[cached[2] - 1] is cached[3]:
+                count, settled = cached[2], cached[4]
+        end = len(series) - 1
+        if end > count:  # settle the points before the last bucket's
+            last_bucket = series[-1][0] // self.stride
+            while end > count and series[end - 1][0] // self.stride == last_bucket:
+                end -= 1
+        if end > count:
+            more = orjson.dumps(series[count:end])[1:-1]
+            settled = settled + b"," + more if settled else more
+            count = end
+            self._encoded[name] = (series, self.stride, count, series[count - 1], settled)
+        tail = orjson.dumps(series[count:])[1:-1]
+        return b"[" + settled + (b"," if settled and tail else b"") + tail + b"]"
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any] | None) -> History:

@@ -5,13 +5,15 @@ both with the same random calls — single steps (``add``, the one-event path, r
 ascending columns (``add_column``, the batch path) with ties, signed zeros, NaN, infinities and values whose
 sums overflow, into a small ``max_points`` so that strides double often — and after every call the state
 the dashboard and ``lossguard runs`` read (``to_dict``: stride, points, non-finite steps) must be the same,
-down to the type and sign of every number.
+down to the type and sign of every number. The JSON a save writes (``to_json``, which encodes a series'
+settled points once and reuses them) must be ``orjson.dumps(to_dict())`` byte for byte after every call.
 """
 
 from __future__ import annotations
 
 import math
 
+import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -68,6 +70,7 @@ def test_the_same_points_as_the_reference_after_every_call(max_points, run):
             else:
                 history.add_column(call[1], call[2], call[3])
         assert repr(new.to_dict()) == repr(old.to_dict()), call
+        assert new.to_json() == orjson.dumps(new.to_dict()), call
 
 
 def test_long_steady_runs_match_the_reference_in_batches_of_every_size():
@@ -80,4 +83,7 @@ def test_long_steady_runs_match_the_reference_in_batches_of_every_size():
             for history in (new, old):
                 history.add_column("loss", steps, loss)
                 history.add_column("lr", steps, [1e-3] * batch)
+            if start % 700 < batch:  # a save now and then: the cached settled points across coarsenings
+                assert new.to_json() == orjson.dumps(new.to_dict()), start
+        assert new.to_json() == orjson.dumps(new.to_dict())
         assert new.stride > 64 and repr(new.to_dict()) == repr(old.to_dict()), batch

@@ -2,7 +2,8 @@
 
 The property tests (hypothesis) drive :func:`stream_app.intake.read_record` with arbitrary bytes, arbitrary
 JSON and near-valid events, and push whatever it accepts through a run's summary and detector suite into the
-codec the worker's table writes with (Faust's JSON, orjson) — the path the poison records of issue 14 broke.
+codec the worker's table writes with (stream_app.saved_state: Faust's JSON, orjson, the chart history from
+its cache) — the path the poison records of issue 14 broke.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import math
 
 import pytest
-from faust.utils import json as faust_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +19,7 @@ from detectors import DetectorSuite, RunDriver, SchemaError
 from detectors.events import encode_metric_batch
 from stream_app.aggregates import RunSummary
 from stream_app.intake import ORIGINAL_LIMIT, dead_letter_value, read_record
+from stream_app.saved_state import STATE_CODEC, SavedState
 
 
 def record_path(key: bytes | None, value: bytes | None) -> str:
@@ -34,7 +35,8 @@ def record_path(key: bytes | None, value: bytes | None) -> str:
     driver = RunDriver(DetectorSuite(), ledger=RunSummary(events[0].run_id, 60.0, 10))  # as the worker's
     for alert in driver.feed(events):
         alert.to_json()
-    faust_json.dumps({**driver.ledger.to_dict(), "suite": driver.suite.state_dict()})  # the table's own codec
+    value = SavedState({**driver.ledger.to_dict(), "suite": driver.suite.state_dict()}, driver.ledger.history)
+    assert STATE_CODEC.loads(STATE_CODEC.dumps(value)) == STATE_CODEC.loads(STATE_CODEC.dumps(dict(value)))
     return "events"
 
 

@@ -37,10 +37,60 @@ SCRIPT = textwrap.dedent("""
     print("ok")
 """)
 
+#: the changelog format across versions: the table's codec writes the JSON that Faust's ``json`` codec (the
+#: table's codec before stream_app.saved_state) wrote, and a worker reads back a value either one wrote
+UPGRADE = textwrap.dedent("""
+    import orjson
+    from faust.serializers import codecs
+
+    import stream_app.app as A
+    from detectors import MetricEvent
+    from stream_app.saved_state import STATE_CODEC
+
+    A.run_summary = {}
+    FAUST_JSON = codecs.get_codec("json")
+
+    def steps(run, start, stop):  # single events, a spike at 700 (the chart history coarsens past 240 points)
+        return [[MetricEvent(run, s, {"loss": 9.0 if s == 700 else 2.0 - s * 1e-3 + (s % 7) * 1e-2,
+                                      "grad_norm": 1.0 + (s % 3) * 0.1, "lr": 1e-3}, ts=1e9 + s)]
+                for s in range(start, stop)]
+
+    def alerts(run, start, stop):
+        return [(a.alert_type, a.step) for one in steps(run, start, stop) for a in A.process(one)]
+
+    for one in steps("r", 0, 600):
+        A.process(one)
+    saved = A.run_summary["r"]
+    ours = STATE_CODEC.dumps(saved)
+    before = FAUST_JSON.dumps(dict(saved))  # the previous version's changelog message for the same value
+    assert orjson.loads(ours) == orjson.loads(before) == FAUST_JSON.loads(ours)
+    def renamed(message, name):  # the same run under another id
+        return message.replace(b'"run_id":"r"', f'"run_id":"{name}"'.encode())
+
+    for name, message in (("old", before), ("new", ours)):
+        A.run_summary[name] = STATE_CODEC.loads(renamed(message, name))
+    # the run carried on live, and the same run restored from either version's message: same alerts, same state
+    expected = alerts("r", 600, 900)
+    assert ("loss_spike", 700) in expected, expected
+    for name in ("old", "new"):
+        assert alerts(name, 600, 900) == expected, name
+        restored, live = STATE_CODEC.dumps(A.run_summary[name]), STATE_CODEC.dumps(A.run_summary["r"])
+        assert orjson.loads(restored) == orjson.loads(renamed(live, name)), name
+    print("ok")
+""")
+
 
 def test_state_rides_in_the_summary_and_restores_exactly(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSSGUARD_DATA_DIR": str(tmp_path),
            "LOSSGUARD_WEB_ENABLED": "false"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_a_value_either_version_wrote_restores_the_run_exactly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSSGUARD_DATA_DIR": str(tmp_path),
+           "LOSSGUARD_WEB_ENABLED": "false"}
+    out = subprocess.run([sys.executable, "-c", UPGRADE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-2000:]

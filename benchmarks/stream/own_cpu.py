@@ -2,7 +2,7 @@
 
 What the worker does to a record, in one process: decode it (``stream_app.intake.read_record``), feed its
 steps to the run's driver (step-order ledger, run summary with its chart history, detector suite) and
-encode the run's state as the table does (``_saved_value`` through Faust's JSON codec). CPU time (this
+encode the run's state as the table does (``_saved_value`` through the table's codec). CPU time (this
 process) per step for each phase, over the last three quarters. What Faust, the broker and the neighbours
 add is left out, so two versions of the code can be compared on a busy machine.
 
@@ -25,7 +25,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from event_client import healthy_loss, metric_event  # noqa: E402
-from faust.utils import json as faust_json  # noqa: E402
 from run import event  # noqa: E402
 
 from detectors import DetectorSuite, RunDriver  # noqa: E402
@@ -33,6 +32,7 @@ from detectors.events import encode_metric_batch  # noqa: E402
 from stream_app.aggregates import RunSummary  # noqa: E402
 from stream_app.app import _saved_value  # noqa: E402
 from stream_app.intake import read_record  # noqa: E402
+from stream_app.saved_state import STATE_CODEC  # noqa: E402
 
 
 def groups(workload: str, group: int) -> list[list[tuple[bytes, bytes]]]:
@@ -71,7 +71,7 @@ def main() -> int:
             driver.feed(events)
         t2 = time.process_time()
         for run_id in by_run:
-            faust_json.dumps(_saved_value(drivers[run_id]))
+            STATE_CODEC.dumps(_saved_value(drivers[run_id]))
         t3 = time.process_time()
         if i >= len(work) // 4:
             steps += sum(len(events) for events in by_run.values())
