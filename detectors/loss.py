@@ -490,7 +490,8 @@ class LossDivergenceDetector(_SmoothedLoss):
             else:
                 if early or peak is not None:
                     early, peak, held = [], None, 0  # past the fragment rule: not state any longer
-                climb, last = climb + 1 if last is not None and x > last else 0, x
+                if epochs:  # the rises in a row the epoch-log climb rule counts
+                    climb, last = climb + 1 if last is not None and x > last else 0, x
             if seen < warmup:
                 continue
             if best is None or smooth < best:
