@@ -80,17 +80,18 @@ UPGRADE = textwrap.dedent("""
 """)
 
 
-def test_state_rides_in_the_summary_and_restores_exactly(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSSGUARD_DATA_DIR": str(tmp_path),
+def _run_ok(script: str, data_dir, timeout: int) -> None:
+    """Run ``script`` in a fresh interpreter (its own Faust app and table) and require its closing "ok"."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSSGUARD_DATA_DIR": str(data_dir),
            "LOSSGUARD_WEB_ENABLED": "false"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_state_rides_in_the_summary_and_restores_exactly(tmp_path):
+    _run_ok(SCRIPT, tmp_path, 60)
 
 
 def test_a_value_either_version_wrote_restores_the_run_exactly(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "LOSSGUARD_DATA_DIR": str(tmp_path),
-           "LOSSGUARD_WEB_ENABLED": "false"}
-    out = subprocess.run([sys.executable, "-c", UPGRADE], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-2000:]
+    _run_ok(UPGRADE, tmp_path, 120)
