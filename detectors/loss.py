@@ -500,12 +500,11 @@ class LossDivergenceDetector(_SmoothedLoss):
             # in an epoch log (each point a whole pass over the data), three rises in a row to 3x the best, the
             # smoothed loss at twice it, are a climb, however much the descent before it inflated the noise
             # estimate (the absolute deviation from a lagging average)
-            self._steep = (epochs and best > 0 and climb >= 3 and x >= 3 * best and smooth >= 2 * best)
+            steep = epochs and best > 0 and climb >= 3 and x >= 3 * best and smooth >= 2 * best
             # above the best by a relative margin, by more than the noise, and by a part of what the run
             # learned: a healthy run's loss floor wanders by 100% of a tiny best and means nothing
-            if self._steep or (rise > threshold * abs(best) and rise > 2 * (1.25 * absdev)
-                               and rise > 0.05 * (start - best)):
-                found = i
+            if steep or (rise > threshold * abs(best) and rise > 2 * (1.25 * absdev) and rise > 0.05 * (start - best)):
+                found, self._steep = i, steep
                 break
         if commit or found == len(xs):
             self.smooth, self.absdev, self.seen, self.start, self.best = smooth, absdev, seen, start, best
@@ -661,7 +660,7 @@ class LossPlateauDetector(_SmoothedLoss):
         x = self._loss(event)
         if x is None:
             return []
-        self.preference = self.preference or any(name in event.metrics for name in PREFERENCE_METRICS)
+        self.preference = self.preference or has_any([event], PREFERENCE_METRICS)
         self._advance([x], [event.step], [event.metrics.get("lr")], 0, watch=False)
         warmup, window, _ = self._sizes(self.interval)
         if self._chance and not self._lag:

@@ -60,7 +60,7 @@ _MONITOR_COLUMNS = {"r": "episode_reward", "l": "episode_length", "t": "time"}
 #: a Monitor file's episodes per reward point (SB3's own ``rollout/ep_rew_mean`` averages the last 100)
 _MONITOR_WINDOW = 100
 #: file names that say nothing about the run: the folder names it instead
-_GENERIC_STEMS = {"trainer_state", "metrics", "monitor", "log", "logs", "history", "wandb-history", "events", "progress",
+_GENERIC_STEMS = {"trainer_state", "metrics", "log", "logs", "history", "wandb-history", "events", "progress",
                   "scalars", "train", "training", "log_history", "results"}
 _MONITOR_FILE = re.compile(r"^(\d+\.)?monitor\.csv$", re.IGNORECASE)
 _GENERIC_FOLDER = re.compile(r"^(checkpoint-\d+|version_\d+|run-\d+|logs?|files|\.)$")
@@ -98,9 +98,8 @@ def run_id_of(path: str | os.PathLike) -> str:
     """
     p = Path(path)
     stem = p.name.split(".")[0] if p.name.startswith("events.out.tfevents") else p.stem
-    if _MONITOR_FILE.match(p.name):
-        stem = "monitor"  # Stable-Baselines3's monitor.csv, 0.monitor.csv: one per worker, in the run's folder
-    if stem.lower() not in _GENERIC_STEMS:
+    # Stable-Baselines3's monitor.csv, 0.monitor.csv (one per worker) say nothing either: the folder is the run
+    if stem.lower() not in _GENERIC_STEMS and not _MONITOR_FILE.match(p.name):
         return stem
     for folder in Path(os.path.abspath(p)).parents:
         if folder.name and not _GENERIC_FOLDER.match(folder.name):
@@ -212,7 +211,7 @@ def _read_table(path: Path, text: str, run_id: str, fixed_run: bool, say: Notice
             if row and any(c.strip() for c in row)]
     cells = [row for _, row in body]
     lower = [h.lower() for h in header]
-    monitor = {"r", "l", "t"} <= set(lower) and len(set(lower) - {"r", "l", "t", *_STEP_COLUMNS}) == 0
+    monitor = set(lower) - set(_STEP_COLUMNS) == set(_MONITOR_COLUMNS)
     if monitor:  # one row per episode: its return, its length, and the seconds since t_start
         header = [_MONITOR_COLUMNS.get(h, h) for h in lower]
         lower = [h.lower() for h in header]
